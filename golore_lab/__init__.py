@@ -1,0 +1,1 @@
+"""golore_lab: GaLore, GoLore and large-batch GaLore, exact and fast."""
