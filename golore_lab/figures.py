@@ -1,0 +1,103 @@
+"""``python -m golore_lab figures``: regenerate every figure the package knows.
+
+Each figure is a *producer*: a function ``produce(ctx: FigureContext) -> None`` that computes (or loads from
+the result cache) the tidy data behind one or more figures and writes each with :func:`FigureContext.save`.
+Producers are registered in :data:`PRODUCERS` by dotted path, so this module imports nothing heavy.
+
+Files written, for a figure named ``NAME``:
+
+* ``figures/NAME.png`` -- the picture;
+* ``figures/data/NAME.csv`` -- the tidy data behind it (one row per plotted value).
+
+Results of expensive runs are cached under ``results/`` (ignored by git) keyed by the run's configuration,
+and reused unless ``--force``. All files are written atomically (temporary file, then rename).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+#: figure producer name -> "module:function". Order is the order they run in.
+PRODUCERS: dict[str, str] = {
+    "counterexample": "golore_lab.experiments:produce_counterexample",
+}
+
+PRESETS = ("fast", "default", "full")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Write a DataFrame as CSV atomically."""
+    atomic_write_bytes(path, frame.to_csv(index=False).encode())
+
+
+@dataclass
+class FigureContext:
+    """What a producer needs: where to write, whether to recompute, how big to run."""
+
+    out_dir: Path = Path("figures")
+    cache_dir: Path = Path("results")
+    preset: str = "default"
+    force: bool = False
+    written: list[Path] = field(default_factory=list)
+
+    def save(self, fig, name: str, data: pd.DataFrame) -> Path:
+        """Save ``fig`` as ``out_dir/name.png`` and ``data`` as ``out_dir/data/name.csv`` (atomically)."""
+        import io
+
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
+        plt.close(fig)
+        png = self.out_dir / f"{name}.png"
+        atomic_write_bytes(png, buf.getvalue())
+        atomic_write_csv(data, self.out_dir / "data" / f"{name}.csv")
+        self.written.append(png)
+        return png
+
+    def cached(self, key: str, compute) -> pd.DataFrame:
+        """Return the DataFrame cached under ``key`` or compute, cache and return it (``--force`` recomputes)."""
+        path = self.cache_dir / f"{key}.csv"
+        if path.exists() and not self.force:
+            return pd.read_csv(path)
+        frame = compute()
+        atomic_write_csv(frame, path)
+        return frame
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m golore_lab figures", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(PRODUCERS), help="run only these producers")
+    parser.add_argument("--preset", default="default", choices=PRESETS, help="size of the runs (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="recompute instead of reusing cached results")
+    parser.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: %(default)s)")
+    parser.add_argument("--cache", type=Path, default=Path("results"), help="result cache (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from tqdm.auto import tqdm
+
+    ctx = FigureContext(out_dir=args.out, cache_dir=args.cache, preset=args.preset, force=args.force)
+    names = args.only or list(PRODUCERS)
+    for name in (bar := tqdm(names, desc="figures", unit="producer")):
+        bar.set_postfix_str(name)
+        module, func = PRODUCERS[name].split(":")
+        start = time.perf_counter()
+        getattr(importlib.import_module(module), func)(ctx)
+        tqdm.write(f"{name}: {time.perf_counter() - start:.1f} s")
+    for path in ctx.written:
+        print(path)
+    return 0
