@@ -9,8 +9,8 @@ Files written, for a figure named ``NAME``:
 * ``figures/NAME.png`` -- the picture;
 * ``figures/data/NAME.csv`` -- the tidy data behind it (one row per plotted value).
 
-Results of expensive runs are cached under ``results/`` (ignored by git) keyed by the run's configuration,
-and reused unless ``--force``. All files are written atomically (temporary file, then rename).
+Results of expensive runs are cached under ``figures/data/runs/`` with the configuration that made them
+(see :meth:`FigureContext.cached`) and reused unless ``--force``. All files are written atomically (temporary file, then rename).
 """
 from __future__ import annotations
 
@@ -50,7 +50,6 @@ class FigureContext:
     """What a producer needs: where to write, whether to recompute, how big to run."""
 
     out_dir: Path = Path("figures")
-    cache_dir: Path = Path("results")
     preset: str = "default"
     force: bool = False
     written: list[Path] = field(default_factory=list)
@@ -70,13 +69,23 @@ class FigureContext:
         self.written.append(png)
         return png
 
-    def cached(self, key: str, compute) -> pd.DataFrame:
-        """Return the DataFrame cached under ``key`` or compute, cache and return it (``--force`` recomputes)."""
-        path = self.cache_dir / f"{key}.csv"
-        if path.exists() and not self.force:
+    def cached(self, key: str, config: dict, compute) -> pd.DataFrame:
+        """Return the run results cached under ``key`` if they were made with ``config``; else compute them.
+
+        The cache is ``out_dir/data/runs/KEY.csv`` plus ``KEY.json`` holding ``config``; both are small and
+        committed, so expensive runs (the LM figures) are re-plotted, not re-run, on a fresh clone. A cache made
+        with another configuration, or ``--force``, recomputes. ``compute()`` returns a tidy DataFrame.
+        """
+        import json
+
+        path = self.out_dir / "data" / "runs" / f"{key}.csv"
+        sidecar = path.with_suffix(".json")
+        wanted = json.dumps(config, sort_keys=True, default=str)
+        if not self.force and path.exists() and sidecar.exists() and sidecar.read_text() == wanted:
             return pd.read_csv(path)
         frame = compute()
         atomic_write_csv(frame, path)
+        atomic_write_bytes(sidecar, wanted.encode())
         return frame
 
 
@@ -86,11 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="default", choices=PRESETS, help="size of the runs (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="recompute instead of reusing cached results")
     parser.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: %(default)s)")
-    parser.add_argument("--cache", type=Path, default=Path("results"), help="result cache (default: %(default)s)")
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
-    ctx = FigureContext(out_dir=args.out, cache_dir=args.cache, preset=args.preset, force=args.force)
+    ctx = FigureContext(out_dir=args.out, preset=args.preset, force=args.force)
     names = args.only or list(PRODUCERS)
     for name in (bar := tqdm(names, desc="figures", unit="producer")):
         bar.set_postfix_str(name)
