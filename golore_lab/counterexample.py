@@ -312,7 +312,7 @@ def _make_optimizer(params, s: Settings, method: Method, rank: int, seed: int):
 # ---------------------------------------------------------------------------------------------- engines
 def _run_optimizer(problem: Counterexample, runs, s: Settings, progress: bool):
     """The slow engine: one parameter, one library optimizer, one step at a time, per run."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     n_logs = s.steps // s.log_every + 1
     loss = np.empty((len(runs), n_logs))
@@ -347,7 +347,7 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
     "full" (P = I) and the rank-r methods share one array. The rules are those of :mod:`golore_lab.rules`,
     written out for numpy: Adam's bias correction, the SGD buffer's first step, the momentum projection.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     n, r, tau = problem.n, problem.r, s.update_proj_gap
     R = len(runs)
