@@ -332,8 +332,11 @@ def _run_optimizer(problem: Counterexample, runs, s: Settings, progress: bool):
             if t % s.log_every == 0:
                 with torch.no_grad():
                     G = problem.grad(X)
-                    basis = opt.state[X].get("proj") if not method.full else torch.eye(problem.n).double()
-                    captured = (basis.T @ G).square().sum() / G.square().sum() if basis is not None else math.nan
+                    basis = opt.state[X].get("proj")
+                    if method.full:
+                        captured = 1.0
+                    else:
+                        captured = (basis.T @ G).square().sum() / G.square().sum() if basis is not None else math.nan
                     top_sv = torch.linalg.matrix_norm(X[:k, :k] + problem.B[:k, :k], ord=2)
                     logs[:, i, t // s.log_every] = [problem.f(X).item(), G.square().sum().item(), float(captured),
                                                     top_sv.item()]
@@ -393,8 +396,7 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
         if P is not None:
             with np.errstate(invalid="ignore", divide="ignore"):
                 column[2] = np.square(P.transpose(0, 2, 1) @ G).sum((1, 2)) / column[1]
-        else:
-            column[2, full] = 1.0
+        column[2, full] = 1.0  # P = I, also at the optimum where ∇f = 0
         column[3] = np.linalg.svd(top[:, :, :k] + B[:k, :k], compute_uv=False)[:, 0]
 
     log(X, 0, None)
