@@ -51,7 +51,7 @@ def principal_angles(basis: Tensor, G: Tensor, rank: int | None = None, side: st
     rank = basis.shape[-1] if rank is None else rank
     target = top_subspace(G, rank, side).to(basis.dtype)
     cosines = torch.linalg.svdvals(basis.mT @ target).clamp(-1.0, 1.0)
-    return torch.arccos(cosines).flip(-1)
+    return torch.arccos(cosines)  # svdvals are descending, so the angles ascend
 
 
 def signal_to_noise(G: Tensor, noise_scale: float) -> Tensor:
