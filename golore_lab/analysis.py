@@ -145,3 +145,48 @@ def snr_threshold(sweep: pd.DataFrame, level: float = 0.5) -> pd.Series:
     """Per SVD method, the smallest swept SNR at which the mean captured fraction reaches ``level``."""
     svd = sweep[sweep.method.str.startswith("svd")]
     return svd[svd.captured >= level].groupby("batch").snr.min()
+
+
+# ------------------------------------------------------------------------------------- real models
+def layer_gradients(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, object], Tensor], batch,
+                    names: list[str]) -> dict[str, Tensor]:
+    """Gradients of ``loss_fn(model, batch)`` for the named parameters (the model's .grad is left untouched)."""
+    params = dict(model.named_parameters())
+    saved = {name: params[name].grad for name in names}
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, batch).backward()
+    grads = {name: params[name].grad.detach().clone() for name in names}
+    for name in names:
+        params[name].grad = saved[name]
+    return grads
+
+
+def layer_capture(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, object], Tensor], names: list[str],
+                  reference_batch, small_batch, large_batch, rank: int, generator: torch.Generator,
+                  proj_type: str = "std") -> pd.DataFrame:
+    """Per layer: how much of the true gradient each subspace captures, at the model's current weights.
+
+    G is the gradient of ``reference_batch`` (a fixed evaluation set: the "true" gradient), Ĝ₁ that of
+    ``small_batch`` (one optimizer batch), Ĝ_B that of ``large_batch`` (B times larger). Columns: the captured
+    fraction κ of G by the top-``rank`` SVD of Ĝ₁ (``svd``), of Ĝ_B (``svd_large``), by a Haar-random basis
+    (``random``) and by the top-``rank`` SVD of G itself (``oracle``, the best any rank-r subspace can do);
+    ``snr`` = ‖G‖₂ / ‖Ĝ₁ − G‖₂, the layer's gradient-to-noise ratio (spectral norms).
+    """
+    true = layer_gradients(model, loss_fn, reference_batch, names)
+    small = layer_gradients(model, loss_fn, small_batch, names)
+    large = layer_gradients(model, loss_fn, large_batch, names)
+    rows = []
+    for name in names:
+        G = true[name].double()
+        side = proj.projected_side(tuple(G.shape), proj_type)
+        dim = G.shape[0] if side == "left" else G.shape[1]
+        bases = {"svd": proj.svd_projection(small[name].double(), rank, side),
+                 "svd_large": proj.svd_projection(large[name].double(), rank, side),
+                 "random": proj.random_stiefel(dim, rank, generator, torch.float64),
+                 "oracle": proj.svd_projection(G, rank, side)}
+        row = {"layer": name, "side": side, "rank": rank, "dim": dim}
+        row.update({key: captured_fraction(basis, G, side).item() for key, basis in bases.items()})
+        row["snr"] = (torch.linalg.matrix_norm(G, ord=2) / torch.linalg.matrix_norm(small[name].double() - G, ord=2)
+                      ).item()
+        rows.append(row)
+    return pd.DataFrame(rows)
