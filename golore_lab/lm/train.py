@@ -391,7 +391,7 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
         window[1] += 1
         bar.update(1)
         evaluating = step % cfg.eval_every == 0 or step == cfg.steps
-        if step % cfg.log_every == 0 or evaluating or step == last:
+        if step % cfg.log_every == 0 or evaluating:
             train_loss = window[0] / max(1, window[1])
             if world > 1:
                 reduced = torch.tensor([train_loss], device=device)
