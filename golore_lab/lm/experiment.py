@@ -8,8 +8,8 @@ projections (so seed s of every method starts from the same model and sees the s
 
 Grids (``python -m golore_lab figures --only pretrain --preset P``):
 
-* ``fast``    -- tiny model, 1 seed, 40 steps: a smoke test of the whole path (CI, < 20 s);
-* ``default`` -- the ``cpu`` model, 3 seeds, 200 steps: the figure and the README table (~25 min on 2 cores,
+* ``fast``    -- tiny model, 1 seed, 30 steps: a smoke test of the whole path (CI);
+* ``default`` -- the ``cpu`` model, 3 seeds, 160 steps: the figure and the README table (~20 min on 2 cores,
   results committed under ``figures/data/runs/pretrain-default.*`` and re-plotted on a fresh clone);
 * ``full``    -- the same with 5 seeds.
 
@@ -35,7 +35,7 @@ STYLE = {"full": ("tab:green", "^"), "galore": ("tab:blue", "s"), "golore": ("ta
          "lb-galore": ("tab:purple", "D")}
 OPTIMIZERS = ("adamw", "sgd")
 GRIDS = {
-    "fast": dict(model="tiny", seeds=(0,), seq_len=64, eval_windows=16, overrides=dict(batch_size=8, steps=40)),
+    "fast": dict(model="tiny", seeds=(0,), seq_len=32, eval_windows=16, overrides=dict(batch_size=8, steps=30)),
     "default": dict(model="cpu", seeds=(0, 1, 2), seq_len=None, eval_windows=48, overrides={}),
     "full": dict(model="cpu", seeds=(0, 1, 2, 3, 4), seq_len=None, eval_windows=48, overrides={}),
 }
