@@ -120,6 +120,13 @@ def snr_sweep(G: Tensor, noise: Tensor, rank: int, snrs: Iterable[float], batche
     Haar-random basis (independent of both). Returns one row per (method, snr) with the mean and the standard
     error over ``trials``.
     """
+    from .counterexample import single_thread
+
+    with single_thread():
+        return _snr_sweep(G, noise, rank, snrs, batches, trials, seed, noise_scale)
+
+
+def _snr_sweep(G, noise, rank, snrs, batches, trials, seed, noise_scale) -> pd.DataFrame:
     generator = torch.Generator().manual_seed(seed)
     G = G.double() / torch.linalg.matrix_norm(G.double(), ord=2) * noise_scale
     noise = noise.double()

@@ -27,6 +27,7 @@ import pandas as pd
 PRODUCERS: dict[str, str] = {
     "counterexample": "golore_lab.experiments:produce_counterexample",
     "noise": "golore_lab.experiments:produce_noise",
+    "pretrain": "golore_lab.lm.experiment:produce",
 }
 
 PRESETS = ("fast", "default", "full")
