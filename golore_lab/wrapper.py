@@ -35,6 +35,19 @@ optimizer path's decay of the whole matrix. ``torch.optim.SGD``'s coupled decay 
 gradient where the optimizer path adds ``wd·Pᵀ W_eff``: groups holding factors must have ``weight_decay=0`` for
 SGD (and plain Adam); :meth:`attach` refuses otherwise.
 
+**What differs on purpose from a naive comparison.** ``torch.optim.AdamW``'s default ``weight_decay`` is 0.01,
+``SubspaceAdamW``'s is 0: pass it explicitly. Gradient clipping over ``model.parameters()`` sees the factors'
+gradients Pᵀ G (norm ≤ ‖G‖), where the optimizer path clips the full G: the two paths coincide without
+clipping (or with clipping that does not bite). Random bases are seeded by (``seed``, ``position``, step) as in
+the optimizer path; ``position`` defaults to the layer's index among the wrapped layers, i.e. the optimizer
+path's index when its first param group holds exactly these weights in module order.
+
+**DDP.** Wrap the :class:`SubspaceModel` itself: ``DistributedDataParallel(SubspaceModel(net, ...))``. W and P
+are declared ignored (``_ddp_params_and_buffers_to_ignore``), so DDP neither broadcasts them nor gives them
+bucket space; between refreshes DDP all-reduces only the factors and the unwrapped parameters. At a refresh
+:meth:`SubspaceModel.refresh` all-reduces the full gradients explicitly (one flat all-reduce), and every rank
+then computes the same SVD or draws the same random basis, so the ranks stay identical without broadcasts.
+
 **Large-batch GaLore.** Accumulate more micro-batches when :meth:`SubspaceModel.refresh_due` is True; the
 captured full gradient accumulates over them like ``.grad`` does.
 
@@ -191,7 +204,8 @@ class SubspaceModel(nn.Module):
         if not isinstance(scale, (int, float)) or not scale > 0:
             raise ValueError(f"Invalid scale: {scale!r} (must be a number > 0)")
         if proj_type not in proj.PROJ_TYPES:
-            raise ValueError(f"Invalid proj_type: {proj_type!r} (must be one of {', '.join(map(repr, proj.PROJ_TYPES))})")
+            choices = ", ".join(map(repr, proj.PROJ_TYPES))
+            raise ValueError(f"Invalid proj_type: {proj_type!r} (must be one of {choices})")
         proj.resolve(projection)
         if switch_step is not None and (not isinstance(switch_step, int) or switch_step < 0):
             raise ValueError(f"Invalid switch_step: {switch_step!r} (must be None or an integer >= 0)")
@@ -205,8 +219,9 @@ class SubspaceModel(nn.Module):
         linears = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
         for pattern in target_modules:
             if not any(pattern in name for name, _ in targets):
+                more = " ..." if len(linears) > 8 else ""
                 raise ValueError(f"Target module pattern {pattern!r} matches no nn.Linear of "
-                                 f"{type(model).__name__} (its linears: {linears[:8]}{' ...' if len(linears) > 8 else ''})")
+                                 f"{type(model).__name__} (its linears: {linears[:8]}{more})")
         for name, mod in targets:
             if rank > min(mod.weight.shape):
                 raise ValueError(f"Invalid rank: {rank} exceeds min(m, n) = {min(mod.weight.shape)} of layer "
