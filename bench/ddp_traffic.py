@@ -1,7 +1,7 @@
 """Bytes all-reduced per step and step time under DDP: full training, the optimizer path, the wrapper path.
 
     torchrun --standalone --nproc-per-node 2 bench/ddp_traffic.py [--model 60m --layers 2 --vocab 1024]
-        [--rank 128] [--gap 5] [--steps 16] [--batch 4] [--seq 128] [--out traffic.json]
+        [--rank 128] [--gap 5] [--projection svd|random] [--steps 16] [--batch 4] [--seq 128] [--out traffic.json]
 
 gloo on the CPU, one thread per rank. The three paths train the same LLaMA (``golore_lab.lm.model``; default:
 the paper's 60M widths -- dim 512, MLP 1376, 8 heads -- with 2 layers and a 1024-token vocabulary so that the
@@ -17,6 +17,10 @@ of it that belongs to the attention / MLP matrices or their factors) plus, for t
 ``refresh()`` all-reduces explicitly. Step time is forward + backward + all-reduce + optimizer step, after a
 barrier, on rank 0; medians over the measured steps, split into refresh steps (``t % gap == 0``) and the rest.
 "Amortized over tau" is ((tau − 1)·between + refresh) / tau, for the measured gap and for tau = 200.
+
+``--projection svd`` (default) measures GaLore: the wrapper refreshes after backward from the all-reduced full
+gradients. ``--projection random`` measures GoLore: the wrapper refreshes before the forward and all-reduces
+nothing full-size.
 """
 from __future__ import annotations
 
@@ -59,15 +63,17 @@ def counting_allreduce(counter, bucket):  # no annotations: DDP checks them, and
     return default_hooks.allreduce_hook(None, bucket)
 
 
-def build(path: str, cfg: LlamaConfig, rank: int, gap: int, lr: float):
+def build(path: str, cfg: LlamaConfig, rank: int, gap: int, projection: str, lr: float):
     model = build_model(cfg, seed=0)
     if path == "wrapper":
-        model = SubspaceModel(model, rank=rank, target_modules=["attn", "mlp"], update_proj_gap=gap)
+        model = SubspaceModel(model, rank=rank, target_modules=["attn", "mlp"], update_proj_gap=gap,
+                              projection=projection)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         model.attach(opt)
         matrices = {id(p) for p in model.factor_parameters()}
     else:
-        groups = subspace_param_groups(model, rank=rank, update_proj_gap=gap) if path == "optimizer" else \
+        groups = subspace_param_groups(model, rank=rank, update_proj_gap=gap, projection=projection) \
+            if path == "optimizer" else \
             subspace_param_groups(model)
         opt = SubspaceAdamW(groups, lr=lr) if path == "optimizer" else torch.optim.AdamW(model.parameters(), lr=lr,
                                                                                          weight_decay=0.0)
@@ -84,9 +90,12 @@ def step(run: dict, path: str, tokens: torch.Tensor) -> dict:
     counter.reset()
     dist.barrier()
     t0 = time.perf_counter()
+    early = 0
+    if path == "wrapper" and refresh and not run["model"].refresh_needs_gradient():
+        early = run["model"].refresh(opt)
     logits = ddp(tokens[:, :-1])
     F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
-    explicit = run["model"].refresh(opt) if path == "wrapper" and refresh else 0
+    explicit = early + (run["model"].refresh(opt) if path == "wrapper" and run["model"].refresh_due() else 0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
@@ -117,6 +126,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--gap", type=int, default=5, help="update_proj_gap of the measured run")
+    parser.add_argument("--projection", default="svd", choices=["svd", "random"], help="GaLore or GoLore")
     parser.add_argument("--steps", type=int, default=16, help="measured steps per path (after 2 warm-up steps)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per rank per step")
     parser.add_argument("--seq", type=int, default=128)
@@ -126,7 +136,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = LlamaConfig.preset(args.model, n_layers=args.layers, vocab_size=args.vocab, max_seq_len=args.seq)
-    runs = {path: build(path, cfg, args.rank, args.gap, 1e-3) for path in PATHS}
+    runs = {path: build(path, cfg, args.rank, args.gap, args.projection, 1e-3) for path in PATHS}
     g = torch.Generator().manual_seed(1000 + rank)
     for t in range(args.steps + 2):
         tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
@@ -151,7 +161,7 @@ def main() -> None:
 def report(results: dict, cfg: LlamaConfig, args, world: int) -> None:
     mb = 1 / 2**20
     print(f"LLaMA dim {cfg.dim}, MLP {cfg.hidden_dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size}; rank {args.rank}, "
-          f"gap {args.gap}; {world} ranks x {args.batch} x {args.seq} tokens; gloo, 1 thread per rank")
+          f"gap {args.gap}, {args.projection}; {world} ranks x {args.batch} x {args.seq} tokens; gloo, 1 thread per rank")
     print(f"{'path':<10} {'MiB/step between':>17} {'at refresh':>11} {'amort. tau=200':>15} "
           f"{'matrices MiB':>13} {'s/step between':>15} {'at refresh':>11} {'amort. gap':>11} {'amort. 200':>11}")
     for path, r in results.items():

@@ -13,8 +13,9 @@ r × n numbers per wrapped matrix cross the network instead of m × n. At a refr
 == 0``, the optimizer path's schedule) the training loop calls :meth:`SubspaceModel.refresh` between
 ``backward()`` and ``optimizer.step()``, which, for every wrapped layer:
 
-1. takes the full gradient G of that step (m, n), formed during backward from the layer's inputs and output
-   gradients (captured only at refresh steps) and all-reduced explicitly under DDP;
+1. takes the full gradient G of that step (m, n) -- at refresh steps only, the forward builds W + scale·P B as
+   one tensor and a hook keeps its gradient Σ gyᵀ x (the layer's inputs and output gradients), summed over
+   micro-batches -- and all-reduces it explicitly under DDP;
 2. merges exactly: W ← W + scale·P B;
 3. picks the new basis from G -- SVD (GaLore), random (GoLore), or the switch at ``switch_step`` -- with the
    optimizer path's generator ``refresh_generator(seed, position, t)``;
@@ -22,6 +23,10 @@ r × n numbers per wrapped matrix cross the network instead of m × n. At a refr
    projection for ``exp_avg`` / ``momentum_buffer``, ``exp_avg_sq`` as :func:`golore_lab.rules.carry_second_moment`)
    and stores it back;
 5. zeros B and sets B.grad = P_newᵀ G, so that the coming ``optimizer.step()`` is the optimizer path's step.
+
+A random basis does not depend on G, so a GoLore refresh may instead be done *before* the step's forward
+(:meth:`SubspaceModel.refresh_needs_gradient` is False): steps 2--4 and B ← 0 happen first, and backward
+then gives B.grad = P_newᵀ G by itself. Same step, but nothing m × n is formed or all-reduced.
 
 **Scale applied once.** The factor enters the forward as ``scale·B`` but its gradient is ``Pᵀ G`` -- not
 ``scale·Pᵀ G``, the true derivative -- because the scaling is an autograd function whose backward is the
@@ -67,9 +72,11 @@ Example -- GoLore@20% over 1000 steps with AdamW::
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.attach(opt)
     for batch in batches:
+        if model.refresh_due() and not model.refresh_needs_gradient():
+            model.refresh(opt)          # GoLore: before the forward, no full gradient needed
         loss_fn(model, batch).backward()
         if model.refresh_due():
-            model.refresh(opt)
+            model.refresh(opt)          # GaLore: SVD of this step's full gradient
         opt.step(); opt.zero_grad()
     torch.save(model.merged_state_dict(), "plain.pt")   # loads into the unwrapped architecture
 """
@@ -131,8 +138,9 @@ class SubspaceLinear(nn.Module):
 
     @property
     def due(self) -> bool:
-        """True while the coming optimizer step is a refresh step: the forward then captures the full gradient."""
-        return self.step % self.update_proj_gap == 0
+        """True while the coming optimizer step is a refresh step not yet refreshed: the forward then captures
+        the full gradient."""
+        return self.step % self.update_proj_gap == 0 and self._refreshed_at != self.step
 
     # the step counter travels in the state dict (as `_extra_state`), the captured gradient does not
     def get_extra_state(self) -> dict[str, int]:
@@ -255,6 +263,16 @@ class SubspaceModel(nn.Module):
         """
         return any(layer.due for layer in self.layers.values())
 
+    def refresh_needs_gradient(self, projection: Any = None) -> bool:
+        """True when the due refresh needs this step's full gradient (SVD or a user projector); False when all
+        due layers draw random bases (GoLore), whose refresh may then be done *before* the forward.
+
+        Refreshing GoLore before the forward gives the same step -- the basis does not depend on G, and
+        backward then yields B.grad = P_newᵀ G by itself -- with no full gradient formed or all-reduced, so
+        such steps cost what a step between refreshes costs.
+        """
+        return any(self._kind(layer.step, projection)[0] != "random" for layer in self.layers.values() if layer.due)
+
     def _kind(self, count: int, projection: Any) -> tuple[str, Any]:
         if projection is not None:
             return ("custom" if callable(projection) else projection), proj.resolve(projection)
@@ -304,7 +322,7 @@ class SubspaceModel(nn.Module):
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         for name, layer in self.layers.items():
-            if layer.factor.grad is not None and layer.due and layer._refreshed_at != layer.step:
+            if layer.factor.grad is not None and layer.due:
                 raise RuntimeError(f"Layer {name!r} is due for a refresh at step {layer.step}: call "
                                    "model.refresh(optimizer) after backward() and before optimizer.step()")
 
@@ -330,19 +348,30 @@ class SubspaceModel(nn.Module):
         overrides the schedule for this refresh (``"svd"``, ``"random"`` or a projector), as the authors'
         ``merge_and_reinit(optimizer, use_rand)``. Under ``torch.distributed`` the full gradients are averaged
         over ``process_group`` in one all-reduce. Returns the number of bytes this rank all-reduced.
+
+        Called after ``backward()`` it uses the captured full gradients. Called before the forward of the step
+        (no gradient captured, factors' ``.grad`` None), it is allowed when :meth:`refresh_needs_gradient` is
+        False: random bases are drawn, nothing is all-reduced, and backward fills the factors' gradients.
         """
         self._check_attached(optimizer)
         due = [layer for layer in self.layers.values() if layer.due]
         if not due:
             steps = sorted({layer.step for layer in self.layers.values()})
             raise RuntimeError(f"refresh() called at step {steps[0] if len(steps) == 1 else steps}, when no layer "
-                               f"is due (update_proj_gap={self.update_proj_gap}); check model.refresh_due()")
+                               f"is due (update_proj_gap={self.update_proj_gap}, or refreshed already); "
+                               "check model.refresh_due()")
+        before_forward = all(layer.full_grad is None and layer.factor.grad is None for layer in due)
+        if before_forward and not self.refresh_needs_gradient(projection):
+            for layer in due:
+                self._refresh_layer(layer, None, optimizer, projection)
+            return 0
         for layer in due:
             if layer.full_grad is None:
+                kind = self._kind(layer.step, projection)[0]
                 raise RuntimeError(
-                    f"Layer {layer.name!r} has no full gradient for its refresh at step {layer.step}: run forward and "
-                    "backward on this step's batch in training mode with gradients enabled (the layers capture "
-                    "the gradient while model.refresh_due() is True), then refresh(optimizer)")
+                    f"Layer {layer.name!r} has no full gradient for its {kind} refresh at step {layer.step}: run "
+                    "forward and backward on this step's batch with gradients enabled (the layers capture the "
+                    "gradient while model.refresh_due() is True), then refresh(optimizer)")
         grads = [layer.full_grad for layer in due]
         sent = 0
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
@@ -359,12 +388,14 @@ class SubspaceModel(nn.Module):
             self._refresh_layer(layer, grad, optimizer, projection)
         return sent
 
-    def _refresh_layer(self, layer: SubspaceLinear, grad: Tensor, optimizer: torch.optim.Optimizer,
+    def _refresh_layer(self, layer: SubspaceLinear, grad: Tensor | None, optimizer: torch.optim.Optimizer,
                        projection: Any) -> None:
         count = layer.step
         _, projector = self._kind(count, projection)
         generator = proj.refresh_generator(self.seed, layer.position, count)
-        new = projector(grad, layer.rank, layer.side, generator).to(device=grad.device, dtype=layer.weight.dtype)
+        shape_only = torch.empty_like(layer.weight, device="meta")           # random bases read only the shape
+        new = projector(shape_only if grad is None else grad, layer.rank, layer.side, generator)
+        new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)
         state = optimizer.state.get(layer.factor)
         if count > 0:
             layer.weight.add_(layer.delta())                                    # exact merge: W ← W + scale·P B
@@ -372,11 +403,12 @@ class SubspaceModel(nn.Module):
                 self._carry(state, layer.side, proj.transport(layer.side, layer.proj, new))
         layer.proj.copy_(new)
         layer.factor.zero_()
-        projected = new.T @ grad if layer.side == "left" else grad @ new     # (r, n) or (m, r)
-        if layer.factor.grad is None:
-            layer.factor.grad = projected.to(layer.factor.dtype)
-        else:
-            layer.factor.grad.copy_(projected)
+        if grad is not None:
+            projected = new.T @ grad if layer.side == "left" else grad @ new  # (r, n) or (m, r)
+            if layer.factor.grad is None:
+                layer.factor.grad = projected.to(layer.factor.dtype)
+            else:
+                layer.factor.grad.copy_(projected)
         layer.full_grad = None
         layer._refreshed_at = count
 

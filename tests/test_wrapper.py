@@ -83,6 +83,7 @@ CASES = {
     "adamw-svd-decay": ("adamw", {}, {"weight_decay": 0.1}),
     "adamw-switch-large-batch": ("adamw", {"switch_step": 12, "large_batch": 3}, {"betas": (0.8, 0.95)}),
     "adamw-random-reset": ("adamw", {"projection": "random", "state_on_refresh": "reset"}, {}),
+    "adamw-switch-golore-before-forward": ("adamw", {"switch_step": 8, "before_forward": True}, {"weight_decay": 0.1}),
     "adamw-keep-left": ("adamw", {"state_on_refresh": "keep", "proj_type": "left"}, {}),
     "sgd-momentum": ("sgd", {}, {"momentum": 0.9}),
     "sgd-nesterov-random-reverse": ("sgd", {"projection": "random", "proj_type": "reverse_std"},
@@ -98,6 +99,7 @@ def test_follows_optimizer_path(case):
     rule, extra, hyper = CASES[case]
     extra = dict(extra)
     large = extra.pop("large_batch", 1)
+    early = extra.pop("before_forward", False)
     subspace = {"rank": 3, "update_proj_gap": 4, "scale": 0.5, **extra}
     wrapped, opt, reference, ref_opt = make_pair(rule, subspace, hyper)
     initial = copy.deepcopy(reference.state_dict())
@@ -105,6 +107,8 @@ def test_follows_optimizer_path(case):
     for _ in range(22):
         k = microbatches(ref_opt, base=1, refresh=large)
         assert wrapped.refresh_due() == ref_opt.refresh_due()
+        if early and wrapped.refresh_due() and not wrapped.refresh_needs_gradient():
+            assert wrapped.refresh(opt) == 0 and not wrapped.refresh_due()   # GoLore: refresh before the forward
         for _ in range(k):
             x, y = batch(g)
             (loss_fn(reference, x, y) / k).backward()
@@ -253,7 +257,7 @@ def test_refresh_without_full_gradient():
     wrapped.attach(opt)
     with torch.no_grad():
         wrapped(torch.randn(4, 5))
-    with pytest.raises(RuntimeError, match=r"Layer 'attn' has no full gradient for its refresh at step 0"):
+    with pytest.raises(RuntimeError, match=r"Layer 'attn' has no full gradient for its svd refresh at step 0"):
         wrapped.refresh(opt)
 
 
@@ -267,6 +271,12 @@ def test_step_without_due_refresh_and_refresh_when_not_due():
     wrapped.refresh(opt)
     opt.step()
     with pytest.raises(RuntimeError, match=r"refresh\(\) called at step 1, when no layer is due"):
+        wrapped.refresh(opt)
+    for _ in range(4):
+        opt.step()                                          # steps 1..4 with the old gradient
+    wrapped(torch.randn(4, 5)).sum().backward()
+    wrapped.refresh(opt)                                    # step 5, after backward
+    with pytest.raises(RuntimeError, match=r"called at step 5, when no layer is due .* or refreshed already"):
         wrapped.refresh(opt)
 
 
@@ -301,7 +311,7 @@ def test_torchrun_two_ranks_hold_identical_weights(tmp_path):
         assert torch.equal(r0["merged"][key], r1["merged"][key]), key
     assert max_diff(r0["merged"], r0["reference"]) < 1e-10
     full_sizes = 12 * 8 + 6 * 12 + 10 * 6
-    assert r0["sent"] == r1["sent"] == 4 * full_sizes * 8          # 4 refreshes (steps 0, 3, 6, 9), float64
+    assert r0["sent"] == r1["sent"] == 2 * full_sizes * 8   # SVD refreshes at steps 0 and 3, float64; random: none
 
 
 def test_llama_follows_optimizer_path_with_default_positions():

@@ -39,6 +39,8 @@ def main(out: str) -> None:
         x = torch.randn(8 * world, 5, generator=g, dtype=torch.float64)
         y = torch.randn(8 * world, 3, generator=g, dtype=torch.float64)
         mine = slice(8 * rank, 8 * (rank + 1))
+        if model.refresh_due() and not model.refresh_needs_gradient():
+            sent += model.refresh(opt)             # GoLore refreshes (steps 6, 9) before the forward: 0 bytes
         ((ddp(x[mine]) - y[mine]) ** 2).mean().backward()
         if model.refresh_due():
             sent += model.refresh(opt)
