@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import projection as proj
 
-NOISES = ("anisotropic", "isotropic")
+NOISES = ("anisotropic", "isotropic", "none")
 
 
 class Counterexample:
@@ -45,7 +45,8 @@ class Counterexample:
     D (times σ), the second ``randn(r, n)`` the last r rows of X₀ (times σ); rows 1..n−r of X₀ are
     (σ/2)[I 0]. ``linear_term=False`` sets B = 0: the "no B" instance of the non-convergence theorem, where
     ‖∇f(X₀)‖₂ = σ/2 < σ and GaLore never moves. ``noise="isotropic"`` replaces ±σC by i.i.d. Gaussian noise of
-    the same total variance σ²r (the v2 claim: GaLore converges then). Tensors are float64.
+    the same total variance σ²r (the v2 claim: GaLore converges then); ``noise="none"`` gives exact gradients
+    (deterministic GaLore; σ still scales D and X₀). Tensors are float64.
 
     >>> p = Counterexample()
     >>> round(p.f(p.x0).item(), 4), round(p.f_star, 4), round(p.galore_plateau, 3)
@@ -63,7 +64,7 @@ class Counterexample:
         if not _is_int(seed):
             raise ValueError(f"Invalid seed: {seed!r} (must be an integer)")
         if noise not in NOISES:
-            raise ValueError(f"Invalid noise: {noise!r} (must be 'anisotropic' or 'isotropic')")
+            raise ValueError(f"Invalid noise: {noise!r} (must be 'anisotropic', 'isotropic' or 'none')")
         self.n, self.r, self.sigma, self.seed = n, r, float(sigma), seed
         self.linear_term, self.noise = bool(linear_term), noise
         k = n - r
@@ -103,8 +104,8 @@ class Counterexample:
 
     @property
     def noise_variance(self) -> float:
-        """E‖noise‖²_F of one sample: σ² r for both noise models."""
-        return self.sigma**2 * self.r
+        """E‖noise‖²_F of one sample: σ² r for both noise models (0 for exact gradients)."""
+        return 0.0 if self.noise == "none" else self.sigma**2 * self.r
 
     @property
     def f_star(self) -> float:
@@ -119,8 +120,8 @@ class Counterexample:
 
     @property
     def galore_plateau(self) -> float:
-        """Closed-form value where GaLore stalls: f* + ½ Σᵢ min(sᵢ(M₀), σ)²."""
-        s = self.m0_singular_values.clamp(max=self.sigma)
+        """Closed-form value where GaLore stalls: f* + ½ Σᵢ min(sᵢ(M₀), σ)² (f* for exact gradients)."""
+        s = self.m0_singular_values.clamp(max=0.0 if self.noise == "none" else self.sigma)
         return self.f_star + 0.5 * float((s * s).sum())
 
     # ------------------------------------------------------------------ the stochastic oracle
@@ -137,8 +138,11 @@ class Counterexample:
         noise matrices, the first scaled by 1/√refresh_batch (the exact law of a mean of that many).
         Blocks are drawn from ``generator`` a chunk of periods at a time (the chunk size is a fixed function
         of the shapes), so the stream is a pure function of the generator's seed; both engines of :func:`run`
-        read the same stream.
+        read the same stream. Exact gradients (``noise="none"``): blocks of ξ = 0, drawing nothing.
         """
+        if self.noise == "none":
+            while True:
+                yield torch.zeros(period, dtype=torch.float64)
         while True:
             if self.noise == "anisotropic":
                 draws = period - 1 + refresh_batch
