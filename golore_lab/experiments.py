@@ -97,3 +97,20 @@ def produce_noise(ctx: FigureContext) -> None:
 
     data = ctx.cached(name, config, both)
     ctx.save(isotropic_figure(data, problem.f_star, problem.r / problem.n), name, data)
+
+
+#: the real-model study per preset: (model preset, steps, measure every)
+STUDY = {"fast": ("tiny", 30, 10), "default": ("cpu", 160, 20), "full": ("cpu", 320, 20)}
+
+
+def produce_noise_lm(ctx: FigureContext) -> None:
+    """Figure 2 on a real model: what each subspace captures of the tiny LLaMA's true gradient during training."""
+    from .lm.noise_study import run_study
+    from .plotting import lm_capture_figure
+
+    model, steps, every = STUDY[ctx.preset]
+    config = {"model": model, "steps": steps, "every": every, "batch_size": 8, "large_factor": 8,
+              "reference_windows": 256, "seed": 0}
+    data = ctx.cached(f"fig2_llama_captured-{ctx.preset}", config,
+                      lambda: run_study(model=model, steps=steps, every=every, log=lambda *_: None))
+    ctx.save(lm_capture_figure(data, model), "fig2_llama_captured", data)

@@ -1,7 +1,9 @@
 """Plot helpers: each returns a matplotlib Figure and writes nothing (``FigureContext.save`` writes files)."""
 from __future__ import annotations
 
+import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import pandas as pd
 
 #: one colour per method family, the same in every figure
@@ -110,6 +112,39 @@ def isotropic_figure(data: pd.DataFrame, f_star: float, ratio: float) -> plt.Fig
     axes[1, 0].set_ylabel("captured fraction")
     axes[0, 0].legend(fontsize=8)
     for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+CAPTURE_STYLE = {"svd": ("SVD of one batch (GaLore)", COLORS["galore"], "o"),
+                 "svd_large": ("SVD of an 8× batch (L.B. GaLore)", COLORS["lb-galore"], "s"),
+                 "random": ("random (GoLore)", COLORS["golore"], "^"),
+                 "oracle": ("SVD of the true gradient", "#777777", "")}
+
+
+def lm_capture_figure(data: pd.DataFrame, model: str) -> plt.Figure:
+    """Captured fraction of each layer's true gradient: against training steps (mean and min–max over layers),
+    and against the layer's gradient-to-noise ratio (one point per layer and measurement)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.0))
+    for column, (label, color, marker) in CAPTURE_STYLE.items():
+        stats = data.groupby("step")[column].agg(["mean", "min", "max"])
+        left.plot(stats.index, stats["mean"], color=color, marker=marker or None, ms=3, label=label,
+                  ls="--" if column == "oracle" else "-")
+        left.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.15, lw=0)
+        if column in ("svd", "svd_large", "random"):
+            right.scatter(data["snr"], data[column], s=9, color=color, marker=marker, alpha=0.6, label=label)
+    left.set_xlabel("training step")
+    left.set_ylabel("captured fraction of the true gradient")
+    left.set_ylim(-0.02, 1.02)
+    left.set_title(f"LLaMA ({model} preset), attention and MLP weights, full AdamW", fontsize=10)
+    left.legend(fontsize=8, loc="center right")
+    right.set_xscale("log")
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    right.set_xlabel("layer gradient-to-noise ratio ‖G‖₂ / ‖Ĝ − G‖₂")
+    right.set_ylim(-0.02, 1.02)
+    right.set_title("per layer and measurement", fontsize=10)
+    for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
