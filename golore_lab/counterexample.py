@@ -36,6 +36,8 @@ from torch import Tensor
 from . import projection as proj
 
 NOISES = ("anisotropic", "isotropic", "none")
+#: the logged quantities, in the order the engines return them (see :func:`run`)
+LOGGED = ("loss", "grad_norm_sq", "captured", "top_sv")
 
 
 class Counterexample:
@@ -253,8 +255,10 @@ def run(problem: Counterexample, methods: Iterable[str] = ("full", "galore", "lb
         progress: bool = False) -> pd.DataFrame:
     """Run each method with each noise seed; return a tidy DataFrame of the exact loss along the way.
 
-    Columns: ``method, optimizer, seed, step, loss, grad_norm_sq`` (loss = exact f(X), grad_norm_sq = ‖∇f(X)‖²_F),
-    one row per run every ``log_every`` steps from step 0. ``optimizer`` is ``"sgd"`` (``momentum`` 0 is the
+    Columns: ``method, optimizer, seed, step`` and :data:`LOGGED`: ``loss`` = exact f(X), ``grad_norm_sq`` =
+    ‖∇f(X)‖²_F, ``captured`` = ‖Pᵀ∇f(X)‖²/‖∇f(X)‖² for the basis P of the step that led to X (NaN at step 0,
+    1 for full training), ``top_sv`` = the largest singular value of M = X₁₁ + D (GaLore keeps a direction of
+    M at a refresh iff its singular value exceeds σ). One row per run every ``log_every`` steps from step 0. ``optimizer`` is ``"sgd"`` (``momentum`` 0 is the
     paper's MSGD panel; torch's ``momentum``/``dampening`` otherwise) or ``"adamw"``. ``weight_decay`` is
     0 in the paper; it is the optimizers' own (coupled L2 for SGD, decoupled for AdamW). The
     matrix is projected on the left (P ∈ St(n, r), the paper's convention). Seed s drives the run's noise
@@ -270,10 +274,11 @@ def run(problem: Counterexample, methods: Iterable[str] = ("full", "galore", "lb
     if not runs:
         raise ValueError("Nothing to run: methods and seeds must not be empty")
     with single_thread():  # tiny matrices: OpenMP threads only add overhead (and stall on a busy machine)
-        loss, gnorm = (_run_fast if engine == "fast" else _run_optimizer)(problem, runs, settings, progress)
-    logged = np.arange(loss.shape[1]) * log_every
+        logs = (_run_fast if engine == "fast" else _run_optimizer)(problem, runs, settings, progress)
+    logged = np.arange(logs.shape[2]) * log_every
     frames = [pd.DataFrame({"method": m.name, "optimizer": optimizer, "seed": s, "step": logged,
-                            "loss": loss[i], "grad_norm_sq": gnorm[i]}) for i, (m, s) in enumerate(runs)]
+                            **{column: logs[j, i] for j, column in enumerate(LOGGED)}})
+              for i, (m, s) in enumerate(runs)]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -319,8 +324,8 @@ def _run_optimizer(problem: Counterexample, runs, s: Settings, progress: bool):
     from tqdm import tqdm
 
     n_logs = s.steps // s.log_every + 1
-    loss = np.empty((len(runs), n_logs))
-    gnorm = np.empty((len(runs), n_logs))
+    logs = np.empty((len(LOGGED), len(runs), n_logs))
+    k = problem.n - problem.r
     for i, (method, seed) in enumerate(tqdm(runs, disable=not progress, desc="runs")):
         X = torch.nn.Parameter(problem.x0.clone())
         opt = _make_optimizer([X], s, method, problem.r, seed)
@@ -330,15 +335,22 @@ def _run_optimizer(problem: Counterexample, runs, s: Settings, progress: bool):
         for t in range(s.steps + 1):
             if t % s.log_every == 0:
                 with torch.no_grad():
-                    loss[i, t // s.log_every] = problem.f(X).item()
-                    gnorm[i, t // s.log_every] = problem.grad(X).square().sum().item()
+                    G = problem.grad(X)
+                    basis = opt.state[X].get("proj")
+                    if method.full:
+                        captured = 1.0
+                    else:
+                        captured = (basis.T @ G).square().sum() / G.square().sum() if basis is not None else math.nan
+                    top_sv = torch.linalg.matrix_norm(X[:k, :k] + problem.B[:k, :k], ord=2)
+                    logs[:, i, t // s.log_every] = [problem.f(X).item(), G.square().sum().item(), float(captured),
+                                                    top_sv.item()]
             if t == s.steps:
                 break
             if t % s.update_proj_gap == 0:
                 block = next(stream)
             X.grad = problem.stochastic_grad(X.detach(), block[t % s.update_proj_gap])
             opt.step()
-    return loss, gnorm
+    return logs
 
 
 def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
@@ -373,20 +385,25 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
     has_basis = False
     streams = [problem.noise_periods(torch.Generator().manual_seed(seed), tau, m.refresh_batch) for m, seed in runs]
     n_logs = s.steps // s.log_every + 1
-    loss = np.empty((R, n_logs))
-    gnorm = np.empty((R, n_logs))
+    logs = np.full((len(LOGGED), R, n_logs), np.nan)
     beta1, beta2 = s.betas
     eta = s.lr * s.scale
     wd = s.weight_decay
     decoupled = s.optimizer == "adamw" and wd > 0
 
-    def log(Xs, t):
+    def log(Xs, t, P):
         top = Xs[:, :k, :]
         G = np.einsum("ij,rjk->rik", H, Xs) + B
-        loss[:, t // s.log_every] = 0.5 * (top * top).sum((1, 2)) + (B * Xs).sum((1, 2))
-        gnorm[:, t // s.log_every] = (G * G).sum((1, 2))
+        column = logs[:, :, t // s.log_every]
+        column[0] = 0.5 * (top * top).sum((1, 2)) + (B * Xs).sum((1, 2))
+        column[1] = (G * G).sum((1, 2))
+        if P is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                column[2] = np.square(P.transpose(0, 2, 1) @ G).sum((1, 2)) / column[1]
+        column[2, full] = 1.0  # P = I, also at the optimum where ∇f = 0
+        column[3] = np.linalg.svd(top[:, :, :k] + B[:k, :k], compute_uv=False)[:, 0]
 
-    log(X, 0)
+    log(X, 0, None)
     for t0 in tqdm(range(0, s.steps, tau), disable=not progress, desc=f"{s.optimizer} periods"):
         noise = np.stack([next(st).numpy() for st in streams])  # (R, tau) or (R, tau, n, n)
         xi = None if iso else noise[:, :, None, None]  # (R, tau, 1, 1)
@@ -463,11 +480,11 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
                 else:
                     Y -= eta * grad
                 if (t + 1) % s.log_every == 0:
-                    log(gammas[j + 1] * X + P @ Y, t + 1)
+                    log(gammas[j + 1] * X + P @ Y, t + 1, P)
         X = gammas[tau] * X + P @ Y
         if s.optimizer == "sgd" and not s.momentum and s.log_every % tau == 0 and (t0 + tau) % s.log_every == 0:
-            log(X, t0 + tau)
-    return loss, gnorm
+            log(X, t0 + tau, P)
+    return logs
 
 
 def _sgd_period(K: np.ndarray, c: np.ndarray, noise, eta: float) -> np.ndarray:
