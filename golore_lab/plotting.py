@@ -251,7 +251,8 @@ def perturbation_figure(trials: pd.DataFrame, capture: pd.DataFrame, delta: floa
     cx.set_xlabel("batch size B at the refresh")
     cx.set_ylabel("fraction of ‖∇f‖² the SVD keeps")
     cx.set_title("no-B instance at X₀: what a large batch buys", fontsize=10)
-    cx.legend(fontsize=7, loc="center right")
+    cx.set_ylim(-0.02, 1.0)
+    cx.legend(fontsize=7, loc="upper right")
     for axis in (ax, bx, cx):
         axis.grid(alpha=0.3, which="both")
     fig.tight_layout()
