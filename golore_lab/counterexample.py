@@ -443,7 +443,9 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
             K += wd * (PT @ P)
             c = PT @ (HX_B + wd * X)
         # step j's projected gradient is K Y + c + gamma_j cH + E_j with E_j = Pᵀ noise_j
-        if s.optimizer == "sgd" and not s.momentum and s.log_every % tau == 0:
+        length = min(tau, s.steps - t0)  # the last period may be cut short by ``steps``
+        closed = s.optimizer == "sgd" and not s.momentum and s.log_every % tau == 0 and length == tau
+        if closed:
             Y = _sgd_period(K, c, PT[:, None] @ noise if iso else (xi[..., 0, 0], PT @ sigC), eta)
         else:
             forcing = PT[:, None] @ noise if iso else xi * (PT @ sigC)[:, None]  # (R, tau, rp, n)
@@ -451,7 +453,7 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
             if decoupled:
                 forcing += gammas[None, :tau, None, None] * cH[:, None]
             Y[:] = 0.0
-            for j in range(tau):
+            for j in range(length):
                 t = t0 + j
                 grad = K @ Y
                 grad += forcing[:, j]
@@ -481,8 +483,8 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
                     Y -= eta * grad
                 if (t + 1) % s.log_every == 0:
                     log(gammas[j + 1] * X + P @ Y, t + 1, P)
-        X = gammas[tau] * X + P @ Y
-        if s.optimizer == "sgd" and not s.momentum and s.log_every % tau == 0 and (t0 + tau) % s.log_every == 0:
+        X = gammas[length] * X + P @ Y
+        if closed and (t0 + tau) % s.log_every == 0:
             log(X, t0 + tau, P)
     return logs
 
