@@ -157,14 +157,20 @@ def snr_threshold(sweep: pd.DataFrame, level: float = 0.5) -> pd.Series:
 # ------------------------------------------------------------------------------------- real models
 def layer_gradients(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, object], Tensor], batch,
                     names: list[str]) -> dict[str, Tensor]:
-    """Gradients of ``loss_fn(model, batch)`` for the named parameters (the model's .grad is left untouched)."""
+    """Gradients of ``loss_fn(model, batch)`` for the named parameters; the model's own ``.grad`` is restored.
+
+    ``batch`` may be a list of equal-size chunks: the gradient is then the mean over the chunks (the gradient
+    of the whole batch, without holding its graph in memory at once).
+    """
     params = dict(model.named_parameters())
-    saved = {name: params[name].grad for name in names}
+    saved = {name: p.grad for name, p in params.items()}
+    chunks = batch if isinstance(batch, list) else [batch]
     model.zero_grad(set_to_none=True)
-    loss_fn(model, batch).backward()
+    for chunk in chunks:
+        (loss_fn(model, chunk) / len(chunks)).backward()
     grads = {name: params[name].grad.detach().clone() for name in names}
-    for name in names:
-        params[name].grad = saved[name]
+    for name, p in params.items():
+        p.grad = saved[name]
     return grads
 
 

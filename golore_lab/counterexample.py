@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import projection as proj
 
-NOISES = ("anisotropic", "isotropic")
+NOISES = ("anisotropic", "isotropic", "none")
 #: the logged quantities, in the order the engines return them (see :func:`run`)
 LOGGED = ("loss", "grad_norm_sq", "captured", "top_sv")
 
@@ -47,7 +47,8 @@ class Counterexample:
     D (times σ), the second ``randn(r, n)`` the last r rows of X₀ (times σ); rows 1..n−r of X₀ are
     (σ/2)[I 0]. ``linear_term=False`` sets B = 0: the "no B" instance of the non-convergence theorem, where
     ‖∇f(X₀)‖₂ = σ/2 < σ and GaLore never moves. ``noise="isotropic"`` replaces ±σC by i.i.d. Gaussian noise of
-    the same total variance σ²r (the v2 claim: GaLore converges then). Tensors are float64.
+    the same total variance σ²r (the v2 claim: GaLore converges then); ``noise="none"`` gives exact gradients
+    (deterministic GaLore; σ still scales D and X₀). Tensors are float64.
 
     >>> p = Counterexample()
     >>> round(p.f(p.x0).item(), 4), round(p.f_star, 4), round(p.galore_plateau, 3)
@@ -65,7 +66,7 @@ class Counterexample:
         if not _is_int(seed):
             raise ValueError(f"Invalid seed: {seed!r} (must be an integer)")
         if noise not in NOISES:
-            raise ValueError(f"Invalid noise: {noise!r} (must be 'anisotropic' or 'isotropic')")
+            raise ValueError(f"Invalid noise: {noise!r} (must be 'anisotropic', 'isotropic' or 'none')")
         self.n, self.r, self.sigma, self.seed = n, r, float(sigma), seed
         self.linear_term, self.noise = bool(linear_term), noise
         k = n - r
@@ -105,8 +106,8 @@ class Counterexample:
 
     @property
     def noise_variance(self) -> float:
-        """E‖noise‖²_F of one sample: σ² r for both noise models."""
-        return self.sigma**2 * self.r
+        """E‖noise‖²_F of one sample: σ² r for both noise models (0 for exact gradients)."""
+        return 0.0 if self.noise == "none" else self.sigma**2 * self.r
 
     @property
     def f_star(self) -> float:
@@ -121,8 +122,8 @@ class Counterexample:
 
     @property
     def galore_plateau(self) -> float:
-        """Closed-form value where GaLore stalls: f* + ½ Σᵢ min(sᵢ(M₀), σ)²."""
-        s = self.m0_singular_values.clamp(max=self.sigma)
+        """Closed-form value where GaLore stalls: f* + ½ Σᵢ min(sᵢ(M₀), σ)² (f* for exact gradients)."""
+        s = self.m0_singular_values.clamp(max=0.0 if self.noise == "none" else self.sigma)
         return self.f_star + 0.5 * float((s * s).sum())
 
     # ------------------------------------------------------------------ the stochastic oracle
@@ -139,8 +140,11 @@ class Counterexample:
         noise matrices, the first scaled by 1/√refresh_batch (the exact law of a mean of that many).
         Blocks are drawn from ``generator`` a chunk of periods at a time (the chunk size is a fixed function
         of the shapes), so the stream is a pure function of the generator's seed; both engines of :func:`run`
-        read the same stream.
+        read the same stream. Exact gradients (``noise="none"``): blocks of ξ = 0, drawing nothing.
         """
+        if self.noise == "none":
+            while True:
+                yield torch.zeros(period, dtype=torch.float64)
         while True:
             if self.noise == "anisotropic":
                 draws = period - 1 + refresh_batch
@@ -439,7 +443,9 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
             K += wd * (PT @ P)
             c = PT @ (HX_B + wd * X)
         # step j's projected gradient is K Y + c + gamma_j cH + E_j with E_j = Pᵀ noise_j
-        if s.optimizer == "sgd" and not s.momentum and s.log_every % tau == 0:
+        length = min(tau, s.steps - t0)  # the last period may be cut short by ``steps``
+        closed = s.optimizer == "sgd" and not s.momentum and s.log_every % tau == 0 and length == tau
+        if closed:
             Y = _sgd_period(K, c, PT[:, None] @ noise if iso else (xi[..., 0, 0], PT @ sigC), eta)
         else:
             forcing = PT[:, None] @ noise if iso else xi * (PT @ sigC)[:, None]  # (R, tau, rp, n)
@@ -447,7 +453,7 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
             if decoupled:
                 forcing += gammas[None, :tau, None, None] * cH[:, None]
             Y[:] = 0.0
-            for j in range(tau):
+            for j in range(length):
                 t = t0 + j
                 grad = K @ Y
                 grad += forcing[:, j]
@@ -477,8 +483,8 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
                     Y -= eta * grad
                 if (t + 1) % s.log_every == 0:
                     log(gammas[j + 1] * X + P @ Y, t + 1, P)
-        X = gammas[tau] * X + P @ Y
-        if s.optimizer == "sgd" and not s.momentum and s.log_every % tau == 0 and (t0 + tau) % s.log_every == 0:
+        X = gammas[length] * X + P @ Y
+        if closed and (t0 + tau) % s.log_every == 0:
             log(X, t0 + tau, P)
     return logs
 

@@ -27,7 +27,9 @@ import pandas as pd
 PRODUCERS: dict[str, str] = {
     "counterexample": "golore_lab.experiments:produce_counterexample",
     "noise": "golore_lab.experiments:produce_noise",
+    "noise-lm": "golore_lab.experiments:produce_noise_lm",
     "pretrain": "golore_lab.lm.experiment:produce",
+    "theory": "golore_lab.experiments:produce_theory",
 }
 
 PRESETS = ("fast", "default", "full")

@@ -139,3 +139,22 @@ def test_isotropic_noise_lets_galore_converge():
     aniso = ce.run(ce.Counterexample(), methods=["galore"], seeds=[0],
                    **{k: v for k, v in ce.PAPER["sgd"].items() if k != "methods"})
     assert aniso.loss.iloc[-1] - p.f_star > 2.0
+
+
+def test_lm_noise_study_on_the_tiny_llama(tmp_path):
+    """The real-model study runs end to end on the tiny LLaMA (real-text fixture corpus) and its numbers are
+    consistent: the oracle subspace is the best rank-r subspace for G, every fraction lies in [0, 1]."""
+    from lm_helpers import build_fixture_corpus
+
+    from golore_lab.lm.data import load_corpus
+    from golore_lab.lm.noise_study import run_study
+
+    corpus = load_corpus(build_fixture_corpus(tmp_path))
+    frame = run_study(model="tiny", steps=6, every=3, batch_size=4, large_factor=4, reference_windows=16, chunk=8,
+                      rank=4, corpus=corpus, log=lambda *_: None)
+    assert sorted(frame.step.unique()) == [0, 3, 6] and len(frame) == 3 * 2 * 7  # 2 layers x 7 linears
+    for column in ("svd", "svd_large", "random", "oracle"):
+        assert frame[column].between(0, 1 + 1e-9).all()
+    assert (frame.oracle >= frame[["svd", "svd_large", "random"]].max(axis=1) - 1e-9).all()
+    assert (frame.snr > 0).all() and set(frame.kind) == {"attn", "mlp"}
+    assert frame.random.mean() == pytest.approx((4 / frame.dim).mean(), abs=0.1)

@@ -146,6 +146,15 @@ def test_fast_engine_matches_the_library_optimizer_step_by_step(optimizer, extra
     assert last.max() - last.min() > 0.05
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_steps_need_not_be_a_multiple_of_the_refresh_period(problem, optimizer):
+    kw = dict(methods=("galore", "golore@50"), optimizer=optimizer, steps=250, lr=3e-3, update_proj_gap=100,
+              seeds=[0], log_every=1)
+    fast, slow = run(problem, **kw), run(problem, engine="optimizer", **kw)
+    assert fast.step.max() == 250 and not fast.loss.isna().any()
+    np.testing.assert_allclose(fast.loss, slow.loss, atol=1e-9)
+
+
 def test_closed_form_sgd_period_matches_the_step_loop(problem):
     """Plain SGD with logs at period ends uses the closed form; every-step logging uses the loop."""
     kw = dict(methods=("full", "galore", "golore@50", "lb-galore"), steps=2000, lr=1e-3, seeds=[0, 1])
