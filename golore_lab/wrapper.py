@@ -148,6 +148,7 @@ class SubspaceLinear(nn.Module):
 
     def set_extra_state(self, state: dict[str, int]) -> None:
         self.step = int(state["step"])
+        self.full_grad, self._refreshed_at = None, None
 
     def delta(self) -> Tensor:
         """scale·P B (m, n): what the factor adds to W."""
@@ -193,7 +194,7 @@ class SubspaceModel(nn.Module):
     (in ``named_modules()`` order) gets i, which is what ``[{"params": wrapped weights in module order, "rank":
     ...}, {"params": the rest}]`` gives -- e.g. ``golore_lab.lm.model.subspace_param_groups``.
 
-    The wrapped ``model`` is modified in place and held as ``self.model``; W, P and the step counters are
+    The wrapped ``model`` is modified in place and held as ``self.model``; the buffers W and P are
     registered with DDP as ignored, so ``DistributedDataParallel(SubspaceModel(...))`` neither broadcasts
     them nor reserves bucket space for them.
     """
