@@ -307,6 +307,7 @@ def test_torchrun_two_ranks_hold_identical_weights(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["steps"] == r1["steps"] == [10, 10, 10]
+    assert r0["ddp_buffers"] == []                                   # W and P are never broadcast by DDP
     for key in r0["merged"]:
         assert torch.equal(r0["merged"][key], r1["merged"][key]), key
     assert max_diff(r0["merged"], r0["reference"]) < 1e-10

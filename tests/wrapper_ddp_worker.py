@@ -50,7 +50,8 @@ def main(out: str) -> None:
         ref_opt.step()
         ref_opt.zero_grad()
     torch.save({"merged": model.merged_state_dict(), "reference": reference.state_dict(), "sent": sent,
-                "steps": [layer.step for layer in model.layers.values()]}, os.path.join(out, f"rank{rank}.pt"))
+                "steps": [layer.step for layer in model.layers.values()],
+                "ddp_buffers": sorted(ddp.named_module_buffers)}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
