@@ -340,3 +340,21 @@ def test_llama_follows_optimizer_path_with_default_positions():
             o.zero_grad()
     assert max_diff(reference.state_dict(), build_model(cfg, seed=0).state_dict()) > 0.05   # it trained
     assert max_diff(wrapped.merged_state_dict(), reference.state_dict()) < 1e-5         # float32: measured 1.2e-7
+
+
+def test_module_docstring_example_runs(tmp_path):
+    """The loop in golore_lab.wrapper's docstring, as written, at toy size (GaLore then GoLore refreshes)."""
+    import re
+
+    import golore_lab.wrapper as module
+
+    code = re.search(r"Example -- .*?::\n\n(.*?)\n\"?\"?\"?$", module.__doc__, re.S).group(1)
+    code = "\n".join(line[4:] for line in code.splitlines())
+    code = (code.replace("rank=128", "rank=2").replace("update_proj_gap=200", "update_proj_gap=2")
+            .replace("switch_step=800", "switch_step=4").replace('"plain.pt"', "path"))
+    g = torch.Generator().manual_seed(0)
+    namespace = {"torch": torch, "SubspaceModel": SubspaceModel, "net": Net().double(), "path": tmp_path / "plain.pt",
+                 "batches": [batch(g) for _ in range(7)], "loss_fn": lambda model, b: loss_fn(model, *b)}
+    exec(code, namespace)  # noqa: S102
+    assert [layer.step for layer in namespace["model"].layers.values()] == [7, 7, 7]
+    Net().double().load_state_dict(torch.load(tmp_path / "plain.pt", weights_only=True))
