@@ -1,4 +1,7 @@
-"""Run by tests/test_lm_train.py, alone or under torchrun: train two tiny runs and save each rank's weights."""
+"""Run by tests/test_lm_ddp.py, alone or under torchrun: train tiny runs and save each rank's weights.
+
+Each run is (method, optimizer, path); the wrapper runs also save the SubspaceModel's own state (W, P, B, step).
+"""
 from __future__ import annotations
 
 import os
@@ -11,18 +14,26 @@ from golore_lab.lm.model import LlamaConfig
 from golore_lab.lm.pretrain import LMTask, recipe
 from golore_lab.lm.train import train
 
-RUNS = [("golore", "adamw"), ("lb-galore", "sgd")]
+RUNS = [("golore", "adamw", "optimizer"), ("lb-galore", "sgd", "optimizer"),
+        ("golore", "adamw", "wrapper"), ("lb-galore", "sgd", "wrapper")]
+
+
+def run_name(method: str, optimizer: str, path: str) -> str:
+    return f"{method}-{optimizer}" + ("" if path == "optimizer" else f"-{path}")
 
 
 def main(corpus_path: str, out: str) -> None:
     torch.set_num_threads(1)
     task = LMTask(load_corpus(corpus_path), LlamaConfig.preset("tiny"), seq_len=32, eval_windows=4)
     rank = int(os.environ.get("RANK", "0"))
-    for method, optimizer in RUNS:
-        cfg = recipe("tiny", method=method, optimizer=optimizer, steps=6, warmup_steps=1, update_proj_gap=2, rank=4,
-                     batch_size=8, micro_batch_size=2, switch_fraction=0.5, eval_every=6, progress=False)
+    for method, optimizer, path in RUNS:
+        cfg = recipe("tiny", method=method, optimizer=optimizer, path=path, steps=6, warmup_steps=1, update_proj_gap=2,
+                     rank=4, batch_size=8, micro_batch_size=2, switch_fraction=0.5, eval_every=6, progress=False)
         result = train(task, cfg)
-        torch.save(result.model.state_dict(), os.path.join(out, f"{method}-{optimizer}-rank{rank}.pt"))
+        name = run_name(method, optimizer, path)
+        torch.save(result.model.state_dict(), os.path.join(out, f"{name}-rank{rank}.pt"))
+        if result.wrapped is not None:
+            torch.save(result.wrapped.state_dict(), os.path.join(out, f"{name}-rank{rank}-wrapper.pt"))
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ Typical use (what the notebook does)::
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .train import METHODS
+from .train import METHODS, config_dict
 
 LABELS = {"full": "Full params.", "galore": "GaLore", "golore": "GoLore@20%", "lb-galore": "L.B. GaLore"}
 STYLE = {"full": ("tab:green", "^"), "galore": ("tab:blue", "s"), "golore": ("tab:red", "o"),
@@ -56,7 +55,7 @@ def cache_config(preset: str) -> dict:
     """What the cached results depend on (the cache is reused only if this matches)."""
     grid = GRIDS[preset]
     return {"preset": preset, "model": grid["model"], "seq_len": grid["seq_len"], "eval_windows": grid["eval_windows"],
-            "runs": [asdict(c) for c in grid_configs(preset)], "version": 1}
+            "runs": [config_dict(c) for c in grid_configs(preset)], "version": 1}
 
 
 def run_grid(preset: str = "default", threads: int = 1, log=print) -> pd.DataFrame:

@@ -19,6 +19,11 @@ Runs unchanged under ``torchrun --standalone --nproc-per-node N`` (DDP; ``--batc
     python -m golore_lab pretrain --method lb-galore --optimizer sgd --out runs/lb --stop-at 100
     python -m golore_lab pretrain --method lb-galore --optimizer sgd --out runs/lb --resume
     torchrun --standalone --nproc-per-node 2 -m golore_lab pretrain --method galore --out runs/ddp
+    torchrun --standalone --nproc-per-node 2 -m golore_lab pretrain --method galore --path wrapper --out runs/w
+
+``--path wrapper`` trains the same matrices through :class:`golore_lab.wrapper.SubspaceModel` and plain torch
+optimizers (under DDP only the low-rank factors are all-reduced between refreshes); ``checkpoint.pt``'s
+``"model"`` then holds the merged weights, loadable into the plain LLaMA.
 """
 from __future__ import annotations
 
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     add_train_arguments(parser)
     for action in parser._actions:  # recipe-dependent defaults are resolved after parsing
-        if action.dest in {f.name for f in fields(TrainConfig)} and action.dest not in ("method", "optimizer"):
+        if action.dest in {f.name for f in fields(TrainConfig)} and action.dest not in ("method", "optimizer", "path"):
             action.default = None
     args = parser.parse_args(argv)
     if args.threads is not None:

@@ -9,7 +9,15 @@ paper holds fixed across methods lives here, so that methods differ *only* in th
   the batch at refresh steps (``microbatches(opt, base, refresh)``), for both the SVD and that step;
 * learning rate eta_t = lr * s(t): linear warm-up over ``warmup_steps``, then cosine (or linear) decay to
   ``min_lr_ratio * lr`` at step T (:func:`lr_factor`);
-* clipping of the *full* gradient, ``||G||_F <= grad_clip`` over all parameters, before the optimizer sees it;
+* clipping of the *full* gradient, ``||G||_F <= grad_clip`` over all parameters, before the optimizer sees it
+  (with ``path="wrapper"``: of the gradients the torch optimizer sees, i.e. the factors' P^T G, norm <= ||G||);
+* ``path``: ``"optimizer"`` (default) trains the task's model with ``SubspaceAdamW`` / ``SubspaceSGD``;
+  ``"wrapper"`` wraps the same matrices (the task's first parameter group) with
+  :class:`golore_lab.wrapper.SubspaceModel` and trains its low-rank factors and the full parameters with plain
+  ``torch.optim.AdamW`` / ``torch.optim.SGD``, calling its refresh protocol (GoLore's random refreshes before the
+  forward, SVD ones after backward; L.B. GaLore's larger batch when ``refresh_due()``). Same algorithm, same
+  seeds; under DDP only the factors are all-reduced between refreshes. Checkpoints hold the merged weights
+  under ``"model"`` (a plain state dict of the task's architecture) and the wrapper's own state for resuming;
 * gradient accumulation: a step averages ``n_micro`` micro-batches of ``micro_batch_size`` examples per rank;
 * DDP through ``torchrun`` (``torch.distributed`` initialised from its environment variables; gloo on CPU).
   Rank k of W takes examples ``[p + (i W + k) m, p + (i W + k + 1) m)`` of micro-step i, so a run on W ranks
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import json
 import math
@@ -44,10 +53,14 @@ from torch import nn
 
 METHODS = ("full", "galore", "golore", "lb-galore")
 OPTIMIZERS = ("adamw", "sgd")
+PATHS = ("optimizer", "wrapper")
 SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT = "checkpoint.pt"
 #: fields that may differ between a run and its resumption (everything else must match the checkpoint)
 RESUMABLE_CHANGES = {"resume", "stop_at", "progress", "out_dir", "checkpoint_every", "device"}
+#: fields added after runs were cached, with the value that reproduces those runs: :func:`config_dict` leaves
+#: them out at that value, so committed caches and old checkpoints stay valid
+LATER_FIELDS = {"path": "optimizer"}
 
 
 class Task(Protocol):
@@ -78,6 +91,7 @@ class TrainConfig:
 
     method: str = "full"
     optimizer: str = "adamw"
+    path: str = "optimizer"            # "wrapper": SubspaceModel + torch.optim (see the module docstring)
     steps: int = 200
     batch_size: int = 16               # global examples per step (all ranks, all micro-batches)
     micro_batch_size: int | None = None  # examples per rank per micro-batch; default batch_size / world
@@ -91,7 +105,7 @@ class TrainConfig:
     momentum: float = 0.9              # heavy-ball, as torch.optim.SGD (sgd only)
     dampening: float = 0.0
     nesterov: bool = False
-    grad_clip: float = 1.0             # 0 disables
+    grad_clip: float = 1.0             # 0 disables; path "wrapper" clips the factors' gradients P^T G
     rank: int = 32
     update_proj_gap: int = 20
     scale: float = 1.0
@@ -112,7 +126,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        choices = {"method": METHODS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": ("auto", "cpu", "cuda")}
+        choices = {"method": METHODS, "optimizer": OPTIMIZERS, "path": PATHS, "schedule": SCHEDULES,
+                   "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r} (choose from {', '.join(allowed)})")
@@ -140,11 +155,25 @@ class TrainConfig:
             raise ValueError(f"Invalid warmup_steps: {self.warmup_steps} (must be < steps = {self.steps})")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ValueError(f"Invalid stop_at: {self.stop_at} (must be in [1, steps = {self.steps}])")
+        if self.path == "wrapper" and self.method == "full":
+            raise ValueError("Invalid path: 'wrapper' with method 'full' (the wrapper trains galore, golore and "
+                             "lb-galore; full training uses path 'optimizer')")
+        if self.path == "wrapper" and self.optimizer == "sgd" and self.weight_decay:
+            raise ValueError(f"Invalid weight_decay: {self.weight_decay} with path 'wrapper' and optimizer 'sgd' "
+                             "(torch.optim.SGD's coupled decay would shrink the factors, not the merged weights; "
+                             "use weight_decay 0, optimizer adamw, or path optimizer)")
 
     @property
     def switch_step(self) -> int | None:
         """K for GoLore@x%: SVD refreshes before step K, random from K on (None unless method is golore)."""
         return round((1.0 - self.switch_fraction) * self.steps) if self.method == "golore" else None
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields of ``cfg`` as a dict, without the :data:`LATER_FIELDS` at their old behaviour's value: what
+    checkpoints and result caches record (``{**LATER_FIELDS, **config_dict(cfg)}`` gives every field back)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)
+            if not (f.name in LATER_FIELDS and getattr(cfg, f.name) == LATER_FIELDS[f.name])}
 
 
 # ------------------------------------------------------------------------------------- pure pieces
@@ -187,9 +216,10 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimize
 
     ``full`` is plain ``torch.optim.AdamW`` / ``torch.optim.SGD``; the others are the package's
     ``SubspaceAdamW`` / ``SubspaceSGD`` with SVD projections (``galore``, ``lb-galore``) or SVD until
-    :attr:`TrainConfig.switch_step` and random after (``golore``).
+    :attr:`TrainConfig.switch_step` and random after (``golore``). With ``cfg.path == "wrapper"`` the groups are
+    :func:`wrap_model`'s (factors, full parameters) and the optimizer is the plain torch one, as for ``full``.
     """
-    if cfg.method == "full":
+    if cfg.method == "full" or cfg.path == "wrapper":
         plain = [{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")} for g in groups]
         if cfg.optimizer == "adamw":
             return torch.optim.AdamW(plain, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -204,13 +234,73 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimize
                        weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, **subspace)
 
 
-def micro_steps(opt: torch.optim.Optimizer, base: int, cfg: TrainConfig) -> int:
-    """Micro-batches for the next step: ``base``, or ``factor * base`` before an L.B. GaLore refresh."""
+def micro_steps(opt, base: int, cfg: TrainConfig) -> int:
+    """Micro-batches for the next step: ``base``, or ``factor * base`` before an L.B. GaLore refresh.
+
+    ``opt`` is whatever knows the refresh schedule: the subspace optimizer, or the ``SubspaceModel`` of the
+    wrapper path (both have ``refresh_due()``).
+    """
     if cfg.method != "lb-galore":
         return base
     from golore_lab import microbatches
 
     return microbatches(opt, base, base * cfg.refresh_batch_factor)
+
+
+def wrap_model(model: nn.Module, groups: list[dict], cfg: TrainConfig) -> tuple[nn.Module, list[dict]]:
+    """The wrapper path's model and groups: ``SubspaceModel`` over the linears whose weights are in ``groups[0]``.
+
+    ``groups`` are the task's optimizer-path groups (subspace matrices first). Each matrix must be the weight of
+    an ``nn.Linear``; its layer is wrapped with the subspace keys of ``cfg`` and seeded with the matrix's index in
+    the optimizer path's parameter list (so GoLore draws the same bases). Returns the ``SubspaceModel`` and the
+    same groups with each matrix replaced by its factor (and each wrapped linear's bias by the wrapper's copy),
+    every other key kept -- ready for :func:`make_optimizer`.
+    """
+    from golore_lab.wrapper import SubspaceModel
+
+    linears = {id(mod.weight): (name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    param_names = {id(p): name for name, p in model.named_parameters()}
+    flat = [p for group in groups for p in group["params"]]
+    positions, old = {}, {}
+    for p in groups[0]["params"]:
+        if id(p) not in linears:
+            name = param_names.get(id(p), tuple(p.shape))
+            raise ValueError(f"Invalid path: 'wrapper' wraps nn.Linear layers, but subspace parameter {name!r} is "
+                             "not the weight of one (use path 'optimizer')")
+        name, mod = linears[id(p)]
+        positions[name] = next(i for i, q in enumerate(flat) if q is p)
+        old[name] = mod
+    wrapped = SubspaceModel(model, rank=cfg.rank, target_modules=list(positions), scale=cfg.scale,
+                            update_proj_gap=cfg.update_proj_gap, proj_type=cfg.proj_type, projection="svd",
+                            switch_step=cfg.switch_step, state_on_refresh=cfg.state_on_refresh, seed=cfg.seed,
+                            positions=positions)
+    if set(wrapped.layers) != set(positions):  # target_modules match by substring: check nothing else was caught
+        extra = sorted(set(wrapped.layers) - set(positions))
+        raise ValueError(f"Invalid path: 'wrapper' would also wrap {extra}, whose weights the task trains in full")
+    new = {}
+    for name, layer in wrapped.layers.items():
+        new[id(old[name].weight)] = layer.factor
+        if old[name].bias is not None:
+            new[id(old[name].bias)] = layer.bias
+    out = [{**group, "params": [new.get(id(p), p) for p in group["params"]]} for group in groups]
+    return wrapped, out
+
+
+@torch.no_grad()
+def unwrapped_copy(wrapped: nn.Module) -> nn.Module:
+    """A copy of the ``SubspaceModel``'s inner model with every wrapped layer back as an ``nn.Linear`` holding the
+    merged weight W + scale·P B: the task's own architecture (``state_dict`` = ``wrapped.merged_state_dict()``)."""
+    model = copy.deepcopy(wrapped.model)
+    for name, layer in wrapped.layers.items():
+        weight = layer.merged_weight()
+        linear = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                    device=weight.device, dtype=weight.dtype)   # no init: the global RNG is untouched
+        linear.weight.copy_(weight)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model
 
 
 # ----------------------------------------------------------------------------------------- plumbing
@@ -296,6 +386,7 @@ class TrainResult:
     model: nn.Module
     final: dict[str, float] = field(default_factory=dict)
     step: int = 0
+    wrapped: nn.Module | None = None   # path "wrapper": the SubspaceModel (``model`` holds its merged weights)
 
 
 # --------------------------------------------------------------------------------------------- loop
@@ -311,7 +402,14 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
     model = task.build_model(cfg.seed).to(device)
     subspace = {} if cfg.method == "full" else dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
                                                      scale=cfg.scale, proj_type=cfg.proj_type)
-    opt = make_optimizer(task.param_groups(model, **subspace), cfg)
+    groups = task.param_groups(model, **subspace)
+    wrapped = None
+    if cfg.path == "wrapper":  # from here on `model` is the SubspaceModel; `wrapped` marks the path
+        model, groups = wrap_model(model, groups, cfg)
+        wrapped = model
+    opt = make_optimizer(groups, cfg)
+    if wrapped is not None:
+        wrapped.attach(opt)
     base_lrs = [g["lr"] for g in opt.param_groups]
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
@@ -323,11 +421,12 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
         if ckpt_path is None or not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        changed = [f"{k}: {v!r} -> {getattr(cfg, k)!r}" for k, v in state["config"].items()
+        saved = {**LATER_FIELDS, **state["config"]}
+        changed = [f"{k}: {v!r} -> {getattr(cfg, k)!r}" for k, v in saved.items()
                    if k not in RESUMABLE_CHANGES and v != getattr(cfg, k)]
         if changed:
             raise ValueError(f"--resume: {ckpt_path} was written with another configuration ({'; '.join(changed)})")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model" if wrapped is None else "wrapper"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         step, position, tokens = state["step"], state["position"], state["tokens"]
@@ -357,10 +456,12 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
 
     def checkpoint() -> None:
         if rank == 0 and ckpt_path is not None:
+            weights = {"model": model.state_dict()} if wrapped is None else \
+                {"model": wrapped.merged_state_dict(), "wrapper": wrapped.state_dict()}  # plain weights; exact state
             save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "position": position,
+                **weights, "optimizer": opt.state_dict(), "step": step, "position": position,
                 "tokens": tokens, "window": window, "metric_names": metric_names, "rng_cpu": torch.get_rng_state(),
-                "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
+                "config": config_dict(cfg),
             })
         if world > 1:
             dist.barrier()
@@ -376,7 +477,9 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
         lr_now = [base * lr_factor(step, cfg) for base in base_lrs]
         for group, value in zip(opt.param_groups, lr_now):
             group["lr"] = value
-        n_micro = micro_steps(opt, accumulate, cfg)
+        n_micro = micro_steps(opt if wrapped is None else wrapped, accumulate, cfg)
+        if wrapped is not None and wrapped.refresh_due() and not wrapped.refresh_needs_gradient():
+            wrapped.refresh(opt)  # random bases (GoLore): before the forward, nothing full-size formed or sent
         loss_sum = torch.zeros((), device=device)
         for i in range(n_micro):
             batch = _to(task.batch(position + (i * world + rank) * micro, micro, cfg.seed), device)
@@ -388,6 +491,8 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
             loss_sum += loss.detach().float()
             tokens += task.count_tokens(batch) * world
         position += n_micro * world * micro
+        if wrapped is not None and wrapped.refresh_due():
+            wrapped.refresh(opt)  # SVD of this step's full gradient (all-reduced explicitly under DDP)
         if cfg.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         opt.step()
@@ -417,7 +522,9 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
     bar.close()
     log.close()
     final = {k: v for k, v in (log.rows[-1] if log.rows else {}).items() if k in metric_names}
-    return TrainResult(history=log.rows, model=model, final=final, step=step)
+    if wrapped is not None:  # hand back the task's own architecture, with the merged weights
+        model = unwrapped_copy(wrapped)
+    return TrainResult(history=log.rows, model=model, final=final, step=step, wrapped=wrapped)
 
 
 def add_train_arguments(parser, defaults: TrainConfig | None = None) -> None:
@@ -432,8 +539,8 @@ def add_train_arguments(parser, defaults: TrainConfig | None = None) -> None:
         elif f.name == "betas":
             parser.add_argument(flag, type=float, nargs=2, default=default, metavar=("BETA1", "BETA2"),
                                 help=f"(default: {default})")
-        elif f.name in ("method", "optimizer", "schedule", "device"):
-            allowed = {"method": METHODS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+        elif f.name in ("method", "optimizer", "path", "schedule", "device"):
+            allowed = {"method": METHODS, "optimizer": OPTIMIZERS, "path": PATHS, "schedule": SCHEDULES,
                        "device": ("auto", "cpu", "cuda")}[f.name]
             parser.add_argument(flag, choices=allowed, default=default, help="(default: %(default)s)")
         else:
