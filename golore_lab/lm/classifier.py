@@ -31,8 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Nothing here may reach a model hub: set before transformers / huggingface_hub are first imported (they read
+# these at import), and every load below passes local_files_only=True as well.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 #: Names (suffixes) of the encoder linears trained in the subspace.
 SUBSPACE_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
@@ -92,7 +94,7 @@ class SentenceClassifier(nn.Module):
             raise ValueError(f"Invalid num_labels: {num_labels} (must be >= 2)")
         self.encoder = encoder
         hidden = encoder.config.hidden_size
-        self.head = nn.Linear(hidden, num_labels)
+        self.head = nn.utils.skip_init(nn.Linear, hidden, num_labels)  # nn.Linear's own init draws from the global RNG
         gen = torch.Generator().manual_seed(seed)
         bound = hidden ** -0.5
         with torch.no_grad():
