@@ -1,0 +1,134 @@
+"""How a subspace is chosen: the only thing in which GaLore, GoLore and large-batch GaLore differ.
+
+A weight matrix W (m × n) is trained in a rank-r subspace of one of its two sides:
+
+* ``side="left"``:  P ∈ St(m, r) = {P : PᵀP = I_r},  R = Pᵀ G  (r × n),  update  P N  (m × n);
+* ``side="right"``: Q ∈ St(n, r),                     R = G Q   (m × r),  update  N Qᵀ (m × n).
+
+A *projector* is any callable ``projector(grad, rank, side, generator) -> basis`` that returns an orthonormal
+basis of shape (m, r) for ``side="left"`` or (n, r) for ``side="right"``. This is the whole protocol; a user's
+own projector must follow it:
+
+* ``grad`` is the (m, n) gradient at the refresh step (already the large-batch gradient for L.B. GaLore);
+* ``generator`` is a CPU ``torch.Generator`` seeded for this parameter and this refresh; draw every random
+  number from it (never from the global RNG), so runs are reproducible and identical on every DDP rank;
+* the result must have orthonormal columns and may be of any floating dtype (the optimizer casts it to the
+  parameter's dtype and device);
+* it must be a pure function of its arguments: the optimizer keeps no projector state, so that checkpoints hold
+  tensors only.
+
+Built in:
+
+* :func:`svd_projection` (GaLore): top-r singular vectors of ``grad``, computed in float32 (float64 for
+  float64 gradients) whatever the parameter's dtype;
+* :func:`random_projection` (GoLore): Haar-uniform on the Stiefel manifold, :func:`random_stiefel`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Projector = Callable[[Tensor, int, str, torch.Generator], Tensor]
+
+SIDES = ("left", "right")
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+
+
+def projected_side(shape: tuple[int, int], proj_type: str) -> str:
+    """Which side of an (m, n) matrix is projected, with galore-torch's meaning of ``proj_type``.
+
+    ``"std"`` projects the smaller side (right if m >= n, else left), ``"reverse_std"`` the larger one (left
+    if m >= n, else right); ``"left"`` and ``"right"`` are fixed. Ties (m == n) count as m >= n.
+    """
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in SIDES:
+        return proj_type
+    raise ValueError(f"Invalid proj_type: {proj_type!r} (must be one of {', '.join(map(repr, PROJ_TYPES))})")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype projections are computed in: float64 for float64 tensors, float32 otherwise (bf16 included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def svd_projection(grad: Tensor, rank: int, side: str, generator: torch.Generator | None = None) -> Tensor:
+    """GaLore's basis: the top-``rank`` left (m, r) or right (n, r) singular vectors of ``grad``."""
+    matrix = grad.detach().to(compute_dtype(grad.dtype))
+    U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)  # U (m, k), Vh (k, n), k = min(m, n)
+    return U[:, :rank] if side == "left" else Vh[:rank].T
+
+
+def random_stiefel(dim: int, rank: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A Haar-uniform point of St(dim, rank): an orthonormal (dim, rank) basis of a uniformly random subspace.
+
+    Q from the thin QR of a (dim, rank) standard Gaussian Z = Q R, with the signs of diag(R) folded into Q so
+    that the factorisation is unique; then Q is exactly Haar distributed. Costs O(dim r²) and never forms a
+    dim × dim matrix. Drawn on the CPU from ``generator`` so that the same seed gives the same basis on any
+    device.
+    """
+    z = torch.randn(dim, rank, generator=generator, dtype=compute_dtype(dtype))
+    q, r = torch.linalg.qr(z)  # q (dim, rank), r (rank, rank)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    return q * signs
+
+
+def random_projection(grad: Tensor, rank: int, side: str, generator: torch.Generator) -> Tensor:
+    """GoLore's basis: uniformly random, independent of ``grad`` (only its shape is used)."""
+    dim = grad.shape[0] if side == "left" else grad.shape[1]
+    return random_stiefel(dim, rank, generator, grad.dtype)
+
+
+BUILTIN: dict[str, Projector] = {"svd": svd_projection, "random": random_projection}
+
+
+def resolve(projection: str | Projector) -> Projector:
+    """Map ``"svd"`` / ``"random"`` to the built-in projector; pass a callable through."""
+    if callable(projection):
+        return projection
+    if projection in BUILTIN:
+        return BUILTIN[projection]
+    raise ValueError(f"Invalid projection: {projection!r} (must be 'svd', 'random' or a callable projector)")
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(seed: int, index: int, step: int) -> int:
+    """A 63-bit seed for parameter ``index`` at refresh ``step`` of an optimizer seeded with ``seed``.
+
+    Counter-based: the random basis of any refresh is a pure function of (seed, index, step), so it needs no
+    saved generator state, survives checkpoint/resume exactly, and is the same on every DDP rank without
+    communication (all ranks build the optimizer over the same parameters in the same order).
+    """
+    x = _splitmix64(seed & _MASK64)
+    x = _splitmix64(x ^ (index & _MASK64))
+    x = _splitmix64(x ^ (step & _MASK64))
+    return x >> 1
+
+
+def refresh_generator(seed: int, index: int, step: int) -> torch.Generator:
+    """The CPU generator a projector receives for parameter ``index`` at refresh ``step``."""
+    return torch.Generator().manual_seed(derive_seed(seed, index, step))
+
+
+def transport(side: str, old: Tensor, new: Tensor) -> Tensor:
+    """The r × r matrix that carries subspace coordinates from basis ``old`` to basis ``new``.
+
+    Left: a state M (r × n) in the old basis becomes O M with O = P_newᵀ P_old.
+    Right: a state M (m × r) becomes M O with O = Q_oldᵀ Q_new.
+    """
+    return new.T @ old if side == "left" else old.T @ new
