@@ -58,10 +58,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def svd_projection(grad: Tensor, rank: int, side: str, generator: torch.Generator | None = None) -> Tensor:
-    """GaLore's basis: the top-``rank`` left (m, r) or right (n, r) singular vectors of ``grad``."""
+    """GaLore's basis: the top-``rank`` left (m, r) or right (n, r) singular vectors of ``grad``.
+
+    Also works on a batch of gradients (..., m, n).
+    """
     matrix = grad.detach().to(compute_dtype(grad.dtype))
     U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)  # U (m, k), Vh (k, n), k = min(m, n)
-    return U[:, :rank] if side == "left" else Vh[:rank].T
+    return U[..., :rank] if side == "left" else Vh[..., :rank, :].mT
 
 
 def random_stiefel(dim: int, rank: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:

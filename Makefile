@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine (see README "Quickstart"):
+#   make figures   set up .venv and regenerate every figure into figures/
+#   make test      set up .venv and run the tests
+# The set-up pins the CPU build of torch (TORCH=...); the package itself only asks for a range.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: setup figures test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml environment.yml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[all]"
+	touch $@
+
+figures: setup
+	$(PY) -m golore_lab figures
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/optimizer_step.py
+	$(PY) bench/counterexample.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
