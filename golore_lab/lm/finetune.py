@@ -7,20 +7,25 @@ The CPU stand-in for the paper's RoBERTa/GLUE (Table 2) and LLaMA2-7B/MSGD (Figu
 AdamW or momentum SGD), schedule, clipping, checkpoints and ``--resume``, metrics files, progress bar and
 ``torchrun``.
 
-Batches: the training split is pre-tokenised once (truncated to ``max_length`` tokens, no padding) and each
-batch is padded to its own longest sequence. Epoch ``e`` visits the examples in the order of
-``randperm(n, Generator(seed + 1000003·e))``, so the batch at (epoch, index) is a pure function of the seed:
-resuming needs only the step count, and under DDP rank ``k`` of ``W`` takes every ``W``-th batch.
+Batches: each split is tokenised once (truncated to ``max_length`` tokens, unpadded) and every batch is padded
+to its own longest sequence. The training stream visits the examples epoch after epoch in seeded orders (the
+loop's :func:`~golore_lab.lm.train.stream_indices`), so a batch is a pure function of (seed, position): resuming
+needs only the position, and DDP ranks split each global batch exactly.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from golore_lab.lm.classification import Splits, accuracy, load_splits, macro_f1
+from golore_lab.lm.classification import (TASKS, DataUnavailableError, accuracy, load_splits,
+                                          macro_f1)
 
 #: Default maximum sequence length per task (tokens, including [CLS]/[SEP]); see ``--max-length``.
 #: Movie-review sentences have at most 51 words, so 64 truncates almost nothing; BBC articles (≈ 400 words)
@@ -67,7 +72,7 @@ def subsample(examples: list, n: int | None, seed: int) -> list:
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, data: Encoded, num_labels: int, pad_id: int,
-                   batch_size: int = 64) -> dict[str, float]:
+                   batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean cross-entropy, accuracy and macro-F1 of ``model`` on ``data`` (eval mode, restored afterwards)."""
     was_training = model.training
     model.eval()
@@ -75,91 +80,220 @@ def evaluate_model(model: torch.nn.Module, data: Encoded, num_labels: int, pad_i
     order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
     losses, preds, targets = [], [], []
     for start in range(0, len(order), batch_size):
-        b = data.batch(order[start : start + batch_size], pad_id)
+        b = {k: v.to(device) for k, v in data.batch(order[start : start + batch_size], pad_id).items()}
         logits = model(b["input_ids"], b["attention_mask"])
         losses.append(F.cross_entropy(logits, b["labels"], reduction="sum"))
         preds.append(logits.argmax(-1))
         targets.append(b["labels"])
     model.train(was_training)
-    pred, target = torch.cat(preds), torch.cat(targets)
+    pred, target = torch.cat(preds).cpu(), torch.cat(targets).cpu()
     return {"loss": torch.stack(losses).sum().item() / len(data), "accuracy": accuracy(pred, target),
             "macro_f1": macro_f1(pred, target, num_labels)}
 
 
-@dataclass
-class FinetuneConfig:
-    """What defines a fine-tuning task instance (the optimizer settings belong to the training loop)."""
+@dataclass(frozen=True)
+class TaskConfig:
+    """What defines a fine-tuning task instance (the optimizer settings are the loop's :class:`TrainConfig`)."""
 
     task: str = "movie-reviews"
     max_length: int | None = None  # None: MAX_LENGTH[task]
-    train_examples: int | None = None  # subsample the training split (seeded by split_seed); None: all
-    eval_examples: int | None = None  # subsample validation (per-epoch metric) only; the test split is never cut
-    batch_size: int = 16
+    train_examples: int | None = None  # subsample the training split (seeded by split_seed); None: all of it
+    val_examples: int | None = None  # subsample validation (the per-epoch metric)
+    test_examples: int | None = None  # subsample test: only the CI smoke preset does; results use all of it
     split_seed: int = 0
-    seed: int = 0  # head initialisation and batch order
+    eval_batch: int = 64
 
 
-@dataclass
 class ClassificationTask:
-    """A fine-tuning task: the model, resumable training batches, the loss and the evaluation.
+    """Sequence classification with all-MiniLM-L6-v2 -- implements the loop's ``Task`` protocol.
 
-    Build with :meth:`from_config`. ``splits`` are the full splits; ``train``/``val``/``test`` the encoded
-    (possibly subsampled) ones.
+    The training stream is the (possibly subsampled) training split visited epoch after epoch in seeded orders
+    (:func:`~golore_lab.lm.train.stream_indices`); the loss is the mean cross-entropy; :meth:`evaluate` reports
+    ``val_loss``, ``val_accuracy`` and ``val_macro_f1``, and :meth:`test` the same on the untouched test split.
     """
 
-    config: FinetuneConfig
-    splits: Splits
-    tokenizer: object
-    train: Encoded
-    val: Encoded
-    test: Encoded
-    model: torch.nn.Module = field(repr=False, default=None)
+    def __init__(self, config: TaskConfig = TaskConfig()):
+        from golore_lab.lm.classifier import load_tokenizer
 
-    @classmethod
-    def from_config(cls, config: FinetuneConfig, build_model: bool = True) -> "ClassificationTask":
-        from golore_lab.lm.classifier import load_classifier, load_tokenizer
-
-        splits = load_splits(config.task, split_seed=config.split_seed)
-        tok = load_tokenizer()
+        self.config = config
+        self.splits = load_splits(config.task, split_seed=config.split_seed)
+        self.tokenizer = load_tokenizer()
         max_length = config.max_length or MAX_LENGTH[config.task]
-        train = encode(subsample(splits.train, config.train_examples, config.split_seed), tok, max_length)
-        val = encode(subsample(splits.val, config.eval_examples, config.split_seed + 1), tok, max_length)
-        test = encode(splits.test, tok, max_length)
-        model = load_classifier(splits.num_labels, seed=config.seed) if build_model else None
-        return cls(config, splits, tok, train, val, test, model)
+        if max_length < 3:
+            raise ValueError(f"Invalid max_length: {max_length} (must be >= 3: [CLS] token [SEP])")
+        self.train = encode(subsample(self.splits.train, config.train_examples, config.split_seed), self.tokenizer,
+                            max_length)
+        self.val = encode(subsample(self.splits.val, config.val_examples, config.split_seed + 1), self.tokenizer,
+                          max_length)
+        self.test_data = encode(subsample(self.splits.test, config.test_examples, config.split_seed + 2),
+                                self.tokenizer, max_length)
+
+    @property
+    def num_labels(self) -> int:
+        return self.splits.num_labels
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.train) / self.config.batch_size)
+    def build_model(self, seed: int) -> torch.nn.Module:
+        from golore_lab.lm.classifier import load_classifier
 
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        """The order of the training examples in ``epoch`` (a seeded permutation)."""
-        gen = torch.Generator().manual_seed(self.config.seed + 1_000_003 * epoch)
-        return torch.randperm(len(self.train), generator=gen)
+        return load_classifier(self.num_labels, seed=seed)
 
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        """The training batch of global step ``step`` (epoch = step // steps_per_epoch); pure in ``step``."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        order = self.epoch_order(epoch)
-        bs = self.config.batch_size
-        return self.train.batch(order[index * bs : (index + 1) * bs].tolist(), self.pad_id)
+    def param_groups(self, model: torch.nn.Module, **subspace) -> list[dict]:
+        """``[{"params": attention and MLP weights, **subspace}, {"params": the rest}]``."""
+        from golore_lab.lm.classifier import subspace_parameters
 
-    def batches(self, start_step: int = 0, rank: int = 0, world_size: int = 1):
-        """Endless iterator of training batches from ``start_step`` on; rank ``k`` of ``W`` gets steps ≡ k mod W."""
-        step = start_step * world_size + rank
-        while True:
-            yield self.batch(step)
-            step += world_size
+        mats, rest = subspace_parameters(model)
+        return [{"params": mats, **subspace}, {"params": rest}]
+
+    def batch(self, start: int, count: int, seed: int) -> dict[str, torch.Tensor]:
+        """Stream positions ``start .. start+count-1``, padded to their longest sequence."""
+        from golore_lab.lm.train import stream_indices
+
+        return self.train.batch(stream_indices(start, count, len(self.train), seed).tolist(), self.pad_id)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy of the batch."""
         return F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
 
-    def evaluate(self, model: torch.nn.Module, split: str = "val") -> dict[str, float]:
-        """``loss``, ``accuracy``, ``macro_f1`` on ``split`` ('val' or 'test')."""
-        data = {"val": self.val, "test": self.test}[split]
-        return evaluate_model(model, data, self.splits.num_labels, self.pad_id)
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def _metrics(self, model: torch.nn.Module, data: Encoded, prefix: str) -> dict[str, float]:
+        device = next(model.parameters()).device
+        metrics = evaluate_model(model, data, self.num_labels, self.pad_id, self.config.eval_batch, device)
+        return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """``val_loss``, ``val_accuracy``, ``val_macro_f1`` on the validation split."""
+        return self._metrics(model, self.val, "val")
+
+    def test(self, model: torch.nn.Module) -> dict[str, float]:
+        """``test_loss``, ``test_accuracy``, ``test_macro_f1`` on the test split."""
+        return self._metrics(model, self.test_data, "test")
+
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+#: Learning rates by optimizer, the same for every method and both tasks: chosen on the validation accuracy of
+#: full fine-tuning at the ``cpu`` size, then used unchanged for GaLore and GoLore (as the paper does).
+DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.05}
+
+#: Run sizes. ``paper``: the paper's GLUE recipe (its Table 2) -- all the data, 30 epochs, batch 16, lr 3e-5 for
+#: AdamW, τ = 500. ``cpu``: what the figures run on two shared CPU cores (:mod:`golore_lab.lm.finetune_experiments`).
+#: ``fast``: a smoke test for CI. Every preset: rank 4, α = 4, GoLore@20%, linear decay to 0, clip 1.
+#: ``epochs`` (if given) sets ``steps`` from the size of the training set.
+PRESETS = {
+    "fast": dict(task=dict(train_examples=64, val_examples=32, test_examples=64, max_length=32),
+                 train=dict(steps=4, batch_size=8, update_proj_gap=1, log_every=1)),
+    "cpu": dict(task=dict(val_examples=256, max_length=64),
+                train=dict(steps=48, batch_size=16, update_proj_gap=4, log_every=4)),
+    "paper": dict(task=dict(),
+                  train=dict(epochs=30, batch_size=16, update_proj_gap=500, log_every=50, lr={"adamw": 3e-5})),
+}
+FINETUNE_DEFAULTS = dict(rank=4, scale=4.0, switch_fraction=0.2, schedule="linear", min_lr_ratio=0.0,
+                         warmup_steps=0, weight_decay=0.0, grad_clip=1.0, momentum=0.9)
+
+
+def recipe(preset: str = "cpu", task: str = "movie-reviews", optimizer: str = "adamw", *,
+           epochs: float | None = None, task_overrides: dict | None = None, **train_overrides):
+    """``(TaskConfig, TrainConfig)`` of a preset, with overrides; ``epochs`` sets ``steps`` from the data size.
+
+    ``eval_every`` defaults to one epoch (per-epoch validation metrics), or the whole run if it is shorter.
+    """
+    from golore_lab.lm.train import TrainConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"Invalid preset: {preset!r} (choose from {', '.join(PRESETS)})")
+    if optimizer not in DEFAULT_LR:
+        raise ValueError(f"Invalid optimizer: {optimizer!r} (choose from {', '.join(DEFAULT_LR)})")
+    spec = PRESETS[preset]
+    task_cfg = TaskConfig(task=task, **{**spec["task"], **(task_overrides or {})})
+    train = {**FINETUNE_DEFAULTS, "lr": DEFAULT_LR[optimizer], **spec["train"]}
+    if isinstance(train["lr"], dict):
+        train["lr"] = train["lr"].get(optimizer, DEFAULT_LR[optimizer])
+    preset_epochs = train.pop("epochs", None)
+    epochs = preset_epochs if epochs is None else epochs
+    train.update({k: v for k, v in train_overrides.items() if v is not None})
+    n_train = len(subsample(load_splits(task, split_seed=task_cfg.split_seed).train, task_cfg.train_examples, 0))
+    per_epoch = math.ceil(n_train / train["batch_size"])
+    if epochs is not None and "steps" not in {k for k, v in train_overrides.items() if v is not None}:
+        if not epochs > 0:
+            raise ValueError(f"Invalid epochs: {epochs} (must be > 0)")
+        train["steps"] = max(1, math.ceil(epochs * per_epoch))
+    train.setdefault("eval_every", min(per_epoch, train["steps"]))
+    return task_cfg, TrainConfig(optimizer=optimizer, **train)
+
+
+def run(task_cfg: TaskConfig, train_cfg, task: "ClassificationTask | None" = None) -> dict:
+    """Train with the shared loop, then score the test split; returns ``{"history", "val", "test", "wall_s"}``.
+
+    With ``train_cfg.out_dir`` set, the loop writes ``metrics.csv``/``metrics.jsonl`` and ``checkpoint.pt`` there
+    and this adds ``test_metrics.json`` (rank 0 only). ``task`` may be passed to reuse its tokenised data.
+    """
+    import time
+
+    from golore_lab.figures import atomic_write_bytes
+    from golore_lab.lm.train import train
+
+    start = time.perf_counter()
+    task = task or ClassificationTask(task_cfg)
+    result = train(task, train_cfg)
+    summary = {"history": result.history, "val": dict(result.final), "test": {}, "step": result.step}
+    if int(os.environ.get("RANK", "0")) == 0 and result.step == train_cfg.steps:
+        summary["test"] = task.test(result.model)
+        if train_cfg.out_dir:
+            blob = {"step": result.step, **summary["val"], **summary["test"]}
+            atomic_write_bytes(Path(train_cfg.out_dir) / "test_metrics.json", json.dumps(blob, indent=1).encode())
+    summary["wall_s"] = time.perf_counter() - start
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from golore_lab.lm.train import TrainConfig, add_train_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m golore_lab finetune", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXAMPLES)
+    parser.add_argument("--task", default="movie-reviews", choices=TASKS, help="classification task")
+    parser.add_argument("--preset", default="cpu", choices=list(PRESETS), help="run size (see PRESETS)")
+    parser.add_argument("--epochs", type=float, default=None, help="passes over the training set (sets --steps)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the preset's)")
+    parser.add_argument("--train-examples", type=int, default=None, help="subsample the training split")
+    parser.add_argument("--val-examples", type=int, default=None, help="subsample the validation split")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    add_train_arguments(parser)
+    names = {f.name for f in fields(TrainConfig)}
+    for action in parser._actions:  # preset-dependent defaults are resolved after parsing
+        if action.dest in names and action.dest not in ("method", "optimizer"):
+            action.default = None
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"invalid --threads {args.threads} (must be >= 1)")
+        torch.set_num_threads(args.threads)
+    task_over = {k: getattr(args, k) for k in ("max_length", "train_examples", "val_examples")
+                 if getattr(args, k) is not None}
+    task_over["split_seed"] = args.split_seed
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    given.pop("optimizer")
+    try:
+        task_cfg, train_cfg = recipe(args.preset, args.task, args.optimizer, epochs=args.epochs,
+                                     task_overrides=task_over, **given)
+        summary = run(task_cfg, train_cfg)
+    except (ValueError, DataUnavailableError, FileNotFoundError) as err:
+        parser.error(str(err))
+    if summary["test"]:
+        print(json.dumps({"step": summary["step"], **summary["val"], **summary["test"]}))
+    return 0
+
+
+EXAMPLES = """examples:
+  python -m golore_lab finetune --task movie-reviews --method golore --optimizer adamw --seed 1 --out runs/ft
+  python -m golore_lab finetune --task bbc-news --method galore --optimizer sgd --out runs/bbc --stop-at 20
+  python -m golore_lab finetune --task bbc-news --method galore --optimizer sgd --out runs/bbc --resume
+  python -m golore_lab finetune --preset paper --task movie-reviews --method full --out runs/paper
+  torchrun --standalone --nproc-per-node 2 -m golore_lab finetune --method galore --out runs/ddp
+"""
