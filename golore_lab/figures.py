@@ -26,6 +26,7 @@ import pandas as pd
 #: figure producer name -> "module:function". Order is the order they run in.
 PRODUCERS: dict[str, str] = {
     "counterexample": "golore_lab.experiments:produce_counterexample",
+    "pretrain": "golore_lab.lm.experiment:produce",
 }
 
 PRESETS = ("fast", "default", "full")

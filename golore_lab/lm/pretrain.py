@@ -1,0 +1,147 @@
+"""``python -m golore_lab pretrain``: pre-train a LLaMA on real text with Full, GaLore, GoLore@x% or L.B. GaLore.
+
+The paper's recipe (LLaMA-60M on C4: seq 256, batch 512, lr 1e-3 cosine with 1k warm-up, clip 1, rank 128 of
+512, tau = 200 of 10k steps, GoLore@20%) scaled to a 2-core CPU (``--model cpu``, the default):
+
+=====================  =========================  ===========================================
+                       paper                      CPU preset (this package)
+=====================  =========================  ===========================================
+model                  d 512, 8 layers, 8 heads    d 128, 4 layers, 4 heads, MLP 344
+data / tokenizer       C4, T5 (32k)               Shakespeare + BBC News, byte-level BPE 4k
+tokens per step        512 x 256                  8 x 128
+steps, warm-up         10k, 1k                    160, 16
+rank / dim, tau        128 / 512, 200             32 / 128, 16 (same r/d; T/tau 50 -> 10)
+=====================  =========================  ===========================================
+
+Runs unchanged under ``torchrun --standalone --nproc-per-node N`` (DDP; ``--batch-size`` is global). Examples::
+
+    python -m golore_lab pretrain --method golore --optimizer adamw --seed 1 --out runs/golore
+    python -m golore_lab pretrain --method lb-galore --optimizer sgd --out runs/lb --stop-at 100
+    python -m golore_lab pretrain --method lb-galore --optimizer sgd --out runs/lb --resume
+    torchrun --standalone --nproc-per-node 2 -m golore_lab pretrain --method galore --out runs/ddp
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DEFAULT_VOCAB, Corpus, ensure_corpus
+from .model import LlamaConfig, build_model, subspace_param_groups
+from .train import TrainConfig, add_train_arguments, config_from_args, stream_indices, train
+
+#: Learning rates of the CPU preset: the best of {1e-3, 3e-3, 1e-2} (AdamW) and {0.1, 0.3, 1, 3} (SGD) for
+#: full training over 100 steps, then used for every method.
+DEFAULT_LR = {"adamw": 3e-3, "sgd": 0.3}
+
+
+def recipe(model: str = "cpu", **overrides) -> TrainConfig:
+    """The scaled-down paper recipe for a model preset (the CLI defaults and the figure's runs)."""
+    base = {
+        "tiny": dict(steps=40, batch_size=8, warmup_steps=4, rank=8, update_proj_gap=5, eval_every=10, log_every=5),
+        "cpu": dict(steps=160, batch_size=8, warmup_steps=16, rank=32, update_proj_gap=16, eval_every=16, log_every=4),
+        "60m": dict(steps=10_000, batch_size=512, warmup_steps=1000, rank=128, update_proj_gap=200, eval_every=500,
+                    log_every=10),
+    }
+    if model not in base:
+        raise ValueError(f"Unknown model preset: {model!r} (choose from {sorted(base)})")
+    optimizer = overrides.get("optimizer", "adamw")
+    if optimizer not in DEFAULT_LR:
+        raise ValueError(f"Invalid optimizer: {optimizer!r} (choose from {', '.join(DEFAULT_LR)})")
+    return TrainConfig(**{"lr": DEFAULT_LR[optimizer], **base[model], **overrides})
+
+
+class LMTask:
+    """Next-token prediction on a :class:`~golore_lab.lm.data.Corpus` (implements ``train.Task``).
+
+    Training examples are the non-overlapping windows ``tokens[k T : k T + T + 1]`` (T = ``seq_len``) visited
+    in a seeded order (:func:`~golore_lab.lm.train.stream_indices`); the loss is the mean cross-entropy of the
+    T next-token predictions. Evaluation is the mean loss on ``eval_windows`` validation windows spread evenly
+    over the validation split (so both sources are represented; the same tokens for every method and seed) and
+    its perplexity exp(loss).
+    """
+
+    def __init__(self, corpus: Corpus, model_cfg: LlamaConfig, seq_len: int | None = None,
+                 eval_windows: int = 48, eval_batch: int = 16):
+        self.model_cfg = replace(model_cfg, vocab_size=corpus.vocab_size)
+        self.seq_len = seq_len or model_cfg.max_seq_len
+        if not 1 <= self.seq_len <= self.model_cfg.max_seq_len:
+            raise ValueError(f"Invalid seq_len: {self.seq_len} (must be in [1, max_seq_len = {model_cfg.max_seq_len}])")
+        self.train_tokens = torch.from_numpy(corpus.train.astype(np.int64))
+        self.val_tokens = torch.from_numpy(corpus.val.astype(np.int64))
+        self.n_train = (len(self.train_tokens) - 1) // self.seq_len
+        n_val = (len(self.val_tokens) - 1) // self.seq_len
+        if eval_windows < 1 or eval_windows > n_val:
+            raise ValueError(f"Invalid eval_windows: {eval_windows} (validation has {n_val} windows of {self.seq_len})")
+        self.eval_windows, self.eval_batch = eval_windows, eval_batch
+        self._eval_starts = torch.linspace(0, n_val - 1, eval_windows).round().long() * self.seq_len
+        self._offsets = torch.arange(self.seq_len + 1)
+
+    def build_model(self, seed: int) -> nn.Module:
+        return build_model(self.model_cfg, seed)
+
+    def param_groups(self, model: nn.Module, **subspace) -> list[dict]:
+        return subspace_param_groups(model, **subspace)
+
+    def batch(self, start: int, count: int, seed: int) -> torch.Tensor:
+        """(count, T + 1) token windows at stream positions start .. start + count - 1."""
+        starts = stream_indices(start, count, self.n_train, seed) * self.seq_len
+        return self.train_tokens[starts[:, None] + self._offsets]
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        logits = model(batch[:, :-1])  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    def count_tokens(self, batch: torch.Tensor) -> int:
+        return batch.shape[0] * (batch.shape[1] - 1)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        total, count = 0.0, 0
+        for first in range(0, self.eval_windows, self.eval_batch):
+            starts = self._eval_starts[first:first + self.eval_batch]
+            windows = self.val_tokens[starts[:, None] + self._offsets].to(next(model.parameters()).device)
+            logits = model(windows[:, :-1])
+            total += float(F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction="sum"))
+            count += windows[:, 1:].numel()
+        loss = total / count
+        return {"val_loss": loss, "val_ppl": math.exp(loss)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m golore_lab pretrain", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="cpu", choices=["tiny", "cpu", "60m"], help="model preset and recipe")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: the preset's)")
+    parser.add_argument("--eval-windows", type=int, default=48, help="validation windows per evaluation")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help="BPE vocabulary of the corpus")
+    parser.add_argument("--cache", type=Path, default=None, help="data cache root (default: $GOLORE_LAB_CACHE)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    add_train_arguments(parser)
+    for action in parser._actions:  # recipe-dependent defaults are resolved after parsing
+        if action.dest in {f.name for f in fields(TrainConfig)} and action.dest not in ("method", "optimizer"):
+            action.default = None
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"invalid --threads {args.threads} (must be >= 1)")
+        torch.set_num_threads(args.threads)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    try:
+        cfg = recipe(args.model, **given)
+        corpus = ensure_corpus(args.cache, args.vocab_size, log=lambda m: print(m, file=sys.stderr))
+        task = LMTask(corpus, LlamaConfig.preset(args.model), seq_len=args.seq_len, eval_windows=args.eval_windows)
+    except (ValueError, RuntimeError) as err:
+        parser.error(str(err))
+    result = train(task, cfg)
+    if result.final and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"step": result.step, **result.final}))
+    return 0
