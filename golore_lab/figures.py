@@ -27,6 +27,7 @@ import pandas as pd
 PRODUCERS: dict[str, str] = {
     "counterexample": "golore_lab.experiments:produce_counterexample",
     "pretrain": "golore_lab.lm.experiment:produce",
+    "finetune": "golore_lab.lm.finetune_experiments:produce",
 }
 
 PRESETS = ("fast", "default", "full")

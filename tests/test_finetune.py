@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from golore_lab.lm import classification as cls_data
-from golore_lab.lm.classification import (DataUnavailableError, Splits, accuracy, confusion_matrix, load_splits,
+from golore_lab.lm.classification import (DataUnavailableError, accuracy, confusion_matrix, load_splits,
                                           macro_f1, split_examples)
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # see finetune_experiments._threads: 2 threads on a busy 2-core machine crawl
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -162,3 +163,143 @@ def test_head_initialisation_is_seeded_and_leaves_global_rng_alone(classifier):
     assert torch.equal(a, b) and not torch.equal(a, c)
     with pytest.raises(ValueError, match="Invalid num_labels: 1"):
         SentenceClassifier(classifier.encoder, 1)
+
+
+# ------------------------------------------------------------------------------------- training (shared loop)
+
+
+@pytest.fixture(scope="module")
+def tiny_task():
+    from golore_lab.lm.finetune import ClassificationTask, TaskConfig
+
+    return ClassificationTask(TaskConfig("movie-reviews", train_examples=8, val_examples=16, test_examples=16,
+                                         max_length=24))
+
+
+#: (method, optimizer) pairs trained for a few steps; every method with AdamW, and GoLore with momentum SGD.
+SHORT_RUNS = [("full", "adamw"), ("galore", "adamw"), ("golore", "adamw"), ("lb-galore", "adamw"), ("golore", "sgd")]
+
+
+@pytest.fixture(scope="module")
+def short_runs(tiny_task):
+    """4 steps of each pair on 8 examples (τ = 2, GoLore switches at step 2): loss on those 8 before/after."""
+    from golore_lab.lm.finetune import recipe
+    from golore_lab.lm.train import train
+
+    fixed = tiny_task.batch(0, 8, seed=0)  # all 8 training examples
+    out = {}
+    for method, optimizer in SHORT_RUNS:
+        _, cfg = recipe("fast", "movie-reviews", optimizer, method=method, steps=4, batch_size=8, update_proj_gap=2,
+                        switch_fraction=0.5, log_every=1, eval_every=4, progress=False)
+        before = tiny_task.loss(tiny_task.build_model(cfg.seed), fixed).item()
+        result = train(tiny_task, cfg)
+        with torch.no_grad():
+            after = tiny_task.loss(result.model, fixed).item()
+        out[method, optimizer] = (cfg, before, after, [row["train_loss"] for row in result.history[1:]])
+    return out
+
+
+@pytest.mark.parametrize("method,optimizer", SHORT_RUNS)
+def test_a_few_steps_of_each_method_lower_the_loss(short_runs, method, optimizer):
+    cfg, before, after, _ = short_runs[method, optimizer]
+    assert (cfg.rank, cfg.scale) == (4, 4.0)
+    assert after < before - 0.01, (before, after)
+
+
+def test_golore_and_galore_agree_until_the_switch(short_runs):
+    """Same seed: same head, same batches, same SVD subspaces -- the runs differ only from the switch step on."""
+    galore_cfg, *_, galore = short_runs["galore", "adamw"]
+    golore_cfg, *_, golore = short_runs["golore", "adamw"]
+    assert (galore_cfg.switch_step, golore_cfg.switch_step) == (None, 2)
+    # Losses of steps 0, 1, 2 are taken before the first update with a random basis (step 2's).
+    assert galore[:3] == golore[:3]
+    assert galore[3] != golore[3]
+
+
+def test_cli_writes_metrics_resumes_exactly_and_scores_the_test_split(tmp_path, capsys):
+    from golore_lab.lm.finetune import main
+
+    common = ["--preset", "fast", "--task", "bbc-news", "--method", "golore", "--optimizer", "sgd", "--no-progress",
+              "--steps", "2", "--eval-every", "1", "--update-proj-gap", "1", "--train-examples", "16"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    straight = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(common + ["--out", str(tmp_path / "b"), "--stop-at", "1"]) == 0
+    assert not (tmp_path / "b" / "test_metrics.json").exists()  # only a finished run is tested
+    assert main(common + ["--out", str(tmp_path / "b"), "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed == straight  # bit-identical: same val and test metrics after the interruption
+    assert set(straight) >= {"val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1", "test_loss"}
+    assert json.loads((tmp_path / "b" / "test_metrics.json").read_text()) == straight
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_accuracy" in r] == [0, 1, 2]  # evaluated every --eval-every steps
+    header = (tmp_path / "b" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "train_loss", "val_loss", "val_accuracy", "val_macro_f1"} <= set(header)
+
+
+def test_cli_rejects_bad_values(capsys):
+    from golore_lab.lm.finetune import main
+
+    with pytest.raises(SystemExit):
+        main(["--task", "glue"])
+    with pytest.raises(SystemExit):
+        main(["--preset", "fast", "--max-length", "2", "--no-progress"])
+    assert "Invalid max_length: 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--preset", "fast", "--out", "/nonexistent/x", "--resume", "--no-progress"])
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_recipe_epochs_set_the_steps_and_per_epoch_evaluation():
+    from golore_lab.lm.finetune import recipe
+
+    task_cfg, cfg = recipe("paper", "bbc-news", "adamw", method="golore")
+    n_train = len(load_splits("bbc-news").train)
+    per_epoch = -(-n_train // 16)
+    assert (cfg.steps, cfg.eval_every, cfg.lr, cfg.update_proj_gap) == (30 * per_epoch, per_epoch, 3e-5, 500)
+    assert (cfg.rank, cfg.scale, cfg.switch_fraction, cfg.schedule) == (4, 4.0, 0.2, "linear")
+    assert cfg.switch_step == round(0.8 * cfg.steps)
+    _, cfg = recipe("cpu", "movie-reviews", "sgd", epochs=0.5)
+    assert cfg.steps == math.ceil(0.5 * math.ceil(len(load_splits("movie-reviews").train) / 16))
+    assert (cfg.momentum, cfg.lr) == (0.9, 0.03)
+    with pytest.raises(ValueError, match="Invalid preset"):
+        recipe("huge")
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+def test_summary_table_means_stds_and_paired_differences():
+    import pandas as pd
+
+    from golore_lab.lm.finetune_experiments import summarize_table, table_markdown
+
+    rows = []
+    for seed, (acc_full, acc_ga, acc_go) in enumerate([(0.8, 0.7, 0.72), (0.9, 0.7, 0.74), (0.7, 0.7, 0.70)]):
+        for method, acc in zip(("full", "galore", "golore"), (acc_full, acc_ga, acc_go)):
+            rows.append({"task": "movie-reviews", "method": method, "seed": seed, "test_accuracy": acc,
+                         "test_macro_f1": acc})
+            rows.append({"task": "bbc-news", "method": method, "seed": seed, "test_accuracy": 1.0,
+                         "test_macro_f1": 0.5})
+    summary = summarize_table(pd.DataFrame(rows)).set_index(["metric", "method"])
+    assert summary.loc[("movie-reviews accuracy", "full"), "mean"] == pytest.approx(80.0)
+    assert summary.loc[("movie-reviews accuracy", "full"), "std"] == pytest.approx(10.0)  # ddof = 1
+    assert summary.loc[("movie-reviews accuracy", "golore-galore"), "mean"] == pytest.approx(2.0)
+    assert summary.loc[("bbc-news macro-F1", "galore"), "mean"] == pytest.approx(50.0)
+    assert summary.loc[("average accuracy", "full"), "mean"] == pytest.approx(90.0)
+    assert ("movie-reviews macro-F1", "full") not in summary.index
+    text = table_markdown(summary.reset_index(), "python -m golore_lab figures --only finetune")
+    assert "| GoLore@20% − GaLore (paired) | +2.00 ± 2.00 |" in text and "3 seed(s)" in text
+
+
+def test_curves_figure_has_an_inset_on_the_last_fifth():
+    import pandas as pd
+
+    from golore_lab.lm.finetune_experiments import plot_curves, smooth
+
+    assert smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+    curves = pd.DataFrame([{"method": m, "step": s, "train_loss": 1 / s + (m == "galore") * 0.01}
+                           for m in ("full", "galore", "golore") for s in range(1, 101)])
+    fig = plot_curves(curves, window=4)
+    main_ax, inset = fig.axes[0], fig.axes[0].child_axes[0]
+    assert inset.get_xlim() == (80.0, 100.0)
+    assert [t.get_text() for t in main_ax.get_legend().get_texts()] == ["Full params.", "GaLore", "GoLore@20%"]

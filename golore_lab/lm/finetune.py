@@ -179,7 +179,7 @@ class ClassificationTask:
 
 #: Learning rates by optimizer, the same for every method and both tasks: chosen on the validation accuracy of
 #: full fine-tuning at the ``cpu`` size, then used unchanged for GaLore and GoLore (as the paper does).
-DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.05}
+DEFAULT_LR = {"adamw": 2e-4, "sgd": 0.03}
 
 #: Run sizes. ``paper``: the paper's GLUE recipe (its Table 2) -- all the data, 30 epochs, batch 16, lr 3e-5 for
 #: AdamW, τ = 500. ``cpu``: what the figures run on two shared CPU cores (:mod:`golore_lab.lm.finetune_experiments`).
@@ -187,9 +187,9 @@ DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.05}
 #: ``epochs`` (if given) sets ``steps`` from the size of the training set.
 PRESETS = {
     "fast": dict(task=dict(train_examples=64, val_examples=32, test_examples=64, max_length=32),
-                 train=dict(steps=4, batch_size=8, update_proj_gap=1, log_every=1)),
-    "cpu": dict(task=dict(val_examples=256, max_length=64),
-                train=dict(steps=48, batch_size=16, update_proj_gap=4, log_every=4)),
+                 train=dict(steps=4, batch_size=8, update_proj_gap=3, log_every=1)),
+    "cpu": dict(task=dict(val_examples=128, max_length=64),
+                train=dict(steps=40, batch_size=16, update_proj_gap=8, log_every=4)),
     "paper": dict(task=dict(),
                   train=dict(epochs=30, batch_size=16, update_proj_gap=500, log_every=50, lr={"adamw": 3e-5})),
 }
