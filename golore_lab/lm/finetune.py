@@ -11,6 +11,14 @@ Batches: each split is tokenised once (truncated to ``max_length`` tokens, unpad
 to its own longest sequence. The training stream visits the examples epoch after epoch in seeded orders (the
 loop's :func:`~golore_lab.lm.train.stream_indices`), so a batch is a pure function of (seed, position): resuming
 needs only the position, and DDP ranks split each global batch exactly.
+
+Presets (``--preset``, :data:`PRESETS`): ``cpu`` (the default; 40 steps of 16 examples, the size the figures
+use), ``paper`` (the paper's GLUE recipe: all the data, 30 epochs, lr 3e-5, τ = 500) and ``fast`` (a CI smoke
+test). Every :class:`~golore_lab.lm.train.TrainConfig` field is a flag (``--lr``, ``--steps``,
+``--update-proj-gap``, ``--switch-fraction`` ...); ``--epochs`` sets ``--steps`` from the training-set size.
+In ``--out``: ``metrics.csv`` and ``metrics.jsonl`` (training loss every ``--log-every`` steps; validation loss,
+accuracy and macro-F1 every epoch, or every ``--eval-every`` steps), ``checkpoint.pt`` (atomic; ``--stop-at`` /
+``--resume``) and ``test_metrics.json`` once the run is complete.
 """
 from __future__ import annotations
 
@@ -187,7 +195,7 @@ DEFAULT_LR = {"adamw": 2e-4, "sgd": 0.03}
 #: ``epochs`` (if given) sets ``steps`` from the size of the training set.
 PRESETS = {
     "fast": dict(task=dict(train_examples=64, val_examples=32, test_examples=64, max_length=32),
-                 train=dict(steps=4, batch_size=8, update_proj_gap=3, log_every=1)),
+                 train=dict(steps=3, batch_size=8, update_proj_gap=2, log_every=1)),
     "cpu": dict(task=dict(val_examples=128, max_length=64),
                 train=dict(steps=40, batch_size=16, update_proj_gap=8, log_every=4)),
     "paper": dict(task=dict(),
@@ -264,12 +272,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-examples", type=int, default=None, help="subsample the validation split")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only fetch and split both tasks into the cache (then everything runs offline)")
     add_train_arguments(parser)
     names = {f.name for f in fields(TrainConfig)}
     for action in parser._actions:  # preset-dependent defaults are resolved after parsing
         if action.dest in names and action.dest not in ("method", "optimizer"):
             action.default = None
     args = parser.parse_args(argv)
+    if args.prepare:
+        from golore_lab.lm.classification import cache_dir, prepare
+
+        try:
+            for task, splits in prepare(split_seed=args.split_seed).items():
+                print(f"{task}: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test, "
+                      f"classes {', '.join(splits.classes)}")
+        except DataUnavailableError as err:
+            parser.error(str(err))
+        print(f"cached under {cache_dir()}")
+        return 0
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"invalid --threads {args.threads} (must be >= 1)")
@@ -291,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 EXAMPLES = """examples:
+  python -m golore_lab finetune --prepare
   python -m golore_lab finetune --task movie-reviews --method golore --optimizer adamw --seed 1 --out runs/ft
   python -m golore_lab finetune --task bbc-news --method galore --optimizer sgd --out runs/bbc --stop-at 20
   python -m golore_lab finetune --task bbc-news --method galore --optimizer sgd --out runs/bbc --resume
