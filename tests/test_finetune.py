@@ -341,3 +341,15 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert results["one"].keys() == results["two"].keys()
     for key, value in results["one"].items():
         assert results["two"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_runners_return_tidy_frames():
+    from golore_lab.lm.finetune_experiments import curve_runs, table_runs
+
+    threads = torch.get_num_threads()
+    runs = table_runs("fast", tasks=("bbc-news",), seeds=(0,), methods=("full",))
+    assert torch.get_num_threads() == threads  # restored
+    assert runs[["task", "method", "seed", "steps"]].values.tolist() == [["bbc-news", "full", 0, 3]]
+    assert 0.0 <= runs["test_accuracy"].iloc[0] <= 1.0 and 0.0 <= runs["test_macro_f1"].iloc[0] <= 1.0
+    curves = curve_runs("fast", steps=2, train_examples=16, methods=("full",))
+    assert curves.columns.tolist() == ["method", "step", "train_loss"] and curves["step"].tolist() == [1, 2]
