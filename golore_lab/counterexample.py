@@ -35,7 +35,9 @@ from torch import Tensor
 
 from . import projection as proj
 
-NOISES = ("anisotropic", "isotropic")
+NOISES = ("anisotropic", "isotropic", "none")
+#: the logged quantities, in the order the engines return them (see :func:`run`)
+LOGGED = ("loss", "grad_norm_sq", "captured", "top_sv")
 
 
 class Counterexample:
@@ -45,7 +47,8 @@ class Counterexample:
     D (times σ), the second ``randn(r, n)`` the last r rows of X₀ (times σ); rows 1..n−r of X₀ are
     (σ/2)[I 0]. ``linear_term=False`` sets B = 0: the "no B" instance of the non-convergence theorem, where
     ‖∇f(X₀)‖₂ = σ/2 < σ and GaLore never moves. ``noise="isotropic"`` replaces ±σC by i.i.d. Gaussian noise of
-    the same total variance σ²r (the v2 claim: GaLore converges then). Tensors are float64.
+    the same total variance σ²r (the v2 claim: GaLore converges then); ``noise="none"`` gives exact gradients
+    (deterministic GaLore; σ still scales D and X₀). Tensors are float64.
 
     >>> p = Counterexample()
     >>> round(p.f(p.x0).item(), 4), round(p.f_star, 4), round(p.galore_plateau, 3)
@@ -63,7 +66,7 @@ class Counterexample:
         if not _is_int(seed):
             raise ValueError(f"Invalid seed: {seed!r} (must be an integer)")
         if noise not in NOISES:
-            raise ValueError(f"Invalid noise: {noise!r} (must be 'anisotropic' or 'isotropic')")
+            raise ValueError(f"Invalid noise: {noise!r} (must be 'anisotropic', 'isotropic' or 'none')")
         self.n, self.r, self.sigma, self.seed = n, r, float(sigma), seed
         self.linear_term, self.noise = bool(linear_term), noise
         k = n - r
@@ -103,8 +106,8 @@ class Counterexample:
 
     @property
     def noise_variance(self) -> float:
-        """E‖noise‖²_F of one sample: σ² r for both noise models."""
-        return self.sigma**2 * self.r
+        """E‖noise‖²_F of one sample: σ² r for both noise models (0 for exact gradients)."""
+        return 0.0 if self.noise == "none" else self.sigma**2 * self.r
 
     @property
     def f_star(self) -> float:
@@ -119,8 +122,8 @@ class Counterexample:
 
     @property
     def galore_plateau(self) -> float:
-        """Closed-form value where GaLore stalls: f* + ½ Σᵢ min(sᵢ(M₀), σ)²."""
-        s = self.m0_singular_values.clamp(max=self.sigma)
+        """Closed-form value where GaLore stalls: f* + ½ Σᵢ min(sᵢ(M₀), σ)² (f* for exact gradients)."""
+        s = self.m0_singular_values.clamp(max=0.0 if self.noise == "none" else self.sigma)
         return self.f_star + 0.5 * float((s * s).sum())
 
     # ------------------------------------------------------------------ the stochastic oracle
@@ -137,8 +140,11 @@ class Counterexample:
         noise matrices, the first scaled by 1/√refresh_batch (the exact law of a mean of that many).
         Blocks are drawn from ``generator`` a chunk of periods at a time (the chunk size is a fixed function
         of the shapes), so the stream is a pure function of the generator's seed; both engines of :func:`run`
-        read the same stream.
+        read the same stream. Exact gradients (``noise="none"``): blocks of ξ = 0, drawing nothing.
         """
+        if self.noise == "none":
+            while True:
+                yield torch.zeros(period, dtype=torch.float64)
         while True:
             if self.noise == "anisotropic":
                 draws = period - 1 + refresh_batch
@@ -249,8 +255,10 @@ def run(problem: Counterexample, methods: Iterable[str] = ("full", "galore", "lb
         progress: bool = False) -> pd.DataFrame:
     """Run each method with each noise seed; return a tidy DataFrame of the exact loss along the way.
 
-    Columns: ``method, optimizer, seed, step, loss, grad_norm_sq`` (loss = exact f(X), grad_norm_sq = ‖∇f(X)‖²_F),
-    one row per run every ``log_every`` steps from step 0. ``optimizer`` is ``"sgd"`` (``momentum`` 0 is the
+    Columns: ``method, optimizer, seed, step`` and :data:`LOGGED`: ``loss`` = exact f(X), ``grad_norm_sq`` =
+    ‖∇f(X)‖²_F, ``captured`` = ‖Pᵀ∇f(X)‖²/‖∇f(X)‖² for the basis P of the step that led to X (NaN at step 0,
+    1 for full training), ``top_sv`` = the largest singular value of M = X₁₁ + D (GaLore keeps a direction of
+    M at a refresh iff its singular value exceeds σ). One row per run every ``log_every`` steps from step 0. ``optimizer`` is ``"sgd"`` (``momentum`` 0 is the
     paper's MSGD panel; torch's ``momentum``/``dampening`` otherwise) or ``"adamw"``. ``weight_decay`` is
     0 in the paper; it is the optimizers' own (coupled L2 for SGD, decoupled for AdamW). The
     matrix is projected on the left (P ∈ St(n, r), the paper's convention). Seed s drives the run's noise
@@ -266,10 +274,11 @@ def run(problem: Counterexample, methods: Iterable[str] = ("full", "galore", "lb
     if not runs:
         raise ValueError("Nothing to run: methods and seeds must not be empty")
     with single_thread():  # tiny matrices: OpenMP threads only add overhead (and stall on a busy machine)
-        loss, gnorm = (_run_fast if engine == "fast" else _run_optimizer)(problem, runs, settings, progress)
-    logged = np.arange(loss.shape[1]) * log_every
+        logs = (_run_fast if engine == "fast" else _run_optimizer)(problem, runs, settings, progress)
+    logged = np.arange(logs.shape[2]) * log_every
     frames = [pd.DataFrame({"method": m.name, "optimizer": optimizer, "seed": s, "step": logged,
-                            "loss": loss[i], "grad_norm_sq": gnorm[i]}) for i, (m, s) in enumerate(runs)]
+                            **{column: logs[j, i] for j, column in enumerate(LOGGED)}})
+              for i, (m, s) in enumerate(runs)]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -312,11 +321,11 @@ def _make_optimizer(params, s: Settings, method: Method, rank: int, seed: int):
 # ---------------------------------------------------------------------------------------------- engines
 def _run_optimizer(problem: Counterexample, runs, s: Settings, progress: bool):
     """The slow engine: one parameter, one library optimizer, one step at a time, per run."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     n_logs = s.steps // s.log_every + 1
-    loss = np.empty((len(runs), n_logs))
-    gnorm = np.empty((len(runs), n_logs))
+    logs = np.empty((len(LOGGED), len(runs), n_logs))
+    k = problem.n - problem.r
     for i, (method, seed) in enumerate(tqdm(runs, disable=not progress, desc="runs")):
         X = torch.nn.Parameter(problem.x0.clone())
         opt = _make_optimizer([X], s, method, problem.r, seed)
@@ -326,15 +335,22 @@ def _run_optimizer(problem: Counterexample, runs, s: Settings, progress: bool):
         for t in range(s.steps + 1):
             if t % s.log_every == 0:
                 with torch.no_grad():
-                    loss[i, t // s.log_every] = problem.f(X).item()
-                    gnorm[i, t // s.log_every] = problem.grad(X).square().sum().item()
+                    G = problem.grad(X)
+                    basis = opt.state[X].get("proj")
+                    if method.full:
+                        captured = 1.0
+                    else:
+                        captured = (basis.T @ G).square().sum() / G.square().sum() if basis is not None else math.nan
+                    top_sv = torch.linalg.matrix_norm(X[:k, :k] + problem.B[:k, :k], ord=2)
+                    logs[:, i, t // s.log_every] = [problem.f(X).item(), G.square().sum().item(), float(captured),
+                                                    top_sv.item()]
             if t == s.steps:
                 break
             if t % s.update_proj_gap == 0:
                 block = next(stream)
             X.grad = problem.stochastic_grad(X.detach(), block[t % s.update_proj_gap])
             opt.step()
-    return loss, gnorm
+    return logs
 
 
 def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
@@ -347,7 +363,7 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
     "full" (P = I) and the rank-r methods share one array. The rules are those of :mod:`golore_lab.rules`,
     written out for numpy: Adam's bias correction, the SGD buffer's first step, the momentum projection.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     n, r, tau = problem.n, problem.r, s.update_proj_gap
     R = len(runs)
@@ -369,20 +385,25 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
     has_basis = False
     streams = [problem.noise_periods(torch.Generator().manual_seed(seed), tau, m.refresh_batch) for m, seed in runs]
     n_logs = s.steps // s.log_every + 1
-    loss = np.empty((R, n_logs))
-    gnorm = np.empty((R, n_logs))
+    logs = np.full((len(LOGGED), R, n_logs), np.nan)
     beta1, beta2 = s.betas
     eta = s.lr * s.scale
     wd = s.weight_decay
     decoupled = s.optimizer == "adamw" and wd > 0
 
-    def log(Xs, t):
+    def log(Xs, t, P):
         top = Xs[:, :k, :]
         G = np.einsum("ij,rjk->rik", H, Xs) + B
-        loss[:, t // s.log_every] = 0.5 * (top * top).sum((1, 2)) + (B * Xs).sum((1, 2))
-        gnorm[:, t // s.log_every] = (G * G).sum((1, 2))
+        column = logs[:, :, t // s.log_every]
+        column[0] = 0.5 * (top * top).sum((1, 2)) + (B * Xs).sum((1, 2))
+        column[1] = (G * G).sum((1, 2))
+        if P is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                column[2] = np.square(P.transpose(0, 2, 1) @ G).sum((1, 2)) / column[1]
+        column[2, full] = 1.0  # P = I, also at the optimum where ∇f = 0
+        column[3] = np.linalg.svd(top[:, :, :k] + B[:k, :k], compute_uv=False)[:, 0]
 
-    log(X, 0)
+    log(X, 0, None)
     for t0 in tqdm(range(0, s.steps, tau), disable=not progress, desc=f"{s.optimizer} periods"):
         noise = np.stack([next(st).numpy() for st in streams])  # (R, tau) or (R, tau, n, n)
         xi = None if iso else noise[:, :, None, None]  # (R, tau, 1, 1)
@@ -422,7 +443,9 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
             K += wd * (PT @ P)
             c = PT @ (HX_B + wd * X)
         # step j's projected gradient is K Y + c + gamma_j cH + E_j with E_j = Pᵀ noise_j
-        if s.optimizer == "sgd" and not s.momentum and s.log_every % tau == 0:
+        length = min(tau, s.steps - t0)  # the last period may be cut short by ``steps``
+        closed = s.optimizer == "sgd" and not s.momentum and s.log_every % tau == 0 and length == tau
+        if closed:
             Y = _sgd_period(K, c, PT[:, None] @ noise if iso else (xi[..., 0, 0], PT @ sigC), eta)
         else:
             forcing = PT[:, None] @ noise if iso else xi * (PT @ sigC)[:, None]  # (R, tau, rp, n)
@@ -430,7 +453,7 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
             if decoupled:
                 forcing += gammas[None, :tau, None, None] * cH[:, None]
             Y[:] = 0.0
-            for j in range(tau):
+            for j in range(length):
                 t = t0 + j
                 grad = K @ Y
                 grad += forcing[:, j]
@@ -459,11 +482,11 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
                 else:
                     Y -= eta * grad
                 if (t + 1) % s.log_every == 0:
-                    log(gammas[j + 1] * X + P @ Y, t + 1)
-        X = gammas[tau] * X + P @ Y
-        if s.optimizer == "sgd" and not s.momentum and s.log_every % tau == 0 and (t0 + tau) % s.log_every == 0:
-            log(X, t0 + tau)
-    return loss, gnorm
+                    log(gammas[j + 1] * X + P @ Y, t + 1, P)
+        X = gammas[length] * X + P @ Y
+        if closed and (t0 + tau) % s.log_every == 0:
+            log(X, t0 + tau, P)
+    return logs
 
 
 def _sgd_period(K: np.ndarray, c: np.ndarray, noise, eta: float) -> np.ndarray:

@@ -26,8 +26,11 @@ import pandas as pd
 #: figure producer name -> "module:function". Order is the order they run in.
 PRODUCERS: dict[str, str] = {
     "counterexample": "golore_lab.experiments:produce_counterexample",
+    "noise": "golore_lab.experiments:produce_noise",
+    "noise-lm": "golore_lab.experiments:produce_noise_lm",
     "pretrain": "golore_lab.lm.experiment:produce",
     "finetune": "golore_lab.lm.finetune_experiments:produce",
+    "theory": "golore_lab.experiments:produce_theory",
 }
 
 PRESETS = ("fast", "default", "full")

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from . import projection as proj
 from . import rules
@@ -43,6 +46,27 @@ SUBSPACE_DEFAULTS: dict[str, Any] = {
     "state_on_refresh": "project",
     "seed": 0,
 }
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What a refresh hook sees: one parameter's new basis and the gradient it was chosen from.
+
+    ``basis`` is (m, r) for ``side="left"`` and (n, r) for ``side="right"``; ``previous`` is the basis it
+    replaces (``None`` at the first refresh); ``gradient`` is the (m, n) gradient of that step (the large batch
+    for L.B. GaLore); ``step`` the parameter's step index; ``kind`` ``"svd"``, ``"random"`` or ``"custom"``.
+    The tensors are the optimizer's own: clone them to keep them.
+    """
+
+    param: Tensor
+    name: str
+    position: int
+    step: int
+    side: str
+    kind: str
+    basis: Tensor
+    previous: Tensor | None
+    gradient: Tensor
 
 
 def _is_int(value: Any) -> bool:
@@ -70,7 +94,18 @@ class SubspaceOptimizer(Optimizer):
     """
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        self._refresh_hooks: OrderedDict[int, Callable[["SubspaceOptimizer", Refresh], None]] = OrderedDict()
         super().__init__(params, defaults)
+
+    def register_refresh_hook(self, hook: Callable[["SubspaceOptimizer", Refresh], None]) -> RemovableHandle:
+        """Call ``hook(optimizer, refresh)`` each time a parameter's basis is recomputed (see :class:`Refresh`).
+
+        Nothing is stored unless the hook stores it; ``handle.remove()`` detaches it. Hooks run after the
+        finiteness check, before the state is carried to the new basis.
+        """
+        handle = RemovableHandle(self._refresh_hooks)
+        self._refresh_hooks[handle.id] = hook
+        return handle
 
     # ---------------------------------------------------------------- param groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -172,6 +207,7 @@ class SubspaceOptimizer(Optimizer):
                 loss = closure()
 
         plans = []  # phase 1: projected gradients; nothing is modified until all are known to be finite
+        refreshes: list[Refresh] = []
         position = -1
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
@@ -192,10 +228,16 @@ class SubspaceOptimizer(Optimizer):
                         self._check_finite([grad], [(group, gi, pi)])
                         new_basis = self._new_basis(group, grad, side, position, count).to(p.dtype)
                         basis = new_basis
+                        if self._refresh_hooks:
+                            refreshes.append(Refresh(p, self._param_name(group, gi, pi), position, count, side,
+                                                     self._kind(group, count), new_basis, state.get("proj"), grad))
                     grad = basis.T @ grad if side == "left" else grad @ basis  # (r, n) or (m, r)
                 plans.append((group, gi, pi, p, state, count, side, basis, new_basis, grad))
 
         self._check_finite([plan[-1] for plan in plans], [plan[:3] for plan in plans])
+        for refresh in refreshes:
+            for hook in list(self._refresh_hooks.values()):
+                hook(self, refresh)
 
         for group, _, _, p, state, count, side, basis, new_basis, grad in plans:  # phase 2: update
             if new_basis is not None:
@@ -212,10 +254,16 @@ class SubspaceOptimizer(Optimizer):
                 p.add_(update, alpha=-group["lr"] * group["scale"])
         return loss
 
-    def _new_basis(self, group: dict[str, Any], grad: Tensor, side: str, position: int, count: int) -> Tensor:
+    @staticmethod
+    def _kind(group: dict[str, Any], count: int) -> str:
         switch = group["switch_step"]
-        projector = proj.random_projection if switch is not None and count >= switch else proj.resolve(
-            group["projection"])
+        if switch is not None and count >= switch:
+            return "random"
+        return group["projection"] if isinstance(group["projection"], str) else "custom"
+
+    def _new_basis(self, group: dict[str, Any], grad: Tensor, side: str, position: int, count: int) -> Tensor:
+        kind = self._kind(group, count)
+        projector = proj.resolve(group["projection"]) if kind == "custom" else proj.BUILTIN[kind]
         generator = proj.refresh_generator(group["seed"], position, count)
         return projector(grad, group["rank"], side, generator).to(grad.device)
 

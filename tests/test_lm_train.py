@@ -50,6 +50,8 @@ def test_resume_is_bit_identical(task, tmp_path, method, optimizer):
     keep = ("step", "examples", "tokens", "lr", "train_loss", "val_loss")
     assert [{k: r.get(k) for k in keep} for r in straight.history] == [{k: r.get(k) for k in keep} for r in resumed.history]
     assert (tmp_path / "b" / "metrics.csv").read_text().count("\n") == len(straight.history) + 1
+    with pytest.raises(ValueError, match="another configuration.*lr"):
+        train(task, replace(cfg, out_dir=str(tmp_path / "b"), resume=True, lr=0.5))
 
 
 def test_stream_is_a_permutation_per_epoch():

@@ -32,3 +32,14 @@ def test_readme_quickstart_is_two_commands_and_ci_runs_the_test_one():
     commands = [line for line in block.splitlines() if line.strip()]
     assert len(commands) == 2
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_training_loop_runs():
+    """The README's example (GaLore for 80% of the steps, then GoLore) runs as written, shortened."""
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert "switch_step=round(0.8 * steps)" in code
+    namespace: dict = {}
+    exec(code.replace("steps = 1000", "steps = 30"), namespace)  # noqa: S102
+    opt = namespace["opt"]
+    assert opt.param_groups[0]["switch_step"] == 24 and opt.state[namespace["matrices"][0]]["step"] == 30

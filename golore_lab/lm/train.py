@@ -46,6 +46,8 @@ METHODS = ("full", "galore", "golore", "lb-galore")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT = "checkpoint.pt"
+#: fields that may differ between a run and its resumption (everything else must match the checkpoint)
+RESUMABLE_CHANGES = {"resume", "stop_at", "progress", "out_dir", "checkpoint_every", "device"}
 
 
 class Task(Protocol):
@@ -321,6 +323,10 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
         if ckpt_path is None or not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        changed = [f"{k}: {v!r} -> {getattr(cfg, k)!r}" for k, v in state["config"].items()
+                   if k not in RESUMABLE_CHANGES and v != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"--resume: {ckpt_path} was written with another configuration ({'; '.join(changed)})")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])

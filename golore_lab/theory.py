@@ -1,0 +1,565 @@
+"""The convergence theory of He et al. (§3 of the paper), one checkable fact per function.
+
+The paper's body (its exact theorem constants) was not available; the facts and constants here are the
+derivations marked *derived* in ``shared/paper.md`` §3, worked out from the assumptions below, and every
+function's docstring carries its own derivation. Notation: a weight X (m × n, here the counterexample's
+10 × 10), a left basis P ∈ St(m, r), its projector Π = PPᵀ, δ = r/m, step size η, refresh period τ.
+
+Assumptions (A):
+
+* f is bounded below, Δ = f(X₀) − f* < ∞;
+* f is L-smooth: ‖∇f(X) − ∇f(Y)‖_F ≤ L‖X − Y‖_F;
+* the oracle g = ∇f + e is unbiased, E e = 0, with E‖e‖²_F ≤ σ² (σ²/B for a mean of B samples).
+
+Careful with the name σ: in :class:`~golore_lab.counterexample.Counterexample` σ is the size of one noise
+*entry* (e = ±σC, C = diag(0, I_r)), so the assumption's σ² is E‖e‖²_F = σ²r = 4 for the paper's problem.
+Functions here call the assumption's value ``noise_variance``.
+
+The sections follow the notebook ``05_convergence_proofs``: assumptions, non-convergence, Haar moments,
+the perturbation bound, GoLore's descent and rate, deterministic GaLore's rate. The runners (``*_rates``,
+``*_trace``) use the library's optimizers and the counterexample's fast engine, and return tidy DataFrames.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from . import counterexample as ce
+from . import projection as proj
+from .optim import SubspaceSGD
+
+
+def _frob_sq(x: Tensor) -> float:
+    return float(x.square().sum())
+
+
+def loglog_slope(x: Iterable[float], y: Iterable[float]) -> float:
+    """Least-squares slope of log y against log x: the exponent a of y ∝ xᵃ."""
+    return float(np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
+
+
+# ============================================================================================ 1. assumptions
+@dataclass(frozen=True)
+class Assumptions:
+    """The constants of assumptions (A) for one problem, each computed, not copied from a formula.
+
+    ``smoothness`` L, ``noise_variance`` σ² = E‖e‖²_F of one oracle call, ``gap`` Δ = f(X₀) − f*, and the
+    subspace ratio ``delta`` δ = r/m.
+    """
+
+    smoothness: float
+    noise_variance: float
+    noise_bias: float
+    f0: float
+    f_star: float
+    rank: int
+    dim: int
+
+    @property
+    def gap(self) -> float:
+        """Δ = f(X₀) − f*."""
+        return self.f0 - self.f_star
+
+    @property
+    def delta(self) -> float:
+        """δ = r/m."""
+        return self.rank / self.dim
+
+
+def hessian(grad: Callable[[Tensor], Tensor], X: Tensor) -> Tensor:
+    """The Hessian of f at X as a (mn × mn) matrix, column k = ∇f(X + E_k) − ∇f(X) (E_k the k-th unit matrix).
+
+    Exact when ∇f is affine (a quadratic, like the counterexample); a unit finite difference otherwise.
+    ``grad`` must accept a batch (..., m, n).
+    """
+    d = X.numel()
+    units = torch.eye(d, dtype=X.dtype).reshape(d, *X.shape)
+    return (grad(X + units) - grad(X)).reshape(d, d).T
+
+
+def noise_law(problem: ce.Counterexample, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The exact law of the counterexample's noise multiplier ξ̄ for a mean of ``batch`` oracle calls.
+
+    The noise is ξ̄σC with ξ̄ the mean of B independent signs: ξ̄ = (2k − B)/B with k ~ Binomial(B, ½).
+    Returns (values, probabilities). Exact gradients (``noise="none"``): ξ̄ = 0 surely. The isotropic noise
+    has no finite law; it is rejected.
+    """
+    if problem.noise == "none":
+        return np.zeros(1), np.ones(1)
+    if problem.noise != "anisotropic":
+        raise ValueError(f"noise_law needs the anisotropic or exact oracle, not {problem.noise!r}")
+    from scipy.stats import binom
+
+    k = np.arange(batch + 1)
+    return (2 * k - batch) / batch, binom.pmf(k, batch, 0.5)
+
+
+def assumptions(problem: ce.Counterexample, batch: int = 1) -> Assumptions:
+    """Compute the constants of (A) for ``problem`` (the oracle averaged over ``batch`` calls).
+
+    * L = the largest |eigenvalue| of the Hessian (:func:`hessian`), which for a quadratic is the best
+      smoothness constant;
+    * σ² = E‖e‖²_F and the bias ‖E e‖_F, as exact finite sums over the oracle's law (:func:`noise_law`);
+    * f* = the problem's closed form −½‖D‖²_F (checked against f at its minimiser in the tests), f(X₀).
+    """
+    X0 = problem.x0
+    L = float(torch.linalg.eigvalsh(hessian(problem.grad, X0)).abs().max())
+    values, probs = noise_law(problem, batch)
+    noise = torch.as_tensor(values)[:, None, None] * problem.sigma * problem.C  # (outcomes, n, n)
+    weights = torch.as_tensor(probs)
+    mean = (weights[:, None, None] * noise).sum(0)
+    variance = float((weights * noise.square().sum((-2, -1))).sum())
+    return Assumptions(smoothness=L, noise_variance=variance, noise_bias=math.sqrt(_frob_sq(mean)),
+                       f0=float(problem.f(X0)), f_star=problem.f_star, rank=problem.r, dim=problem.n)
+
+
+# ============================================================================================ 2. non-convergence
+def principal_sines(P: Tensor, Q: Tensor) -> Tensor:
+    """Sines of the principal angles between span(P) and span(Q) (orthonormal columns, P (m, r), Q (m, s)).
+
+    All zero iff span(P) ⊆ span(Q). The cosines are the singular values of PᵀQ.
+    """
+    cosines = torch.linalg.svdvals(P.T @ Q).clamp(max=1.0)
+    return torch.sqrt(1 - cosines.square())
+
+
+def galore_refresh(problem: ce.Counterexample, X: Tensor) -> pd.DataFrame:
+    """GaLore's refresh at X for every outcome of a one-sample oracle: which subspace does the SVD pick?
+
+    For each noise value ξ (±1), the top-r left singular space P of g = ∇f(X) + ξσC is compared with the
+    noise block span(C) = span(e_{m−r+1}, …, e_m). Columns: ``xi``, ``max_sine`` (largest principal sine
+    between P and the noise block: 0 means P *is* the noise block), ``proj_grad`` = ‖Pᵀ∇f(X)‖_F,
+    ``grad`` = ‖∇f(X)‖_F, ``top_singular`` = ‖∇f(X)‖₂.
+
+    The theorem's proof: on the "no B" instance ∇f(X) = diag(½I, 0) has ‖∇f‖₂ = ½ < σ = 1, so the top r
+    singular values of diag(½I, ±I) are the noise block's, P = span(C), Pᵀ∇f = 0 and the step P N moves
+    only the last r rows, which f ignores: ∇f(X) never changes, and by induction no refresh ever picks
+    anything else.
+    """
+    values, _ = noise_law(problem, 1)
+    noise_block = torch.eye(problem.n, dtype=torch.float64)[:, problem.n - problem.r:]  # (m, r)
+    G = problem.grad(X)
+    rows = []
+    for xi in values:
+        g = problem.stochastic_grad(X, torch.tensor(float(xi), dtype=torch.float64))
+        P = proj.svd_projection(g, problem.r, "left")
+        rows.append(dict(xi=float(xi), max_sine=float(principal_sines(P, noise_block).max()),
+                         proj_grad=math.sqrt(_frob_sq(P.T @ G)), grad=math.sqrt(_frob_sq(G)),
+                         top_singular=float(torch.linalg.matrix_norm(G, 2))))
+    return pd.DataFrame(rows)
+
+
+#: the subspace optimizers of the non-convergence grid: name -> (optimizer, extra keywords of ``ce.run``)
+SUBSPACE_OPTIMIZERS = {"SGD": ("sgd", {}), "momentum SGD": ("sgd", dict(momentum=0.9)), "AdamW": ("adamw", {})}
+
+
+def no_b_grid(lrs: Iterable[float] = (1e-3, 1e-1, 1.0), gaps: Iterable[int] = (1, 10, 100), steps: int = 300,
+              seeds: Iterable[int] = (0, 1)) -> pd.DataFrame:
+    """GaLore and GoLore on the "no B" instance for every subspace optimizer × learning rate × τ.
+
+    One row per (optimizer, lr, update_proj_gap): ``galore_max_move`` = max over seeds and steps of
+    |f(X_t) − f(X₀)| (every step is logged), ``galore_min_grad_sq`` = min ‖∇f(X_t)‖², and, for contrast,
+    ``golore_max_move``, the same for GoLore on the same noise (f(X₀) = 0.75, f* = 0).
+    """
+    problem = ce.Counterexample(linear_term=False)
+    f0 = float(problem.f(problem.x0))
+    rows = []
+    for name, (optimizer, extra) in SUBSPACE_OPTIMIZERS.items():
+        for lr in lrs:
+            for gap in gaps:
+                frame = ce.run(problem, methods=("galore", "golore"), optimizer=optimizer, steps=steps, lr=lr,
+                               update_proj_gap=gap, seeds=seeds, log_every=1, **extra)
+                galore = frame[frame.method == "galore"]
+                golore = frame[frame.method == "golore"]
+                rows.append(dict(optimizer=name, lr=lr, update_proj_gap=gap,
+                                 galore_max_move=float((galore.loss - f0).abs().max()),
+                                 galore_min_grad_sq=float(galore.grad_norm_sq.min()),
+                                 golore_max_move=float((golore.loss - f0).abs().max())))
+    return pd.DataFrame(rows)
+
+
+# ============================================================================================ 3. Haar moments
+def golore_bases(dim: int, rank: int, count: int, seed: int = 0) -> Tensor:
+    """The bases GoLore's optimizer draws for one (dim × ·) parameter at refreshes 0, 1, …, count − 1.
+
+    Exactly the library's draws: :func:`golore_lab.projection.random_projection` fed the counter-based
+    generator :func:`golore_lab.projection.refresh_generator` (``seed``, parameter 0, step k). Returns a
+    float64 tensor (count, dim, rank). So the Monte Carlo below tests the sampler *and* the seeding scheme
+    (draws of successive refreshes must be independent).
+    """
+    shape = torch.empty(dim, 1, dtype=torch.float64)
+    return torch.stack([proj.random_projection(shape, rank, "left", proj.refresh_generator(seed, 0, k))
+                        for k in range(count)])
+
+
+def stiefel_mean_rms(dim: int, rank: int, samples: int | np.ndarray) -> np.ndarray:
+    """Root-mean-square error of the Monte Carlo mean of N projectors PPᵀ around (r/m)I, in closed form.
+
+    For one Haar projector Π (rank r, trace r, Π² = Π): ‖Π − δI‖²_F = tr Π − 2δ tr Π + δ² m = r(1 − r/m),
+    the same for every draw. With E Π = δI and independent draws the errors average out:
+    E‖(1/N)Σ Πᵢ − δI‖²_F = r(1 − r/m)/N, so the error shrinks exactly like 1/√N.
+    """
+    return np.sqrt(rank * (1 - rank / dim) / np.asarray(samples, dtype=float))
+
+
+def stiefel_mean_errors(bases: Tensor, sizes: Iterable[int]) -> np.ndarray:
+    """‖(1/N) Σ_{i<N} PᵢPᵢᵀ − (r/m) I‖_F for each N in ``sizes`` (running means of one sequence of bases)."""
+    count, dim, rank = bases.shape
+    cumulative = torch.cumsum(bases @ bases.mT, 0)  # (count, m, m)
+    eye = torch.eye(dim, dtype=bases.dtype)
+    return np.array([float(torch.linalg.matrix_norm(cumulative[N - 1] / N - rank / dim * eye)) for N in sizes])
+
+
+def stiefel_mean_study(dim: int = 10, rank: int = 4, sizes: Iterable[int] = tuple(2**k for k in range(3, 12)),
+                       replicates: int = 8, seed: int = 0,
+                       sampler: Callable[[int, int, int, int], Tensor] = golore_bases) -> pd.DataFrame:
+    """Monte Carlo of E[PPᵀ] = (r/m)I: error of the running mean against N, ``replicates`` independent times.
+
+    ``sampler(dim, rank, count, seed) -> (count, dim, rank)``, GoLore's own bases by default (replicate j
+    uses seed ``seed + j``). Columns: ``replicate, samples, error, predicted`` (the closed-form RMS
+    :func:`stiefel_mean_rms`).
+    """
+    sizes = list(sizes)
+    rows = []
+    for j in range(replicates):
+        errors = stiefel_mean_errors(sampler(dim, rank, max(sizes), seed + j), sizes)
+        rows += [dict(replicate=j, samples=N, error=e, predicted=float(stiefel_mean_rms(dim, rank, N)))
+                 for N, e in zip(sizes, errors)]
+    return pd.DataFrame(rows)
+
+
+def rms_by_size(study: pd.DataFrame) -> pd.DataFrame:
+    """RMS over replicates of the error at each N, next to the prediction (``samples, rms, predicted``)."""
+    grouped = study.groupby("samples")
+    return pd.DataFrame({"rms": np.sqrt(grouped.error.apply(lambda e: float(np.mean(np.square(e))))),
+                         "predicted": grouped.predicted.first()}).reset_index()
+
+
+def projected_energy(bases: Tensor, G: Tensor) -> tuple[float, float]:
+    """Monte Carlo mean and standard error of ‖PᵀG‖²_F / ‖G‖²_F over ``bases``.
+
+    For Haar P: E‖PᵀG‖² = tr(Gᵀ E[PPᵀ] G) = δ‖G‖², whatever G.
+    """
+    ratios = (bases.mT @ G).square().sum((-2, -1)) / _frob_sq(G)
+    return float(ratios.mean()), float(ratios.std() / math.sqrt(len(ratios)))
+
+
+def projected_gradient_bias(problem: ce.Counterexample, X: Tensor, projection: str, samples: int, seed: int = 0,
+                            sizes: Iterable[int] | None = None) -> pd.DataFrame:
+    """How far the mean of Πg (g the oracle at X, Π the method's projector) is from δ∇f(X).
+
+    GoLore (``"random"``): P is drawn independently of the noise, so E[Πg] = E[Π] E[g] = δ∇f — the projected
+    stochastic gradient is an unbiased estimate of δ∇f and the relative bias ‖mean − δ∇f‖/‖δ∇f‖ of the
+    running mean shrinks like 1/√N. GaLore (``"svd"``): P = top-r space of g depends on the noise; on the
+    "no B" instance Πg = ξσC, whose mean is 0, so the relative bias stays 1. Columns ``samples, bias``.
+    The noise signs come from the problem's own seeded stream; GoLore's bases from :func:`golore_bases`.
+    """
+    sizes = sorted(sizes or [samples])
+    stream = problem.noise_periods(torch.Generator().manual_seed(seed), period=samples)
+    xis = next(stream)
+    bases = golore_bases(problem.n, problem.r, samples, seed) if projection == "random" else None
+    G = problem.grad(X)
+    target = problem.r / problem.n * G
+    total = torch.zeros_like(G)
+    rows, k = [], 0
+    for i in range(samples):
+        g = problem.stochastic_grad(X, xis[i])
+        P = bases[i] if bases is not None else proj.svd_projection(g, problem.r, "left")
+        total += P @ (P.T @ g)
+        if k < len(sizes) and i + 1 == sizes[k]:
+            rows.append(dict(samples=i + 1, bias=math.sqrt(_frob_sq(total / (i + 1) - target) / _frob_sq(target))))
+            k += 1
+    return pd.DataFrame(rows)
+
+
+def basis_ignores_gradient(problem: ce.Counterexample, steps: int = 5, seed: int = 0) -> bool:
+    """True if GoLore's optimizer draws bitwise the same bases whether it is fed ∇f or ∇f + noise.
+
+    Two :class:`~golore_lab.SubspaceSGD` (``projection="random"``, τ = 1, same ``seed``) step from X₀, one on
+    exact gradients, one on stochastic ones; their ``state["proj"]`` are compared at every step. This is the
+    independence the proof uses: P is a function of (seed, step) only, so it is independent of the noise.
+    """
+    stream = problem.noise_periods(torch.Generator().manual_seed(seed + 1), period=steps)
+    xis = next(stream)
+    params, opts = [], []
+    for _ in range(2):
+        X = torch.nn.Parameter(problem.x0.clone())
+        params.append(X)
+        opts.append(SubspaceSGD([{"params": [X], "rank": problem.r, "update_proj_gap": 1, "proj_type": "left",
+                                  "projection": "random"}], lr=0.1, seed=seed))
+    for t in range(steps):
+        params[0].grad = problem.grad(params[0].detach())
+        params[1].grad = problem.stochastic_grad(params[1].detach(), xis[t])
+        for opt in opts:
+            opt.step()
+        bases = [opt.state[X]["proj"] for opt, X in zip(opts, params)]
+        if not torch.equal(*bases):
+            return False
+    return True
+
+
+# ============================================================================================ 4. perturbation bound
+def perturbation_bound(G: Tensor, E: Tensor, rank: int) -> dict[str, float]:
+    """Both sides of ‖PᵀG‖_F ≥ √δ‖G‖_F − 2‖E‖_F, where P is the top-r left singular space of G + E.
+
+    Derivation (for m ≤ n, δ = r/m). The top r of the m squared singular values of S = G + E carry at
+    least the fraction r/m of ‖S‖², so ‖PᵀS‖ ≥ √δ‖S‖. Then
+    ‖PᵀG‖ ≥ ‖PᵀS‖ − ‖PᵀE‖ ≥ √δ(‖G‖ − ‖E‖) − ‖E‖ = √δ‖G‖ − (1 + √δ)‖E‖ ≥ √δ‖G‖ − 2‖E‖.
+    Returns ``lhs`` = ‖PᵀG‖, ``bound`` = √δ‖G‖ − 2‖E‖, ``sharp_bound`` = √δ‖G‖ − (1 + √δ)‖E‖, the norms
+    ``grad`` = ‖G‖ and ``error`` = ‖E‖, and ``constant`` = (√δ‖G‖ − ‖PᵀG‖)/‖E‖, the smallest c for which
+    ‖PᵀG‖ ≥ √δ‖G‖ − c‖E‖ holds on this instance (the bound says c ≤ 1 + √δ ≤ 2 always).
+    """
+    m, n = G.shape[-2:]
+    if m > n:
+        raise ValueError(f"perturbation_bound projects on the left and needs m <= n, got shape {tuple(G.shape)}")
+    root_delta = math.sqrt(rank / m)
+    P = proj.svd_projection(G + E, rank, "left")
+    lhs, g, e = math.sqrt(_frob_sq(P.T @ G)), math.sqrt(_frob_sq(G)), math.sqrt(_frob_sq(E))
+    return dict(lhs=lhs, bound=root_delta * g - 2 * e, sharp_bound=root_delta * g - (1 + root_delta) * e,
+                grad=g, error=e, constant=(root_delta * g - lhs) / e if e > 0 else 0.0)
+
+
+def perturbation_trials(dim: int = 10, cols: int = 10, rank: int = 4, trials: int = 200,
+                        ratios: Iterable[float] = tuple(np.logspace(-2, 1, 13)), seed: int = 0) -> pd.DataFrame:
+    """The bound on random instances: ``trials`` draws of G for each noise ratio ‖E‖/‖G‖ in ``ratios``.
+
+    G = U diag(s) Vᵀ with Haar U, V and singular values s_i = exp(−κ i/m), κ ~ U(0, 5) (flat to fast-decaying
+    spectra); E Gaussian, rescaled to the ratio. One row per trial: ``family="random"``, ``ratio`` and the
+    fields of :func:`perturbation_bound`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    k = min(dim, cols)
+    rows = []
+    for ratio in ratios:
+        for _ in range(trials):
+            U = proj.random_stiefel(dim, k, generator, torch.float64)
+            V = proj.random_stiefel(cols, k, generator, torch.float64)
+            kappa = 5 * float(torch.rand((), generator=generator, dtype=torch.float64))
+            s = torch.exp(-kappa * torch.arange(k, dtype=torch.float64) / k)
+            G = (U * s) @ V.T
+            E = torch.randn(dim, cols, generator=generator, dtype=torch.float64)
+            E *= ratio * math.sqrt(_frob_sq(G) / _frob_sq(E))
+            rows.append(dict(family="random", ratio=float(ratio), **perturbation_bound(G, E, rank)))
+    return pd.DataFrame(rows)
+
+
+def counterexample_trials(problem: ce.Counterexample, levels: Iterable[float] | None = None,
+                          cancel: bool = False) -> pd.DataFrame:
+    """The bound on the counterexample's own gradient and noise: G = ∇f(X₀), E = s·σC for each level s.
+
+    On the "no B" instance G = diag(½I_{m−r}, 0): while s < ½ the SVD keeps r directions of G
+    (‖PᵀG‖ = ½√r); once s > ½ it keeps the noise block and ‖PᵀG‖ = 0, with ‖E‖/‖G‖ = √(r/(m−r)) only:
+    the instance reaches c = (√δ‖G‖ − 0)/‖E‖ = √(1 − δ).
+
+    ``cancel=True`` makes it tight: the noise also removes the fraction r/m of the signal,
+    E = −(r/m)G + s·σC. At s = (1 − r/m)·½ (+) the SVD still picks the noise block while
+    ‖E‖² = ¼ r(m−r)/m, and c = √δ‖G‖/‖E‖ = 1 (for any m, r): no bound of the form √δ‖G‖ − c‖E‖ with
+    c < 1 can hold, against c ≤ 1 + √δ proved. Rows: ``family`` (``"counterexample"`` or
+    ``"counterexample, cancelling"``), ``level`` s, ``ratio`` ‖E‖/‖G‖ and the fields of :func:`perturbation_bound`.
+    By default the levels are 25 points in [0.02, 1] plus one just above the switch (½ or (1 − r/m)·½ for
+    the "no B" instance), where c is largest.
+    """
+    G = problem.grad(problem.x0)
+    if levels is None:
+        switch = float(torch.linalg.matrix_norm(G, 2)) * (1 - problem.r / problem.n if cancel else 1) / problem.sigma
+        levels = np.r_[np.linspace(0.02, 1.0, 25), switch * (1 + 1e-6)]
+    rows = []
+    for level in levels:
+        E = level * problem.sigma * problem.C
+        if cancel:
+            E = E - problem.r / problem.n * G
+        out = perturbation_bound(G, E, problem.r)
+        rows.append(dict(family="counterexample, cancelling" if cancel else "counterexample", level=float(level),
+                         ratio=out["error"] / out["grad"], **out))
+    return pd.DataFrame(rows)
+
+
+def large_batch_capture(problem: ce.Counterexample, batches: Iterable[int], X: Tensor | None = None) -> pd.DataFrame:
+    """What a batch of B buys at a refresh: E‖Pᵀ∇f‖² over the exact law of the mean of B oracle calls.
+
+    P = top-r left singular space of ∇f(X) + ξ̄σC, ξ̄ the mean of B signs (:func:`noise_law`), at X = X₀ by
+    default. Columns per B: ``captured`` = E‖Pᵀ∇f‖²/‖∇f‖² (exact, a finite sum), ``pointwise_bound`` =
+    E[(√δ‖∇f‖ − 2‖E‖)₊²]/‖∇f‖² (the perturbation bound squared, where positive), ``mean_bound`` =
+    (½δ‖∇f‖² − 4σ²/B)/‖∇f‖², from (a − b)² ≥ ½a² − b²: E‖Pᵀ∇f‖² ≥ ½δ‖∇f‖² − 4E‖E‖². The last is the
+    form the L.B. GaLore proof uses: the SVD misses at most a bias O(σ²/B) of the descent, which summed over
+    T steps is harmless once B ~ √T. Odd B avoid exact ties ξ̄ = ±½ with the "no B" signal ½.
+    """
+    X = problem.x0 if X is None else X
+    G = problem.grad(X)
+    g2, delta = _frob_sq(G), problem.r / problem.n
+    rows = []
+    for batch in batches:
+        values, probs = noise_law(problem, batch)
+        captured = pointwise = 0.0
+        for xi, p in zip(values, probs):
+            out = perturbation_bound(G, float(xi) * problem.sigma * problem.C, problem.r)
+            captured += p * out["lhs"] ** 2
+            pointwise += p * max(out["bound"], 0.0) ** 2
+        variance = problem.noise_variance / batch
+        rows.append(dict(batch=batch, captured=captured / g2, pointwise_bound=pointwise / g2,
+                         mean_bound=(0.5 * delta * g2 - 4 * variance) / g2, delta=delta))
+    return pd.DataFrame(rows)
+
+
+# ============================================================================================ 5. GoLore's descent and rate
+def golore_descent_trace(problem: ce.Counterexample, lr: float, steps: int, seed: int = 0) -> pd.DataFrame:
+    """GoLore (plain SGD, τ = 1) stepped with the library optimizer, with both sides of its descent inequality.
+
+    Step t: g = ∇f(X_t) + e_t, a fresh Haar P_t, X_{t+1} = X_t − ηP_tP_tᵀg. L-smoothness gives, surely,
+
+    .. math::
+        f(X_{t+1}) ≤ f(X_t) − η⟨∇f(X_t), Π_t g⟩ + \\tfrac{Lη²}{2}‖P_tᵀ g‖²          (pathwise)
+
+    and taking E over (P_t, e_t), independent, with E Π = δI, E e = 0, E‖e‖² ≤ σ²:
+
+    .. math::
+        E_t f(X_{t+1}) ≤ f(X_t) − ηδ‖∇f‖² + \\tfrac{Lη²δ}{2}(‖∇f‖² + σ²)
+                      ≤ f(X_t) − \\tfrac{ηδ}{2}‖∇f‖² + \\tfrac{Lη²δσ²}{2}      (η ≤ 1/L)
+
+    Summing over T steps: (1/T) Σ_t E‖∇f(X_t)‖² ≤ 2Δ/(ηδT) + Lησ².
+
+    One row per step: ``step, f, f_next, grad_sq`` ‖∇f‖², ``inner`` ⟨∇f, Πg⟩, ``proj_sq`` ‖Pᵀg‖²,
+    ``oracle_sq`` ‖g‖², ``pathwise_bound`` (the right side of (pathwise) minus f(X_t)) and ``expected_bound``
+    (the right side of the first expectation line minus f(X_t)). σ² and L come from :func:`assumptions`.
+    """
+    a = assumptions(problem)
+    L, delta = a.smoothness, a.delta
+    X = torch.nn.Parameter(problem.x0.clone())
+    opt = SubspaceSGD([{"params": [X], "rank": problem.r, "update_proj_gap": 1, "proj_type": "left",
+                        "projection": "random"}], lr=lr, seed=seed)
+    xis = next(problem.noise_periods(torch.Generator().manual_seed(seed), period=steps))
+    rows = []
+    for t in range(steps):
+        x = X.detach()
+        grad = problem.grad(x)
+        g = problem.stochastic_grad(x, xis[t])
+        f = float(problem.f(x))
+        X.grad = g.clone()
+        opt.step()
+        P = opt.state[X]["proj"]  # (m, r), the basis used at this step
+        inner = float((grad * (P @ (P.T @ g))).sum())
+        proj_sq, grad_sq = _frob_sq(P.T @ g), _frob_sq(grad)
+        rows.append(dict(step=t, f=f, f_next=float(problem.f(X.detach())), grad_sq=grad_sq, inner=inner,
+                         proj_sq=proj_sq, oracle_sq=_frob_sq(g),
+                         pathwise_bound=-lr * inner + L * lr**2 / 2 * proj_sq,
+                         expected_bound=-lr * delta * grad_sq + L * lr**2 * delta / 2 * (grad_sq + a.noise_variance)))
+    return pd.DataFrame(rows)
+
+
+def golore_rate_bound(a: Assumptions, lr: float, steps: int) -> float:
+    """The derived bound on (1/T) Σ E‖∇f(X_t)‖² for GoLore-SGD with τ = 1, η ≤ 1/L: 2Δ/(ηδT) + Lησ²."""
+    return 2 * a.gap / (lr * a.delta * steps) + a.smoothness * lr * a.noise_variance
+
+
+def martingale_z(increments: np.ndarray) -> float:
+    """z-score of the mean of ``increments`` against 0: mean / (std / √T). |z| ≲ 3 for mean-zero increments."""
+    increments = np.asarray(increments, float)
+    return float(increments.mean() / (increments.std(ddof=1) / math.sqrt(len(increments))))
+
+
+def stochastic_rates(problem: ce.Counterexample, steps_grid: Iterable[int],
+                     methods: Iterable[str] = ("galore", "golore", "lb-galore"), seeds: Iterable[int] = range(4),
+                     lr_scale: float = 1.0, batch_scale: float = 1.0, update_proj_gap: int = 10) -> pd.DataFrame:
+    """The O(1/√T) experiment: for each horizon T, run with η = ``lr_scale``/√T and L.B. batch ⌈``batch_scale``·√T⌉.
+
+    Plain SGD in the subspace (β₁ = 1, so momentum projection is vacuous), τ = ``update_proj_gap``, the
+    counterexample's fast engine. ‖∇f‖² is logged every τ steps; ``avg_grad_sq`` is its mean over the logged
+    steps t = 0, τ, …, T − τ (the theorem's (1/T)Σ‖∇f‖², sampled once per period) and ``min_grad_sq`` the
+    minimum. One row per (method, T, seed): ``method, steps, seed, lr, batch, avg_grad_sq, min_grad_sq``.
+    """
+    methods, seeds = list(methods), list(seeds)
+    frames = []
+    for T in steps_grid:
+        lr, batch = lr_scale / math.sqrt(T), math.ceil(batch_scale * math.sqrt(T))
+        frame = ce.run(problem, methods=methods, optimizer="sgd", steps=T, lr=lr, update_proj_gap=update_proj_gap,
+                       seeds=seeds, batch=batch, log_every=update_proj_gap)
+        frame = frame[frame.step < T]
+        stats = frame.groupby(["method", "seed"], sort=False).grad_norm_sq.agg(avg_grad_sq="mean", min_grad_sq="min")
+        frames.append(stats.reset_index().assign(steps=T, lr=lr, batch=batch))
+    columns = ["method", "steps", "seed", "lr", "batch", "avg_grad_sq", "min_grad_sq"]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+def rate_summary(rates: pd.DataFrame, value: str = "avg_grad_sq") -> pd.DataFrame:
+    """Mean over seeds of ``value`` per method and T (``method, steps, mean, min, max``)."""
+    return rates.groupby(["method", "steps"], sort=False)[value].agg(["mean", "min", "max"]).reset_index()
+
+
+def rate_slopes(summary: pd.DataFrame, min_steps: int = 0) -> pd.Series:
+    """The fitted log-log slope of the seed-mean against T per method, over T ≥ ``min_steps``."""
+    kept = summary[summary.steps >= min_steps]
+    return pd.Series({method: loglog_slope(g.steps, g["mean"]) for method, g in kept.groupby("method", sort=False)})
+
+
+# ============================================================================================ 6. deterministic GaLore
+def deterministic_bound(a: Assumptions, lr: float, update_proj_gap: int, steps) -> np.ndarray:
+    """A derived bound on (1/T) Σ_{t<T} ‖∇f(X_t)‖² for GaLore with exact gradients, β₁ = 1, Lητ ≤ ½.
+
+    Write Π for the period's projector (top-r space of ∇f at its refresh t₀) and S = Σ_{t in period}
+    ‖Π∇f_t‖². (i) descent: f_{t+1} ≤ f_t − (η/2)‖Π∇f_t‖² (η ≤ 1/L), so Σ_periods S ≤ 2Δ/η. (ii) drift:
+    ‖X_t − X_{t₀}‖² ≤ η²τS. (iii) ‖∇f_t‖² ≤ 2‖∇f_{t₀}‖² + 2L²‖X_t − X_{t₀}‖² ≤ (2/δ)‖Π∇f_{t₀}‖² + 2L²η²τS,
+    using the refresh ‖Π∇f_{t₀}‖² ≥ δ‖∇f_{t₀}‖². (iv) ‖Π∇f_{t₀}‖² ≤ 2‖Π∇f_s‖² + 2L²η²τS for every s of
+    the period; averaged, ≤ (2/τ)S + 2L²η²τS. Summing (iii) over the period with (iv) and Lητ ≤ ½:
+    Σ‖∇f_t‖² ≤ (4/δ + 1/δ + ½)S, hence (1/T)Σ‖∇f_t‖² ≤ (10/δ + 1)Δ/(ηT) = O(1/T). Constants are ours,
+    not the paper's (which were not available).
+    """
+    if a.smoothness * lr * update_proj_gap > 0.5 + 1e-12:
+        raise ValueError(f"deterministic_bound needs L·lr·update_proj_gap <= 1/2, got "
+                         f"{a.smoothness * lr * update_proj_gap:g}")
+    return (10 / a.delta + 1) * a.gap / (lr * np.asarray(steps, dtype=float))
+
+
+def deterministic_trace(problem: ce.Counterexample, lr: float, update_proj_gap: int, steps: int) -> pd.DataFrame:
+    """GaLore on exact gradients (plain SGD, MP vacuous) stepped with the library optimizer, with the proof's facts.
+
+    One row per step t: ``step, refresh`` (t mod τ = 0), ``f, f_next, grad_sq`` ‖∇f_t‖², ``proj_sq``
+    ‖Pᵀ∇f_t‖² (P the period's basis), ``anchor_sq`` ‖Pᵀ∇f_{t₀}‖² at the period's refresh t₀, ``drift_sq``
+    ‖X_t − X_{t₀}‖². The facts checked on it: at a refresh proj_sq ≥ δ·grad_sq; inside a period
+    proj_sq ≥ ½anchor_sq − L²drift_sq; every step f_next ≤ f − (η/2)proj_sq (η ≤ 1/L).
+    """
+    X = torch.nn.Parameter(problem.x0.clone())
+    opt = SubspaceSGD([{"params": [X], "rank": problem.r, "update_proj_gap": update_proj_gap, "proj_type": "left",
+                        "projection": "svd"}], lr=lr)
+    rows = []
+    anchor = anchor_sq = None
+    for t in range(steps):
+        x = X.detach().clone()
+        grad = problem.grad(x)
+        X.grad = grad.clone()
+        opt.step()
+        P = opt.state[X]["proj"]
+        proj_sq = _frob_sq(P.T @ grad)
+        if t % update_proj_gap == 0:
+            anchor, anchor_sq = x, proj_sq
+        rows.append(dict(step=t, refresh=t % update_proj_gap == 0, f=float(problem.f(x)),
+                         f_next=float(problem.f(X.detach())), grad_sq=_frob_sq(grad), proj_sq=proj_sq,
+                         anchor_sq=anchor_sq, drift_sq=_frob_sq(x - anchor)))
+    return pd.DataFrame(rows)
+
+
+def deterministic_rate(problem: ce.Counterexample, lr: float, update_proj_gap: int, steps: int,
+                       methods: Iterable[str] = ("galore",)) -> pd.DataFrame:
+    """(1/T) Σ_{t<T} ‖∇f(X_t)‖² for every T ≤ ``steps`` of one exact-gradient run (fast engine, every step logged).
+
+    ``problem`` must have exact gradients (``Counterexample(noise="none")``); ``steps`` must be a multiple of
+    ``update_proj_gap``. Columns ``method, steps, avg_grad_sq, bound`` (:func:`deterministic_bound`).
+    """
+    if problem.noise != "none":
+        raise ValueError(f"deterministic_rate needs exact gradients (noise='none'), got noise={problem.noise!r}")
+    if steps % update_proj_gap:
+        raise ValueError(f"Invalid steps: {steps} (must be a multiple of update_proj_gap = {update_proj_gap})")
+    frame = ce.run(problem, methods=methods, optimizer="sgd", steps=steps, lr=lr, update_proj_gap=update_proj_gap,
+                   seeds=[0], log_every=1)
+    bound = deterministic_bound(assumptions(problem), lr, update_proj_gap, np.arange(1, steps + 1))
+    frames = []
+    for method, rows in frame.groupby("method", sort=False):
+        values = rows.grad_norm_sq.to_numpy()[:steps]  # steps 0 .. T−1
+        T = np.arange(1, steps + 1)
+        frames.append(pd.DataFrame(dict(method=method, steps=T, avg_grad_sq=np.cumsum(values) / T, bound=bound)))
+    return pd.concat(frames, ignore_index=True)

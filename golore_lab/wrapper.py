@@ -1,0 +1,449 @@
+"""GaLore / GoLore by wrapping the model: frozen weights, low-rank trainable factors, plain torch optimizers.
+
+The same algorithm as :class:`golore_lab.optim.SubspaceAdamW` / :class:`~golore_lab.optim.SubspaceSGD`, laid
+out the way the authors' README does it. Each target ``nn.Linear`` becomes a :class:`SubspaceLinear` holding::
+
+    weight  W  (m, n)   buffer, not trained by the optimizer (changed only by merges and weight decay)
+    proj    P  (m, r)   buffer, the basis (left side; right side: Q (n, r))
+    factor  B  (r, n)   the trainable parameter (right side: (m, r))
+    forward     y = x (W + scale·P B)ᵀ + bias          (right side: W + scale·B Qᵀ)
+
+Between refreshes only B (and the parameters that were never wrapped) receive gradients, so under DDP only
+r × n numbers per wrapped matrix cross the network instead of m × n. At a refresh step t (``t % update_proj_gap
+== 0``, the optimizer path's schedule) the training loop calls :meth:`SubspaceModel.refresh` between
+``backward()`` and ``optimizer.step()``, which, for every wrapped layer:
+
+1. takes the full gradient G of that step (m, n) -- at refresh steps only, the forward builds W + scale·P B as
+   one tensor and a hook keeps its gradient Σ gyᵀ x (the layer's inputs and output gradients), summed over
+   micro-batches -- and all-reduces it explicitly under DDP;
+2. merges exactly: W ← W + scale·P B;
+3. picks the new basis from G -- SVD (GaLore), random (GoLore), or the switch at ``switch_step`` -- with the
+   optimizer path's generator ``refresh_generator(seed, position, t)``;
+4. carries the torch optimizer's state of B to the new basis (``state_on_refresh``: the paper's momentum
+   projection for ``exp_avg`` / ``momentum_buffer``, ``exp_avg_sq`` as :func:`golore_lab.rules.carry_second_moment`)
+   and stores it back;
+5. zeros B and sets B.grad = P_newᵀ G, so that the coming ``optimizer.step()`` is the optimizer path's step.
+
+A random basis does not depend on G, so a GoLore refresh may instead be done *before* the step's forward
+(:meth:`SubspaceModel.refresh_needs_gradient` is False): steps 2--4 and B ← 0 happen first, and backward
+then gives B.grad = P_newᵀ G by itself. Same step, but nothing m × n is formed or all-reduced.
+
+**Scale applied once.** The factor enters the forward as ``scale·B`` but its gradient is ``Pᵀ G`` -- not
+``scale·Pᵀ G``, the true derivative -- because the scaling is an autograd function whose backward is the
+identity (:class:`_ScaleForward`). A torch optimizer step then moves the weight by ``−lr·scale·P N(PᵀG)``,
+exactly the optimizer path's update. (The authors' wrapper also scales the gradient, which gives an effective
+``scale²`` for SGD and a rescaled ε for Adam.)
+
+**Weight decay.** ``torch.optim.AdamW``'s decoupled decay of B is completed by decaying W by the same factor
+``(1 − lr·weight_decay)`` after each step (a step hook installed by :meth:`SubspaceModel.attach`), which is the
+optimizer path's decay of the whole matrix. ``torch.optim.SGD``'s coupled decay would add ``wd·B`` to the
+gradient where the optimizer path adds ``wd·Pᵀ W_eff``: groups holding factors must have ``weight_decay=0`` for
+SGD (and plain Adam); :meth:`attach` refuses otherwise.
+
+**What differs on purpose from a naive comparison.** ``torch.optim.AdamW``'s default ``weight_decay`` is 0.01,
+``SubspaceAdamW``'s is 0: pass it explicitly. Gradient clipping over ``model.parameters()`` sees the factors'
+gradients Pᵀ G (norm ≤ ‖G‖), where the optimizer path clips the full G: the two paths coincide without
+clipping (or with clipping that does not bite). Random bases are seeded by (``seed``, ``position``, step) as in
+the optimizer path; ``position`` defaults to the layer's index among the wrapped layers, i.e. the optimizer
+path's index when its first param group holds exactly these weights in module order.
+
+**DDP.** Wrap the :class:`SubspaceModel` itself: ``DistributedDataParallel(SubspaceModel(net, ...))``. W and P
+are declared ignored (``_ddp_params_and_buffers_to_ignore``), so DDP neither broadcasts them nor gives them
+bucket space; between refreshes DDP all-reduces only the factors and the unwrapped parameters. At a refresh
+:meth:`SubspaceModel.refresh` all-reduces the full gradients explicitly (one flat all-reduce), and every rank
+then computes the same SVD or draws the same random basis, so the ranks stay identical without broadcasts.
+
+**Large-batch GaLore.** Accumulate more micro-batches when :meth:`SubspaceModel.refresh_due` is True; the
+captured full gradient accumulates over them like ``.grad`` does.
+
+The authors' names, for users of their README::
+
+    ReLoRaModel(model, r, target_modules, scale, ...)  →  SubspaceModel(model, rank, target_modules, scale, ...)
+    ReLoRaLinear                                      →  SubspaceLinear (lora_A/lora_B → proj P / factor B)
+    model._config.forward_type = reset_relora         →  nothing: layers capture the full gradient by themselves
+                                                         when refresh_due() (their forward_type=True step)
+    model.merge_and_reinit(optimizer, use_rand)       →  model.refresh(optimizer) (schedule from projection and
+                                                         switch_step), or refresh(optimizer, projection="random")
+    rand_ratio (SVD for the first rand_ratio·T steps)  →  switch_step = round(rand_ratio·T)
+
+Example -- GoLore@20% over 1000 steps with AdamW::
+
+    model = SubspaceModel(net, rank=128, target_modules=["attn", "mlp"], update_proj_gap=200, switch_step=800)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.attach(opt)
+    for batch in batches:
+        if model.refresh_due() and not model.refresh_needs_gradient():
+            model.refresh(opt)          # GoLore: before the forward, no full gradient needed
+        loss_fn(model, batch).backward()
+        if model.refresh_due():
+            model.refresh(opt)          # GaLore: SVD of this step's full gradient
+        opt.step(); opt.zero_grad()
+    torch.save(model.merged_state_dict(), "plain.pt")   # loads into the unwrapped architecture
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from . import projection as proj
+from . import rules
+
+__all__ = ["SubspaceLinear", "SubspaceModel"]
+
+
+class _ScaleForward(torch.autograd.Function):
+    """``scale·B`` in the forward, identity in the backward: B.grad = Pᵀ G, and the step applies scale once."""
+
+    @staticmethod
+    def forward(ctx, factor: Tensor, scale: float) -> Tensor:
+        return factor * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class SubspaceLinear(nn.Module):
+    """A linear layer W + scale·P B with frozen ``weight`` W, basis ``proj`` P and trainable ``factor`` B.
+
+    Built from an ``nn.Linear`` by :class:`SubspaceModel`; ``weight`` and ``bias`` keep ``nn.Linear``'s names and
+    shapes, so a merged state dict is an ``nn.Linear`` state dict. ``side`` is the optimizer's
+    ``projected_side(weight.shape, proj_type)``: ``"left"`` gives P (m, r), B (r, n); ``"right"`` gives
+    Q (n, r), B (m, r). ``position`` is the parameter index the optimizer path would give this weight (it seeds
+    the random bases); ``step`` counts optimizer steps taken on the factor.
+    """
+
+    def __init__(self, linear: nn.Linear, name: str, rank: int, scale: float, side: str, position: int,
+                 update_proj_gap: int):
+        super().__init__()
+        m, n = linear.weight.shape
+        self.name, self.rank, self.scale, self.side, self.position = name, rank, float(scale), side, position
+        self.update_proj_gap = update_proj_gap
+        self.in_features, self.out_features = n, m
+        weight = linear.weight.detach().clone()
+        self.register_buffer("weight", weight)                                  # (m, n)
+        basis_dim = m if side == "left" else n
+        self.register_buffer("proj", weight.new_zeros(basis_dim, rank))          # (m, r) or (n, r)
+        factor_shape = (rank, n) if side == "left" else (m, rank)
+        self.factor = nn.Parameter(weight.new_zeros(factor_shape))              # (r, n) or (m, r)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        self.step = 0
+        self.full_grad: Tensor | None = None   # G (m, n) of the current refresh step, summed over micro-batches
+        self._refreshed_at: int | None = None
+
+    @property
+    def due(self) -> bool:
+        """True while the coming optimizer step is a refresh step not yet refreshed: the forward then captures
+        the full gradient."""
+        return self.step % self.update_proj_gap == 0 and self._refreshed_at != self.step
+
+    # the step counter travels in the state dict (as `_extra_state`), the captured gradient does not
+    def get_extra_state(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+        self.full_grad, self._refreshed_at = None, None
+
+    def delta(self) -> Tensor:
+        """scale·P B (m, n): what the factor adds to W."""
+        b = self.factor.detach() * self.scale
+        return self.proj @ b if self.side == "left" else b @ self.proj.T
+
+    def merged_weight(self) -> Tensor:
+        """W + scale·P B (m, n), the weight of the equivalent ``nn.Linear``."""
+        return self.weight + self.delta()
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = _ScaleForward.apply(self.factor, self.scale) if self.scale != 1.0 else self.factor
+        if self.due and torch.is_grad_enabled():
+            # refresh step: form the effective weight, whose gradient is the full G = Σ gyᵀ x
+            full = self.weight + (self.proj @ b if self.side == "left" else b @ self.proj.T)  # (m, n)
+            full.register_hook(self._accumulate)
+            return F.linear(x, full, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        if self.side == "left":
+            return y + F.linear(F.linear(x, b), self.proj)       # x Bᵀ (.., r), then Pᵀ: (.., m)
+        return y + F.linear(F.linear(x, self.proj.T), b)         # x Q (.., r), then Bᵀ: (.., m)
+
+    def _accumulate(self, grad: Tensor) -> None:
+        self.full_grad = grad.detach().clone() if self.full_grad is None else self.full_grad.add_(grad)
+
+    def extra_repr(self) -> str:
+        return (f"{self.name!r}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, side={self.side!r}, scale={self.scale}, bias={self.bias is not None}")
+
+
+def _matches(name: str, patterns: Sequence[str]) -> list[str]:
+    return [p for p in patterns if p in name]
+
+
+class SubspaceModel(nn.Module):
+    """Wrap ``model``: every ``nn.Linear`` whose qualified name contains one of ``target_modules`` (substring
+    match, as the authors' README) becomes a :class:`SubspaceLinear`. See the module docstring for the algorithm.
+
+    Arguments mirror the optimizer path's param-group keys: ``rank``, ``update_proj_gap``, ``scale``,
+    ``proj_type``, ``projection`` (``"svd"``, ``"random"`` or a projector callable), ``switch_step``
+    (GoLore@x%), ``state_on_refresh`` and ``seed``. ``positions`` maps a wrapped layer's name to the index its
+    weight would have in the optimizer path's parameter list (it seeds GoLore's bases); by default layer i
+    (in ``named_modules()`` order) gets i, which is what ``[{"params": wrapped weights in module order, "rank":
+    ...}, {"params": the rest}]`` gives -- e.g. ``golore_lab.lm.model.subspace_param_groups``.
+
+    The wrapped ``model`` is modified in place and held as ``self.model``; the buffers W and P are
+    registered with DDP as ignored, so ``DistributedDataParallel(SubspaceModel(...))`` neither broadcasts
+    them nor reserves bucket space for them.
+    """
+
+    def __init__(self, model: nn.Module, rank: int, target_modules: Sequence[str] = ("attn", "attention", "mlp"),
+                 scale: float = 1.0, update_proj_gap: int = 200, proj_type: str = "std",
+                 projection: Any = "svd", switch_step: int | None = None, state_on_refresh: str = "project",
+                 seed: int = 0, positions: dict[str, int] | None = None) -> None:
+        super().__init__()
+        if isinstance(target_modules, str):
+            target_modules = [target_modules]
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"Invalid rank: {rank!r} (must be an integer >= 1)")
+        if not isinstance(update_proj_gap, int) or update_proj_gap < 1:
+            raise ValueError(f"Invalid update_proj_gap: {update_proj_gap!r} (must be an integer >= 1)")
+        if not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"Invalid scale: {scale!r} (must be a number > 0)")
+        if proj_type not in proj.PROJ_TYPES:
+            choices = ", ".join(map(repr, proj.PROJ_TYPES))
+            raise ValueError(f"Invalid proj_type: {proj_type!r} (must be one of {choices})")
+        proj.resolve(projection)
+        if switch_step is not None and (not isinstance(switch_step, int) or switch_step < 0):
+            raise ValueError(f"Invalid switch_step: {switch_step!r} (must be None or an integer >= 0)")
+        if state_on_refresh not in rules.STATE_ON_REFRESH:
+            raise ValueError(f"Invalid state_on_refresh: {state_on_refresh!r} (must be 'project', 'keep' or 'reset')")
+        self.update_proj_gap, self.projection, self.switch_step = update_proj_gap, projection, switch_step
+        self.state_on_refresh, self.seed = state_on_refresh, seed
+
+        targets = [(name, mod) for name, mod in model.named_modules()
+                   if isinstance(mod, nn.Linear) and _matches(name, target_modules)]
+        linears = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+        for pattern in target_modules:
+            if not any(pattern in name for name, _ in targets):
+                more = " ..." if len(linears) > 8 else ""
+                raise ValueError(f"Target module pattern {pattern!r} matches no nn.Linear of "
+                                 f"{type(model).__name__} (its linears: {linears[:8]}{more})")
+        for name, mod in targets:
+            if rank > min(mod.weight.shape):
+                raise ValueError(f"Invalid rank: {rank} exceeds min(m, n) = {min(mod.weight.shape)} of layer "
+                                 f"{name!r} with weight shape {tuple(mod.weight.shape)}")
+        positions = dict(positions or {})
+        unknown = sorted(set(positions) - {name for name, _ in targets})
+        if unknown:
+            raise ValueError(f"positions names layer(s) {unknown} that are not wrapped")
+        self.layers: dict[str, SubspaceLinear] = {}
+        for i, (name, mod) in enumerate(targets):
+            side = proj.projected_side(tuple(mod.weight.shape), proj_type)
+            layer = SubspaceLinear(mod, name, rank, scale, side, positions.get(name, i), update_proj_gap)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+            self.layers[name] = layer
+        self.model = model
+        self._ddp_params_and_buffers_to_ignore = [f"model.{name}.{buf}" for name in self.layers
+                                                  for buf in ("weight", "proj")]
+        self._hooks: list[RemovableHandle] = []
+        self._attached: torch.optim.Optimizer | None = None
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # ---------------------------------------------------------------- schedule
+    def refresh_due(self) -> bool:
+        """True when the coming ``optimizer.step()`` must be preceded by :meth:`refresh` (step % gap == 0).
+
+        While True, the layers capture the full gradient during backward (the authors' ``forward_type=True``).
+        A large-batch GaLore loop takes its larger batch exactly when this is True.
+        """
+        return any(layer.due for layer in self.layers.values())
+
+    def refresh_needs_gradient(self, projection: Any = None) -> bool:
+        """True when the due refresh needs this step's full gradient (SVD or a user projector); False when all
+        due layers draw random bases (GoLore), whose refresh may then be done *before* the forward.
+
+        Refreshing GoLore before the forward gives the same step -- the basis does not depend on G, and
+        backward then yields B.grad = P_newᵀ G by itself -- with no full gradient formed or all-reduced, so
+        such steps cost what a step between refreshes costs.
+        """
+        return any(self._kind(layer.step, projection)[0] != "random" for layer in self.layers.values() if layer.due)
+
+    def _kind(self, count: int, projection: Any) -> tuple[str, Any]:
+        if projection is not None:
+            return ("custom" if callable(projection) else projection), proj.resolve(projection)
+        if self.switch_step is not None and count >= self.switch_step:
+            return "random", proj.random_projection
+        kind = self.projection if isinstance(self.projection, str) else "custom"
+        return kind, proj.resolve(self.projection)
+
+    # ---------------------------------------------------------------- optimizer protocol
+    def attach(self, optimizer: torch.optim.Optimizer) -> "SubspaceModel":
+        """Check that ``optimizer`` can train the factors and install its step hooks; call once per optimizer.
+
+        Supported: ``torch.optim.AdamW`` (any weight decay), ``torch.optim.Adam`` and ``torch.optim.SGD``
+        (``weight_decay=0`` on groups holding factors), without ``amsgrad`` or ``maximize``. The hooks
+        (a) refuse a step when a refresh was due and :meth:`refresh` was not called, (b) after the step,
+        count it and apply AdamW's decoupled decay to W.
+        """
+        if not isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)):
+            raise TypeError(f"Unsupported optimizer {type(optimizer).__name__}: the factors' state can be carried "
+                            "across refreshes for torch.optim.AdamW, Adam and SGD")
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or any(g.get("decoupled_weight_decay") for g in
+                                                                     optimizer.param_groups)
+        for name, layer in self.layers.items():
+            group = group_of.get(id(layer.factor))
+            if group is None:
+                raise ValueError(f"The optimizer does not hold the factor of layer {name!r}: build it over "
+                                 "model.parameters() (or include every '.factor')")
+            if group.get("amsgrad") or group.get("maximize"):
+                raise ValueError(f"Layer {name!r}: amsgrad and maximize are not supported for factors")
+            if group["weight_decay"] and not decoupled:
+                raise ValueError(
+                    f"Layer {name!r}: {type(optimizer).__name__} with weight_decay={group['weight_decay']} on a "
+                    "factor decays B instead of the merged weight; use weight_decay=0 for the factors' group "
+                    "(or torch.optim.AdamW, whose decoupled decay the wrapper completes exactly)")
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
+                       optimizer.register_step_post_hook(self._after_step)]
+        self._attached = optimizer
+        return self
+
+    def _check_attached(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._attached is not optimizer:
+            raise RuntimeError("Call model.attach(optimizer) once, after building the optimizer, before training "
+                               "(it installs the step counting and the weight decay of W)")
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        for name, layer in self.layers.items():
+            if layer.factor.grad is not None and layer.due:
+                raise RuntimeError(f"Layer {name!r} is due for a refresh at step {layer.step}: call "
+                                   "model.refresh(optimizer) after backward() and before optimizer.step()")
+
+    @torch.no_grad()
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        for layer in self.layers.values():
+            if layer.factor.grad is None:
+                continue
+            group = group_of[id(layer.factor)]
+            if group["weight_decay"]:
+                layer.weight.mul_(1 - group["lr"] * group["weight_decay"])
+            layer.step += 1
+            layer.full_grad = None
+
+    # ---------------------------------------------------------------- the refresh
+    @torch.no_grad()
+    def refresh(self, optimizer: torch.optim.Optimizer, projection: Any = None,
+                process_group: Any = None) -> int:
+        """Merge, pick new bases, carry the optimizer state, re-zero the factors; before ``optimizer.step()``.
+
+        Acts on every layer that is due (see the module docstring for the five steps). ``projection``
+        overrides the schedule for this refresh (``"svd"``, ``"random"`` or a projector), as the authors'
+        ``merge_and_reinit(optimizer, use_rand)``. Under ``torch.distributed`` the full gradients are averaged
+        over ``process_group`` in one all-reduce. Returns the number of bytes this rank all-reduced.
+
+        Called after ``backward()`` it uses the captured full gradients. Called before the forward of the step
+        (no gradient captured, factors' ``.grad`` None), it is allowed when :meth:`refresh_needs_gradient` is
+        False: random bases are drawn, nothing is all-reduced, and backward fills the factors' gradients.
+        """
+        self._check_attached(optimizer)
+        due = [layer for layer in self.layers.values() if layer.due]
+        if not due:
+            steps = sorted({layer.step for layer in self.layers.values()})
+            raise RuntimeError(f"refresh() called at step {steps[0] if len(steps) == 1 else steps}, when no layer "
+                               f"is due (update_proj_gap={self.update_proj_gap}, or refreshed already); "
+                               "check model.refresh_due()")
+        before_forward = all(layer.full_grad is None and layer.factor.grad is None for layer in due)
+        if before_forward and not self.refresh_needs_gradient(projection):
+            for layer in due:
+                self._refresh_layer(layer, None, optimizer, projection)
+            return 0
+        for layer in due:
+            if layer.full_grad is None:
+                kind = self._kind(layer.step, projection)[0]
+                raise RuntimeError(
+                    f"Layer {layer.name!r} has no full gradient for its {kind} refresh at step {layer.step}: run "
+                    "forward and backward on this step's batch with gradients enabled (the layers capture the "
+                    "gradient while model.refresh_due() is True), then refresh(optimizer)")
+        grads = [layer.full_grad for layer in due]
+        sent = 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=process_group)
+            flat.div_(dist.get_world_size(process_group))
+            sent = flat.numel() * flat.element_size()
+            grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        for layer, grad in zip(due, grads):
+            if not bool(torch.isfinite(grad).all()):
+                raise FloatingPointError(f"Non-finite full gradient in layer {layer.name!r} at step {layer.step}; "
+                                         "refresh skipped, nothing was changed")
+        for layer, grad in zip(due, grads):
+            self._refresh_layer(layer, grad, optimizer, projection)
+        return sent
+
+    def _refresh_layer(self, layer: SubspaceLinear, grad: Tensor | None, optimizer: torch.optim.Optimizer,
+                       projection: Any) -> None:
+        count = layer.step
+        _, projector = self._kind(count, projection)
+        generator = proj.refresh_generator(self.seed, layer.position, count)
+        shape_only = torch.empty_like(layer.weight, device="meta")           # random bases read only the shape
+        new = projector(shape_only if grad is None else grad, layer.rank, layer.side, generator)
+        new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        state = optimizer.state.get(layer.factor)
+        if count > 0:
+            layer.weight.add_(layer.delta())                                    # exact merge: W ← W + scale·P B
+            if state:
+                self._carry(state, layer.side, proj.transport(layer.side, layer.proj, new))
+        layer.proj.copy_(new)
+        layer.factor.zero_()
+        if grad is not None:
+            projected = new.T @ grad if layer.side == "left" else grad @ new  # (r, n) or (m, r)
+            if layer.factor.grad is None:
+                layer.factor.grad = projected.to(layer.factor.dtype)
+            else:
+                layer.factor.grad.copy_(projected)
+        layer.full_grad = None
+        layer._refreshed_at = count
+
+    def _carry(self, state: dict[str, Any], side: str, transport: Tensor) -> None:
+        mode = self.state_on_refresh
+        if mode == "keep":
+            return
+        if mode == "reset":
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key].zero_()
+            if "step" in state and torch.is_tensor(state["step"]):
+                state["step"].zero_()
+            state.pop("momentum_buffer", None)
+            return
+        for key in ("exp_avg", "momentum_buffer"):
+            if state.get(key) is not None:
+                state[key].copy_(rules.carry_first_moment(state[key], side, transport))
+        if "exp_avg_sq" in state:
+            state["exp_avg_sq"].copy_(rules.carry_second_moment(state["exp_avg_sq"], side, transport))
+
+    # ---------------------------------------------------------------- checkpoints
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """An ordinary state dict of the unwrapped architecture, with weights W + scale·P B (tensors only)."""
+        out = {}
+        for key, value in self.model.state_dict().items():
+            prefix, _, leaf = key.rpartition(".")
+            if prefix in self.layers and leaf in ("proj", "factor", "_extra_state"):
+                continue
+            if prefix in self.layers and leaf == "weight":
+                value = self.layers[prefix].merged_weight()
+            out[key] = value.detach().clone()
+        return out
+
+    def factor_parameters(self) -> Iterable[nn.Parameter]:
+        """The trainable factors B, one per wrapped layer (for optimizer groups of their own)."""
+        return (layer.factor for layer in self.layers.values())
