@@ -108,7 +108,8 @@ def test_pretrained_model_loads_offline(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=os.getcwd())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not an installed copy
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=root)
     code = ("import torch; torch.set_num_threads(1)\n"
             "from golore_lab.lm.classifier import load_classifier, load_tokenizer\n"
             "m, tok = load_classifier(5, seed=0), load_tokenizer()\n"
