@@ -64,7 +64,8 @@ def svd_projection(grad: Tensor, rank: int, side: str, generator: torch.Generato
     """
     matrix = grad.detach().to(compute_dtype(grad.dtype))
     U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)  # U (m, k), Vh (k, n), k = min(m, n)
-    return U[..., :rank] if side == "left" else Vh[..., :rank, :].mT
+    basis = U[..., :rank] if side == "left" else Vh[..., :rank, :].mT
+    return basis.contiguous()  # a copy: a view would keep the whole U or Vh alive in the optimizer state
 
 
 def random_stiefel(dim: int, rank: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:

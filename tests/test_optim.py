@@ -439,3 +439,14 @@ def test_refresh_generator_is_deterministic():
     a = torch.randn(3, generator=refresh_generator(1, 2, 3))
     assert torch.equal(a, torch.randn(3, generator=refresh_generator(1, 2, 3)))
     assert not torch.equal(a, torch.randn(3, generator=refresh_generator(1, 2, 4)))
+
+
+def test_stored_basis_owns_only_its_own_memory():
+    """The SVD basis is a contiguous copy, not a view that keeps the full U or Vh alive in the state."""
+    for shape, proj_type in [((40, 24), "left"), ((24, 40), "right"), ((24, 40), "left")]:
+        W = torch.nn.Parameter(torch.randn(*shape))
+        opt = SubspaceAdamW([W], lr=0.1, rank=3, proj_type=proj_type)
+        W.grad = torch.randn(*shape)
+        opt.step()
+        basis = opt.state[W]["proj"]
+        assert basis.is_contiguous() and basis.untyped_storage().nbytes() == basis.numel() * basis.element_size()
