@@ -29,6 +29,7 @@ PRODUCERS: dict[str, str] = {
     "noise": "golore_lab.experiments:produce_noise",
     "noise-lm": "golore_lab.experiments:produce_noise_lm",
     "pretrain": "golore_lab.lm.experiment:produce",
+    "finetune": "golore_lab.lm.finetune_experiments:produce",
     "theory": "golore_lab.experiments:produce_theory",
 }
 

@@ -1,0 +1,356 @@
+"""Fine-tuning: data, pretrained model, metrics, a few optimizer steps, the CLI and the error paths."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from golore_lab.lm import classification as cls_data
+from golore_lab.lm.classification import (DataUnavailableError, accuracy, confusion_matrix, load_splits,
+                                          macro_f1, split_examples)
+
+torch.set_num_threads(1)  # see finetune_experiments._threads: 2 threads on a busy 2-core machine crawl
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("task", cls_data.TASKS)
+def test_splits_are_deterministic_disjoint_and_complete(task, tmp_path):
+    splits = load_splits(task)  # from the user cache (fetched on first use)
+    # Rebuilt from scratch in another cache root: identical.
+    rebuilt = load_splits(task, root=tmp_path, pip_options=())
+    assert rebuilt == splits
+    parts = [splits.train, splits.val, splits.test]
+    texts = [{t for t, _ in p} for p in parts]
+    assert all(len(s) == len(p) for s, p in zip(texts, parts))  # no duplicate inside a split
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    n = sum(map(len, parts))
+    assert n == {"movie-reviews": 10_568 - 2, "bbc-news": 2_225 - 98}[task]
+    assert abs(len(splits.test) / n - 0.1) < 0.01 and abs(len(splits.val) / n - 0.1) < 0.01
+    # Every class is in every split, in proportion (stratified).
+    for p in parts:
+        assert {y for _, y in p} == set(range(splits.num_labels))
+
+
+def test_task_contents():
+    movies = load_splits("movie-reviews")
+    assert movies.classes == ("negative", "positive")
+    bbc = load_splits("bbc-news")
+    assert bbc.classes == ("business", "entertainment", "politics", "sports", "tech")
+    # The first ground-truth sentence is rated +2.27, so positive.
+    first = "The Rock is destined to be the 21st Century's new ''Conan''"
+    assert [y for t, y in movies.train + movies.val + movies.test if t.startswith(first)] == [1]
+
+
+def test_split_seed_changes_membership_only():
+    examples = [(f"text {i}", i % 3) for i in range(300)]
+    a = split_examples(examples, 3, split_seed=0)
+    b = split_examples(examples, 3, split_seed=1)
+    assert a != b
+    assert sorted(sum(a, [])) == sorted(sum(b, [])) == sorted(examples)
+    assert [len(p) for p in a] == [240, 30, 30]
+
+
+def test_clear_error_when_data_cannot_be_fetched(tmp_path, monkeypatch):
+    # No index and an empty folder of archives: as on a machine without PyPI and without a cache.
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-archives"))
+    with pytest.raises(DataUnavailableError) as err:
+        load_splits("movie-reviews", root=tmp_path / "cache")
+    message = str(err.value)
+    assert "vaderSentiment==3.3.2" in message and "pip download" in message and str(tmp_path / "cache") in message
+    assert not (tmp_path / "cache" / "movie-reviews").exists()  # nothing half-written
+    with pytest.raises(ValueError, match="Invalid task: 'glue'"):
+        load_splits("glue")
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_on_a_hand_made_batch():
+    target = torch.tensor([0, 0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert confusion_matrix(pred, target, 3).tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert accuracy(pred, target) == pytest.approx(4 / 6)
+    # Per class F1 = 2TP / (2TP + FP + FN): class 0: 4/5, class 1: 2/4, class 2: 2/3.
+    assert macro_f1(pred, target, 3) == pytest.approx((4 / 5 + 2 / 4 + 2 / 3) / 3)
+    # A class never predicted and never present counts 0 (scikit-learn's zero_division=0).
+    assert macro_f1(torch.tensor([0, 1]), torch.tensor([0, 1]), 3) == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+SENTENCES = ["A gem of a film.", "Tedious, overlong and dull, with nothing to say about anything at all.",
+             "Shares in the bank rose 3% after profits beat forecasts."]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    from golore_lab.lm.classifier import load_classifier
+
+    return load_classifier(num_labels=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from golore_lab.lm.classifier import load_tokenizer
+
+    return load_tokenizer()
+
+
+def test_pretrained_model_loads_offline(tmp_path):
+    # A fresh interpreter with a dead hub endpoint and no offline flag of its own: any download would fail.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not an installed copy
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=root)
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from golore_lab.lm.classifier import load_classifier, load_tokenizer\n"
+            "m, tok = load_classifier(5, seed=0), load_tokenizer()\n"
+            "b = tok(['offline'], return_tensors='pt')\n"
+            "print(tuple(m(b['input_ids'], b['attention_mask']).shape), sum(p.numel() for p in m.parameters()))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["(1,", "5)", str(22_565_376 + 384 * 5 + 5)]
+
+
+def test_mean_pooled_encoder_matches_sentence_transformers(classifier, tokenizer):
+    """Two independent code paths over the same files: ours (transformers + mean_pool) and sentence-transformers."""
+    from sentence_transformers import SentenceTransformer
+
+    from golore_lab.lm.classifier import model_path
+
+    st = SentenceTransformer(str(model_path()), device="cpu", local_files_only=True)
+    reference = st.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=False)  # (3, 384)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    classifier.eval()
+    with torch.no_grad():
+        ours = classifier.embed(batch["input_ids"], batch["attention_mask"])  # (3, 384), not normalised
+    # all-MiniLM-L6-v2's pipeline ends with a Normalize module, so compare directions; padding must not matter.
+    torch.testing.assert_close(torch.nn.functional.normalize(ours, dim=-1), reference, atol=1e-5, rtol=1e-5)
+    # Related sentences are closer than unrelated ones: the weights really are the trained ones.
+    sims = reference @ reference.T
+    assert sims[0, 1] > sims[0, 2]
+
+
+def test_subspace_parameters_are_the_attention_and_mlp_weights(classifier):
+    from golore_lab.lm.classifier import subspace_parameters
+
+    mats, rest = subspace_parameters(classifier)
+    assert len(mats) == 6 * 6 and all(p.ndim == 2 for p in mats)
+    assert sorted({tuple(p.shape) for p in mats}) == [(384, 384), (384, 1536), (1536, 384)]
+    names = {id(p): n for n, p in classifier.named_parameters()}
+    rest_names = [names[id(p)] for p in rest]
+    assert "head.weight" in rest_names and "encoder.embeddings.word_embeddings.weight" in rest_names
+    assert all("LayerNorm" in n or n.endswith("bias") or "embeddings" in n or n.startswith("head") for n in rest_names)
+    assert len(mats) + len(rest) == len(list(classifier.parameters()))
+
+
+def test_head_initialisation_is_seeded_and_leaves_global_rng_alone(classifier):
+    from golore_lab.lm.classifier import SentenceClassifier, load_classifier
+
+    state = torch.get_rng_state()
+    load_classifier(3, seed=1)
+    a = SentenceClassifier(classifier.encoder, 3, seed=1).head.weight
+    b = SentenceClassifier(classifier.encoder, 3, seed=1).head.weight
+    c = SentenceClassifier(classifier.encoder, 3, seed=2).head.weight
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="Invalid num_labels: 1"):
+        SentenceClassifier(classifier.encoder, 1)
+
+
+# ------------------------------------------------------------------------------------- training (shared loop)
+
+
+@pytest.fixture(scope="module")
+def tiny_task():
+    from golore_lab.lm.finetune import ClassificationTask, TaskConfig
+
+    return ClassificationTask(TaskConfig("movie-reviews", train_examples=8, val_examples=16, test_examples=16,
+                                         max_length=24))
+
+
+#: (method, optimizer, lr, update_proj_gap) trained for 3 steps: every method with AdamW, GoLore with momentum
+#: SGD. GaLore and GoLore share τ = 2 and the switch at step 2 (so GoLore's refresh at step 2 is random); the
+#: others refresh only at step 0 -- each SVD refresh of the 36 matrices costs seconds on a busy CPU.
+SHORT_RUNS = [("full", "adamw", 2e-4, 3), ("galore", "adamw", 2e-4, 2), ("golore", "adamw", 2e-4, 2),
+              ("lb-galore", "adamw", 2e-4, 3), ("golore", "sgd", 0.05, 3)]
+
+
+@pytest.fixture(scope="module")
+def short_runs(tiny_task):
+    """3 steps of each configuration on 8 examples: the loss on those 8 before and after, and the step losses."""
+    from golore_lab.lm.finetune import recipe
+    from golore_lab.lm.train import train
+
+    fixed = tiny_task.batch(0, 8, seed=0)  # all 8 training examples
+    out = {}
+    for method, optimizer, lr, gap in SHORT_RUNS:
+        _, cfg = recipe("fast", "movie-reviews", optimizer, method=method, lr=lr, steps=3, batch_size=8,
+                        update_proj_gap=gap, switch_fraction=0.5, log_every=1, eval_every=3, progress=False)
+        before = tiny_task.loss(tiny_task.build_model(cfg.seed), fixed).item()
+        result = train(tiny_task, cfg)
+        with torch.no_grad():
+            after = tiny_task.loss(result.model, fixed).item()
+        out[method, optimizer] = (cfg, before, after, [row["train_loss"] for row in result.history[1:]])
+    return out
+
+
+@pytest.mark.parametrize("method,optimizer", [run[:2] for run in SHORT_RUNS])
+def test_a_few_steps_of_each_method_lower_the_loss(short_runs, method, optimizer):
+    cfg, before, after, _ = short_runs[method, optimizer]
+    assert (cfg.rank, cfg.scale) == (4, 4.0)
+    assert after < before - 0.01, (before, after)
+
+
+def test_golore_and_galore_agree_until_the_switch(short_runs):
+    """Same seed: same head, same batches, same SVD subspaces -- the runs differ only from the switch step on."""
+    galore_cfg, _, galore_after, galore = short_runs["galore", "adamw"]
+    golore_cfg, _, golore_after, golore = short_runs["golore", "adamw"]
+    assert (galore_cfg.switch_step, golore_cfg.switch_step) == (None, 2)
+    # The losses of steps 0, 1, 2 are all taken before the first update in a random subspace (step 2's).
+    assert galore == golore
+    assert galore_after != golore_after
+
+
+def test_cli_writes_metrics_resumes_exactly_and_scores_the_test_split(tmp_path, capsys):
+    from golore_lab.lm.finetune import main
+
+    # GoLore@20% of 3 steps, τ = 1: SVD subspaces at steps 0 and 1, a random one at step 2, after the resume.
+    common = ["--preset", "fast", "--task", "bbc-news", "--method", "golore", "--optimizer", "sgd", "--no-progress",
+              "--steps", "3", "--eval-every", "1", "--update-proj-gap", "1", "--train-examples", "16"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    straight = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(common + ["--out", str(tmp_path / "b"), "--stop-at", "2"]) == 0
+    assert not (tmp_path / "b" / "test_metrics.json").exists()  # only a finished run is tested
+    assert main(common + ["--out", str(tmp_path / "b"), "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed == straight  # bit-identical: same val and test metrics after the interruption
+    assert set(straight) >= {"val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1", "test_loss"}
+    assert json.loads((tmp_path / "b" / "test_metrics.json").read_text()) == straight
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_accuracy" in r] == [0, 1, 2, 3]  # evaluated every --eval-every steps
+    header = (tmp_path / "b" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "train_loss", "val_loss", "val_accuracy", "val_macro_f1"} <= set(header)
+
+
+def test_cli_prepare_fetches_both_tasks(capsys):
+    from golore_lab.lm.finetune import main
+
+    assert main(["--prepare"]) == 0
+    out = capsys.readouterr().out
+    assert "movie-reviews: 8453 train, 1056 val, 1057 test" in out and "bbc-news: 1701 train" in out
+
+
+def test_cli_rejects_bad_values(capsys):
+    from golore_lab.lm.finetune import main
+
+    with pytest.raises(SystemExit):
+        main(["--task", "glue"])
+    with pytest.raises(SystemExit):
+        main(["--preset", "fast", "--max-length", "2", "--no-progress"])
+    assert "Invalid max_length: 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--preset", "fast", "--out", "/nonexistent/x", "--resume", "--no-progress"])
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_recipe_epochs_set_the_steps_and_per_epoch_evaluation():
+    from golore_lab.lm.finetune import recipe
+
+    task_cfg, cfg = recipe("paper", "bbc-news", "adamw", method="golore")
+    n_train = len(load_splits("bbc-news").train)
+    per_epoch = -(-n_train // 16)
+    assert (cfg.steps, cfg.eval_every, cfg.lr, cfg.update_proj_gap) == (30 * per_epoch, per_epoch, 3e-5, 500)
+    assert (cfg.rank, cfg.scale, cfg.switch_fraction, cfg.schedule) == (4, 4.0, 0.2, "linear")
+    assert cfg.switch_step == round(0.8 * cfg.steps)
+    _, cfg = recipe("cpu", "movie-reviews", "sgd", epochs=0.5)
+    assert cfg.steps == math.ceil(0.5 * math.ceil(len(load_splits("movie-reviews").train) / 16))
+    assert (cfg.momentum, cfg.lr) == (0.9, 0.03)
+    with pytest.raises(ValueError, match="Invalid preset"):
+        recipe("huge")
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+def test_summary_table_means_stds_and_paired_differences():
+    import pandas as pd
+
+    from golore_lab.lm.finetune_experiments import summarize_table, table_markdown
+
+    rows = []
+    for seed, (acc_full, acc_ga, acc_go) in enumerate([(0.8, 0.7, 0.72), (0.9, 0.7, 0.74), (0.7, 0.7, 0.70)]):
+        for method, acc in zip(("full", "galore", "golore"), (acc_full, acc_ga, acc_go)):
+            rows.append({"task": "movie-reviews", "method": method, "seed": seed, "test_accuracy": acc,
+                         "test_macro_f1": acc})
+            rows.append({"task": "bbc-news", "method": method, "seed": seed, "test_accuracy": 1.0,
+                         "test_macro_f1": 0.5})
+    summary = summarize_table(pd.DataFrame(rows)).set_index(["metric", "method"])
+    assert summary.loc[("movie-reviews accuracy", "full"), "mean"] == pytest.approx(80.0)
+    assert summary.loc[("movie-reviews accuracy", "full"), "std"] == pytest.approx(10.0)  # ddof = 1
+    assert summary.loc[("movie-reviews accuracy", "golore-galore"), "mean"] == pytest.approx(2.0)
+    assert summary.loc[("bbc-news macro-F1", "galore"), "mean"] == pytest.approx(50.0)
+    assert summary.loc[("average accuracy", "full"), "mean"] == pytest.approx(90.0)
+    assert ("movie-reviews macro-F1", "full") not in summary.index
+    text = table_markdown(summary.reset_index(), "python -m golore_lab figures --only finetune")
+    assert "| GoLore@20% − GaLore (paired) | +2.00 ± 2.00 |" in text and "3 seed(s)" in text
+
+
+def test_curves_figure_has_an_inset_on_the_last_fifth():
+    import pandas as pd
+
+    from golore_lab.lm.finetune_experiments import plot_curves, smooth
+
+    assert smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+    curves = pd.DataFrame([{"method": m, "step": s, "train_loss": 1 / s + (m == "galore") * 0.01}
+                           for m in ("full", "galore", "golore") for s in range(1, 101)])
+    fig = plot_curves(curves, window=4)
+    main_ax, inset = fig.axes[0], fig.axes[0].child_axes[0]
+    assert inset.get_xlim() == (80.0, 100.0)
+    assert [t.get_text() for t in main_ax.get_legend().get_texts()] == ["Full params.", "GaLore", "GoLore@20%"]
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """``torchrun -m golore_lab finetune`` (gloo, 2 CPU ranks, 4 examples each) equals one process with 8."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    args = ["finetune", "--preset", "fast", "--task", "bbc-news", "--method", "golore", "--optimizer", "adamw",
+            "--steps", "2", "--update-proj-gap", "1", "--batch-size", "8", "--no-progress", "--threads", "1"]
+    results = {}
+    for name, launcher in [("one", [sys.executable, "-m", "golore_lab"]),
+                           ("two", [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "golore_lab"])]:
+        out = subprocess.run(launcher + args + ["--out", str(tmp_path / name)], env=env, capture_output=True,
+                             text=True, timeout=300, cwd=root)
+        assert out.returncode == 0, out.stderr[-3000:]
+        results[name] = json.loads((tmp_path / name / "test_metrics.json").read_text())
+    assert results["one"].keys() == results["two"].keys()
+    for key, value in results["one"].items():
+        assert results["two"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_runners_return_tidy_frames():
+    from golore_lab.lm.finetune_experiments import curve_runs, table_runs
+
+    threads = torch.get_num_threads()
+    runs = table_runs("fast", tasks=("bbc-news",), seeds=(0,), methods=("full",))
+    assert torch.get_num_threads() == threads  # restored
+    assert runs[["task", "method", "seed", "steps"]].values.tolist() == [["bbc-news", "full", 0, 3]]
+    assert 0.0 <= runs["test_accuracy"].iloc[0] <= 1.0 and 0.0 <= runs["test_macro_f1"].iloc[0] <= 1.0
+    curves = curve_runs("fast", steps=2, train_examples=16, methods=("full",))
+    assert curves.columns.tolist() == ["method", "step", "train_loss"] and curves["step"].tolist() == [1, 2]
