@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict
 
 import pandas as pd
 import torch
 
 from golore_lab.lm.finetune import ClassificationTask, recipe
+from golore_lab.lm.train import config_dict
 
 METHODS = ("full", "galore", "golore")
 LABELS = {"full": "Full params.", "galore": "GaLore", "golore": "GoLore@20%"}
@@ -205,12 +205,12 @@ def results(ctx) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(table runs, SGD curves)`` for ``ctx.preset``: from the committed cache when its configuration matches,
     else run (see :data:`SIZES`). The figure producer and the notebook both call this."""
     size = SIZES[ctx.preset]
-    table_cfg = {"size": size, "recipes": [[asdict(c) for c in recipe(size["recipe"], t, "adamw")]
+    table_cfg = {"size": size, "recipes": [[config_dict(c) for c in recipe(size["recipe"], t, "adamw")]
                                            for t in size["tasks"]]}
     runs = ctx.cached(f"finetune-table-{ctx.preset}", _jsonable(table_cfg),
                       lambda: table_runs(size["recipe"], size["tasks"], size["seeds"]))
     kw = size["curves"]
-    curve_cfg = {"curves": kw, "recipe": [asdict(c) for c in recipe(
+    curve_cfg = {"curves": kw, "recipe": [config_dict(c) for c in recipe(
         size["recipe"], kw["task"], "sgd", steps=kw["steps"], task_overrides={"train_examples": kw["train_examples"]})]}
     curves = ctx.cached(f"finetune-curves-{ctx.preset}", _jsonable(curve_cfg), lambda: curve_runs(size["recipe"], **kw))
     return runs, curves
