@@ -90,7 +90,7 @@ class SubspaceOptimizer(Optimizer):
     is no generator state to lose and all DDP ranks draw the same basis.
 
     Non-finite gradients: ``step()`` raises ``FloatingPointError`` naming the parameter, before any parameter
-    or state is modified (the check is one fused max-norm over the projected gradients).
+    or state is modified (the check is one fused 2-norm over the projected gradients).
     """
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
@@ -245,13 +245,18 @@ class SubspaceOptimizer(Optimizer):
                     self._refresh_state(group, state, side, proj.transport(side, state["proj"], new_basis), count)
                 state["proj"] = new_basis
             state["step"] = count + 1
-            direction = self._direction(group, state, grad, count + 1 - state.get("moment_start", 0))
+            numerator, denominator, factor = self._direction(group, state, grad,
+                                                             count + 1 - state.get("moment_start", 0))
             self._decay(group, p)
-            if side is None:
-                p.add_(direction, alpha=-group["lr"])
+            if side is None:  # full space: one fused update, no temporary the size of p
+                if denominator is None:
+                    p.add_(numerator, alpha=-group["lr"] * factor)
+                else:
+                    p.addcdiv_(numerator, denominator, value=-group["lr"] * factor)
             else:
+                direction = numerator if denominator is None else numerator / denominator  # (r, n) or (m, r)
                 update = basis @ direction if side == "left" else direction @ basis.T  # (m, n)
-                p.add_(update, alpha=-group["lr"] * group["scale"])
+                p.add_(update, alpha=-group["lr"] * group["scale"] * factor)
         return loss
 
     @staticmethod
@@ -279,9 +284,15 @@ class SubspaceOptimizer(Optimizer):
         self._carry(state, side, transport)
 
     def _check_finite(self, tensors: list[Tensor], where: list[tuple]) -> None:
+        # One fused 2-norm per tensor, accumulated in float32 for half types (an inf-norm is 8x slower on CPU).
+        # A gradient whose norm overflows float32 counts as non-finite too.
         if not tensors:
             return
-        norms = torch._foreach_norm(tensors, float("inf"))
+        halves = {torch.float16, torch.bfloat16}
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) if t.dtype in halves else None for t in tensors]
+        rest = [t for t, n in zip(tensors, norms) if n is None]
+        fused = iter(torch._foreach_norm(rest, 2) if rest else [])
+        norms = [next(fused) if n is None else n for n in norms]
         device = norms[0].device
         if bool(torch.stack([n.to(device, torch.float32) for n in norms]).isfinite().all()):
             return
@@ -302,7 +313,9 @@ class SubspaceOptimizer(Optimizer):
     def _decay(self, group: dict[str, Any], p: Tensor) -> None:
         pass
 
-    def _direction(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, count: int) -> Tensor:
+    def _direction(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor,
+                   count: int) -> tuple[Tensor, Tensor | None, float]:
+        """The rule's direction N = factor · numerator / denominator (denominator None: N = factor · numerator)."""
         raise NotImplementedError
 
     def _carry(self, state: dict[str, Any], side: str, transport: Tensor) -> None:
@@ -358,7 +371,8 @@ class SubspaceAdamW(SubspaceOptimizer):
         if group["weight_decay"]:
             p.mul_(1 - group["lr"] * group["weight_decay"])
 
-    def _direction(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, count: int) -> Tensor:
+    def _direction(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor,
+                   count: int) -> tuple[Tensor, Tensor, float]:
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg_sq"] = torch.zeros_like(grad)
@@ -406,12 +420,13 @@ class SubspaceSGD(SubspaceOptimizer):
     def _regularize(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> Tensor:
         return grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else grad
 
-    def _direction(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, count: int) -> Tensor:
+    def _direction(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor,
+                   count: int) -> tuple[Tensor, None, float]:
         direction, buffer = rules.sgd_direction(grad, state.get("momentum_buffer"), group["momentum"],
                                                 group["dampening"], group["nesterov"])
         if buffer is not None:
             state["momentum_buffer"] = buffer
-        return direction
+        return direction, None, 1.0
 
     def _carry(self, state: dict[str, Any], side: str, transport: Tensor) -> None:
         if "momentum_buffer" in state:

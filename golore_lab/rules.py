@@ -20,22 +20,22 @@ STATE_ON_REFRESH = ("project", "keep", "reset")
 
 def adamw_direction(
     grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, count: int, beta1: float, beta2: float, eps: float
-) -> Tensor:
-    """One Adam step's direction, exactly as ``torch.optim.AdamW`` computes it (weight decay excluded).
+) -> tuple[Tensor, Tensor, float]:
+    r"""One Adam step's direction, exactly as ``torch.optim.AdamW`` computes it (weight decay excluded).
 
     .. math::
-        m ← β₁ m + (1−β₁) R,\\quad v ← β₂ v + (1−β₂) R²,\\quad
-        N = \\frac{m / (1−β₁^k)}{\\sqrt{v} / \\sqrt{1−β₂^k} + ε}
+        m ← β₁ m + (1−β₁) R,\quad v ← β₂ v + (1−β₂) R²,\quad
+        N = \frac{1}{1−β₁^k} \cdot \frac{m}{\sqrt{v} / \sqrt{1−β₂^k} + ε}
 
     ``count`` is k, the number of steps the moments have seen including this one (bias correction).
-    ``exp_avg`` (m) and ``exp_avg_sq`` (v) are updated in place.
+    ``exp_avg`` (m) and ``exp_avg_sq`` (v) are updated in place. Returns N in factored form
+    ``(m, denominator, 1/(1−β₁^k))`` so that a full-space update is one fused ``addcdiv_`` with no temporary
+    the size of the parameter, as in torch.
     """
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**count
-    bias_correction2_sqrt = math.sqrt(1 - beta2**count)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    return (exp_avg / bias_correction1).div_(denom)
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**count)).add_(eps)
+    return exp_avg, denom, 1 / (1 - beta1**count)
 
 
 def sgd_direction(
