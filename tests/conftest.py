@@ -20,3 +20,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus_root(tmp_path_factory):
+    """A prepared LM corpus built from the committed real-text fixture (no network)."""
+    from lm_helpers import build_fixture_corpus
+
+    root = tmp_path_factory.mktemp("cache")
+    build_fixture_corpus(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def task(corpus_root):
+    """The pre-training task on the fixture corpus with the tiny LLaMA."""
+    from golore_lab.lm.data import load_corpus
+    from golore_lab.lm.model import LlamaConfig
+    from golore_lab.lm.pretrain import LMTask
+
+    corpus = load_corpus(next(corpus_root.glob("corpus-*")))
+    return LMTask(corpus, LlamaConfig.preset("tiny"), seq_len=32, eval_windows=8)

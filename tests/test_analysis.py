@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from golore_lab import SubspaceAdamW, SubspaceSGD, analysis
+from golore_lab import SubspaceAdamW, analysis
 from golore_lab import counterexample as ce
 from golore_lab.projection import random_stiefel
 

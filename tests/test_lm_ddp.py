@@ -11,20 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 import lm_ddp_worker
-from lm_helpers import build_fixture_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def corpus_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    build_fixture_corpus(root)
-    return root
 
 
 def test_ddp_matches_one_process(corpus_root, tmp_path):

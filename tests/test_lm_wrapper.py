@@ -13,26 +13,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from golore_lab.lm.data import load_corpus
-from golore_lab.lm.model import LlamaConfig, build_model
+from golore_lab.lm.model import build_model
 from golore_lab.lm.pretrain import LMTask, main, recipe
 from golore_lab.lm.train import TrainConfig, train
 from golore_lab.wrapper import SubspaceLinear, SubspaceModel
-from lm_helpers import VOCAB, build_fixture_corpus
-
-
-@pytest.fixture(scope="module")
-def corpus_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    build_fixture_corpus(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def task(corpus_root):
-    torch.set_num_threads(1)
-    corpus = load_corpus(next(corpus_root.glob("corpus-*")))
-    return LMTask(corpus, LlamaConfig.preset("tiny"), seq_len=32, eval_windows=8)
+from lm_helpers import VOCAB
 
 
 def small(**overrides) -> TrainConfig:

@@ -32,7 +32,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ from torch import nn
 
 from .data import DEFAULT_VOCAB, Corpus, ensure_corpus
 from .model import LlamaConfig, build_model, subspace_param_groups
-from .train import TrainConfig, add_train_arguments, config_from_args, stream_indices, train
+from .train import TrainConfig, add_train_arguments, stream_indices, train
 
 #: Learning rates of the CPU preset: the best of {1e-3, 3e-3, 1e-2} (AdamW) and {0.1, 0.3, 1, 3} (SGD) for
 #: full training over 100 steps, then used for every method.
