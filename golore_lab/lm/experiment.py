@@ -27,11 +27,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..plotting import COLORS
 from .train import METHODS, config_dict
 
 LABELS = {"full": "Full params.", "galore": "GaLore", "golore": "GoLore@20%", "lb-galore": "L.B. GaLore"}
-STYLE = {"full": ("tab:green", "^"), "galore": ("tab:blue", "s"), "golore": ("tab:red", "o"),
-         "lb-galore": ("tab:purple", "D")}
+STYLE = {"full": (COLORS["full"], "^"), "galore": (COLORS["galore"], "s"), "golore": (COLORS["golore"], "o"),
+         "lb-galore": (COLORS["lb-galore"], "D")}  # the package's colours (golore_lab.plotting)
 OPTIMIZERS = ("adamw", "sgd")
 GRIDS = {
     "fast": dict(model="tiny", seeds=(0,), seq_len=32, eval_windows=16, overrides=dict(batch_size=8, steps=30)),

@@ -31,10 +31,11 @@ import torch
 
 from golore_lab.lm.finetune import ClassificationTask, recipe
 from golore_lab.lm.train import config_dict
+from golore_lab.plotting import COLORS
 
 METHODS = ("full", "galore", "golore")
 LABELS = {"full": "Full params.", "galore": "GaLore", "golore": "GoLore@20%"}
-STYLE = {"full": ("tab:green", "^"), "galore": ("tab:blue", "s"), "golore": ("tab:red", "o")}  # as Fig. 4 / Fig. 3
+STYLE = {"full": (COLORS["full"], "^"), "galore": (COLORS["galore"], "s"), "golore": (COLORS["golore"], "o")}
 
 #: What each figure preset runs. ``recipe`` is the preset of :func:`golore_lab.lm.finetune.recipe`;
 #: ``curves`` overrides it for the SGD figure (the paper trains few examples for many epochs; so do we).
