@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import projection as proj
 from .optim import Refresh, SubspaceOptimizer
+from .threads import num_threads
 
 
 def _project(basis: Tensor, G: Tensor, side: str) -> Tensor:
@@ -120,9 +121,7 @@ def snr_sweep(G: Tensor, noise: Tensor, rank: int, snrs: Iterable[float], batche
     Haar-random basis (independent of both). Returns one row per (method, snr) with the mean and the standard
     error over ``trials``.
     """
-    from .counterexample import single_thread
-
-    with single_thread():
+    with num_threads(1):
         return _snr_sweep(G, noise, rank, snrs, batches, trials, seed, noise_scale)
 
 

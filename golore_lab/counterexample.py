@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import projection as proj
+from .threads import num_threads
 
 NOISES = ("anisotropic", "isotropic", "none")
 #: the logged quantities, in the order the engines return them (see :func:`run`)
@@ -168,17 +168,6 @@ class Counterexample:
         return self.grad(X) + self.noise_matrix(noise)
 
 
-@contextmanager
-def single_thread():
-    """Run torch on one thread inside the block (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -273,7 +262,7 @@ def run(problem: Counterexample, methods: Iterable[str] = ("full", "galore", "lb
     runs = [(m, s) for m in methods for s in seeds]
     if not runs:
         raise ValueError("Nothing to run: methods and seeds must not be empty")
-    with single_thread():  # tiny matrices: OpenMP threads only add overhead (and stall on a busy machine)
+    with num_threads(1):  # tiny matrices: OpenMP threads only add overhead (and stall on a busy machine)
         logs = (_run_fast if engine == "fast" else _run_optimizer)(problem, runs, settings, progress)
     logged = np.arange(logs.shape[2]) * log_every
     frames = [pd.DataFrame({"method": m.name, "optimizer": optimizer, "seed": s, "step": logged,

@@ -7,6 +7,7 @@ import pandas as pd
 from . import counterexample as ce
 from .figures import FigureContext
 from .plotting import counterexample_figure
+from .threads import num_threads
 
 #: noise seeds per preset (the runs always have the paper's length)
 SEEDS = {"fast": 3, "default": 10, "full": 20}
@@ -170,7 +171,7 @@ def theory_stochastic_rates(preset: str) -> pd.DataFrame:
 
 def produce_theory(ctx: FigureContext) -> None:
     """The figures of notebook 05 (convergence proofs): Haar moments, perturbation bound, the two rates."""
-    with ce.single_thread():  # 10 × 10 matrices: OpenMP threads only add overhead
+    with num_threads(1):  # 10 × 10 matrices: OpenMP threads only add overhead
         _produce_theory(ctx)
 
 

@@ -13,15 +13,6 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny linear-algebra calls: OpenMP threads only add overhead (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def corpus_root(tmp_path_factory):
     """A prepared LM corpus built from the committed real-text fixture (no network)."""

@@ -10,7 +10,7 @@ from golore_lab import counterexample as ce
 from golore_lab.projection import random_stiefel
 
 
-def test_random_captured_fraction_averages_r_over_m(one_thread):
+def test_random_captured_fraction_averages_r_over_m():
     """E κ = r/m for Haar P and any fixed G. Over N draws the mean's standard error is below
     sqrt(r/m (1 − r/m) / N) (κ ∈ [0, 1] with mean r/m), so 4 of those is the tolerance."""
     g = torch.Generator().manual_seed(0)
@@ -118,7 +118,7 @@ def test_golore_captures_r_over_m_on_average():
     assert frame.captured.iloc[1:].mean() == pytest.approx(p.r / p.n, abs=0.02)
 
 
-def test_snr_threshold_moves_like_sigma_over_sqrt_b(one_thread):
+def test_snr_threshold_moves_like_sigma_over_sqrt_b():
     from golore_lab.experiments import snr_sweep_counterexample
 
     sweep = snr_sweep_counterexample(batches=(1, 4, 16, 64, 256), trials=200)

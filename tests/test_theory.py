@@ -15,12 +15,6 @@ from golore_lab import theory as th
 from golore_lab.figures import FigureContext
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with ce.single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def problem():
     return ce.Counterexample()

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from ..plotting import COLORS
+from ..threads import num_threads
 from .train import METHODS, config_dict
 
 LABELS = {"full": "Full params.", "galore": "GaLore", "golore": "GoLore@20%", "lb-galore": "L.B. GaLore"}
@@ -69,14 +69,14 @@ def run_grid(preset: str = "default", threads: int = 1, log=print) -> pd.DataFra
     from .pretrain import LMTask
     from .train import train
 
-    torch.set_num_threads(threads)
     grid = GRIDS[preset]
     task = LMTask(ensure_corpus(log=log), LlamaConfig.preset(grid["model"]), seq_len=grid["seq_len"],
                   eval_windows=grid["eval_windows"])
     frames, start = [], time.perf_counter()
     for cfg in grid_configs(preset):
         t0 = time.perf_counter()
-        result = train(task, cfg)
+        with num_threads(threads):
+            result = train(task, cfg)
         seconds = time.perf_counter() - t0
         frame = pd.DataFrame(result.history)
         frame.insert(0, "seed", cfg.seed)

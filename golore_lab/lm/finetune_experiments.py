@@ -23,15 +23,14 @@ runs under ``figures/data/runs/`` and writes ``figures/fig4_finetune_sgd.png`` a
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import pandas as pd
-import torch
 
 from golore_lab.lm.finetune import ClassificationTask, recipe
 from golore_lab.lm.train import config_dict
 from golore_lab.plotting import COLORS
+from golore_lab.threads import num_threads
 
 METHODS = ("full", "galore", "golore")
 LABELS = {"full": "Full params.", "galore": "GaLore", "golore": "GoLore@20%"}
@@ -48,22 +47,10 @@ SIZES = {
 SIZES["full"] = SIZES["default"]
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    """Run with ``torch.set_num_threads(n)``, then restore. One thread: on a CPU shared with other jobs, LAPACK's
-    SVD with 2 threads was measured 10-30x slower than with 1 (spinning OpenMP workers), and matmuls gain little."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def table_runs(preset: str = "cpu", tasks=("movie-reviews", "bbc-news"), seeds=(0, 1, 2), methods=METHODS,
                progress: bool = False, threads: int = 1) -> pd.DataFrame:
     """Fine-tune with AdamW: one row per (task, method, seed) with val/test metrics and the wall time."""
-    with _threads(threads):
+    with num_threads(threads):
         return _table_runs(preset, tasks, seeds, methods, progress)
 
 
@@ -86,7 +73,7 @@ def curve_runs(preset: str = "cpu", task: str = "movie-reviews", seed: int = 0, 
                train_examples: int | None = None, methods=METHODS, progress: bool = False,
                threads: int = 1) -> pd.DataFrame:
     """Fine-tune with momentum SGD and log the training loss of every step: columns ``method, step, train_loss``."""
-    with _threads(threads):
+    with num_threads(threads):
         return _curve_runs(preset, task, seed, steps, train_examples, methods, progress)
 
 
