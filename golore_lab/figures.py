@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .fileio import atomic_write_bytes
+
 #: figure producer name -> "module:function". Order is the order they run in.
 PRODUCERS: dict[str, str] = {
     "counterexample": "golore_lab.experiments:produce_counterexample",
@@ -34,15 +36,6 @@ PRODUCERS: dict[str, str] = {
 }
 
 PRESETS = ("fast", "default", "full")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def atomic_write_csv(frame: pd.DataFrame, path: Path) -> None:

@@ -1,0 +1,36 @@
+"""Atomic file writes: a reader (or a process killed mid-write) sees the old file or the new one, never a part.
+
+Every file the package writes -- figures, cached results, metrics, checkpoints, prepared data -- goes through
+:func:`atomic_write_bytes` (or a caller that follows the same temporary-file-then-rename pattern).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def temporary_path(path: Path) -> Path:
+    """The hidden temporary name ``path`` is written under before the rename (one per process)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers never see a partial file; a failed write leaves no temporary."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
