@@ -10,6 +10,7 @@ import sys
 
 COMMANDS = {
     "figures": ("golore_lab.figures", "regenerate every figure into figures/ (cached results unless --force)"),
+    "notebooks": ("golore_lab.nbexec", "execute the notebooks in place (committed executed; --check: are they current?)"),
     "demo": ("golore_lab.demo", "train a small model with each algorithm and print the results"),
     "prepare": ("golore_lab.lm.data", "fetch and prepare the text corpora and tokenizer (offline afterwards)"),
     "pretrain": ("golore_lab.lm.pretrain", "pre-train a LLaMA on real text (torchrun-ready)"),
