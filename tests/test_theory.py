@@ -241,6 +241,16 @@ def test_odd_even_batch_law_in_simulation(problem, batch, lr):
             assert top[-1] <= epsilon
 
 
+
+def test_odd_batch_stalls_at_the_law_at_the_papers_settings(problem):
+    """Figure 1's L.B. GaLore run (200 000 steps, lr 3e-5, τ = 100) with B = 3: it ends at the exact limit."""
+    frame = ce.run(problem, methods=("lb-galore",), steps=200_000, lr=3e-5, update_proj_gap=100, seeds=[0],
+                   batch=3, log_every=10_000)
+    limit = th.lb_galore_limit(problem, 3, 3e-5, 100)
+    assert round(limit, 4) == -22.8987 and limit <= th.lb_galore_plateau(problem, 3)
+    assert frame.loss.iloc[-1] == pytest.approx(limit, abs=1e-9)
+
+
 # ------------------------------------------------------------------ 5. GoLore's descent and rate
 @pytest.fixture(scope="module")
 def descent(problem):
