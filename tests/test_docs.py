@@ -179,8 +179,30 @@ def test_wrapper_path_ratio_is_the_benchmark_file():
     assert _matches(low, min(ratios)) and _matches(high, max(ratios))
 
 
+#: the committed results behind the tables, newest layout first (paths relative to figures/data; a glob must
+#: match one file): the artefact caches runs/<artefact>-default-<key>.csv, or the older per-figure files
+SOURCES = {
+    "counterexample": ("runs/fig1_counterexample-default-*.csv", "fig1_counterexample_sgd.csv"),
+    "stiefel": ("runs/fig5_stiefel_mean-default-*.csv", "fig5_stiefel_mean.csv"),
+    "rates": ("runs/fig5_rates_stochastic-default-*.csv", "runs/fig5_rates_stochastic.csv"),
+    "deterministic": ("runs/fig5_rate_deterministic-default-*.csv", "fig5_rate_deterministic.csv"),
+    "pretrain": ("runs/fig3_pretrain-default-*.csv", "runs/pretrain-default.csv"),
+    "finetune": ("runs/table2_finetune-default-*.csv", "runs/finetune-table-default.csv"),
+}
+
+
+def _source(name: str) -> pd.DataFrame:
+    for pattern in SOURCES[name]:
+        found = sorted((ROOT / "figures/data").glob(pattern))
+        assert len(found) <= 1, f"{pattern}: {len(found)} files, expected one"
+        if found:
+            return pd.read_csv(found[0])
+    raise AssertionError(f"no data file for {name}: looked for {SOURCES[name]} under figures/data")
+
+
 def test_counterexample_table_is_the_figure_data():
-    data = pd.read_csv(ROOT / "figures/data/fig1_counterexample_sgd.csv")
+    data = _source("counterexample")
+    data = data[data.optimizer == "sgd"]
     methods = ["full", "galore", "lb-galore", "golore@75"]
     rows = {row[0]: row[1:] for row in _table(RESULTS, "## The counterexample")}
     for point in (500, 2000):
@@ -189,51 +211,57 @@ def test_counterexample_table_is_the_figure_data():
             assert _matches(printed, at[method]), (point, method, printed, at[method])
 
 
-def test_pretraining_table_is_the_figure_data():
-    data = pd.read_csv(ROOT / "figures/data/fig3_pretrain_table.csv")
+def test_pretraining_table_is_the_runs():
+    """Final validation perplexity of each run (its last logged step), mean ± std (ddof = 1) over seeds."""
+    runs = _source("pretrain").dropna(subset=["val_ppl"])
+    final = runs.loc[runs.groupby(["optimizer", "method", "seed"]).step.idxmax()]
     names = {"Full params.": ("full",), "GaLore": ("galore",), "GoLore@20%": GOLORE_20, "L.B. GaLore": ("lb-galore",)}
     rows = _table(RESULTS, "Final validation perplexity")
     assert [row[0] for row in rows] == list(names)
     for label, *cells in rows:
         for optimizer, cell in zip(("adamw", "sgd"), cells):
-            measured = _one(data[data.optimizer == optimizer], "method", names[label]).iloc[0]
+            ppl = _one(final[final.optimizer == optimizer], "method", names[label]).val_ppl
             mean, std = _pm(cell)
-            assert _matches(mean, measured.final_ppl_mean) and _matches(std, measured.final_ppl_std), (label, cell)
+            assert _matches(mean, ppl.mean()) and _matches(std, ppl.std(ddof=1)), (label, optimizer, cell)
 
 
-def test_finetuning_table_is_the_figure_data():
-    data = pd.read_csv(ROOT / "figures/table2_finetune.csv")
+def test_finetuning_table_is_the_runs():
+    """Test accuracy / macro-F1 in % per task, and their average over the two tasks, mean ± std over seeds."""
+    runs = _source("finetune")
     names = {"Full": ("full",), "GaLore": ("galore",), "GoLore@20%": GOLORE_20}
     rows = _table(RESULTS, "## Fine-tuning")
     assert [row[0] for row in rows] == list(names)
+    averages = {}
     for label, movie, bbc, average in rows:
-        accuracy, f1 = bbc.split(" / ")
-        for metric, cell in (("movie-reviews accuracy", movie), ("bbc-news accuracy", accuracy),
-                             ("bbc-news macro-F1", f1), ("average accuracy", average)):
-            measured = _one(data[data.metric == metric], "method", names[label]).iloc[0]
+        method = _one(runs, "method", names[label])
+        per_task = method.pivot(index="seed", columns="task", values="test_accuracy") * 100
+        f1 = method[method.task == "bbc-news"].set_index("seed").test_macro_f1 * 100
+        averages[label] = per_task.mean(axis=1)
+        accuracy, macro_f1 = bbc.split(" / ")
+        for cell, values in ((movie, per_task["movie-reviews"]), (accuracy, per_task["bbc-news"]),
+                             (macro_f1, f1), (average, averages[label])):
             mean, std = _pm(cell)
-            assert _matches(mean, measured["mean"]) and _matches(std, measured["std"]), (label, metric, cell)
-    paired = data[(data.metric == "average accuracy") & data.method.str.endswith("-galore")].iloc[0]
+            assert _matches(mean, values.mean()) and _matches(std, values.std(ddof=1)), (label, cell)
+    paired = averages["GoLore@20%"] - averages["GaLore"]
     mean, std = re.search(r"GoLore@20% − GaLore is (\S+) ± (\S+) points", _text(RESULTS)).groups()
-    assert _matches(mean, paired["mean"]) and _matches(std, paired["std"])
+    assert _matches(mean, paired.mean()) and _matches(std, paired.std(ddof=1))
 
 
 def test_theory_slopes_are_the_figure_data():
     rows = {row[0]: row[1] for row in _table(RESULTS, "## The convergence proofs")}
-    stiefel = pd.read_csv(ROOT / "figures/data/fig5_stiefel_mean.csv")
+    stiefel = _source("stiefel")
     rms = th.rms_by_size(stiefel[stiefel.panel == "stiefel_mean"])
     printed = re.search(r"slope (\S+) on log-log", rows["E[PPᵀ] = (r/m)I for Haar P"]).group(1)
     assert _matches(printed, th.loglog_slope(rms.samples, rms.rms))
 
-    summary = pd.read_csv(ROOT / "figures/data/fig5_rates_stochastic.csv")
-    slopes = th.rate_slopes(summary, min_steps=1000)
+    slopes = th.rate_slopes(th.rate_summary(_source("rates")), min_steps=1000)
     cell = rows["O(1/√T) with η = 1/√T (T ≥ 1000)"]
     for label, names in (("GoLore", GOLORE_100), ("L.B. GaLore (B = ⌈√T⌉)", ("lb-galore",)), ("GaLore", ("galore",))):
         printed = re.search(rf"{re.escape(label)} ([+−-][\d.]+)", cell).group(1)
         method = next(name for name in names if name in slopes.index)
         assert _matches(printed, slopes[method]), (label, printed, slopes[method])
 
-    deterministic = pd.read_csv(ROOT / "figures/data/fig5_rate_deterministic.csv")
+    deterministic = _source("deterministic")
     late = deterministic[deterministic.steps >= 256]
     printed = re.search(r"slope (\S+)", rows["deterministic GaLore O(1/T)"]).group(1)
     assert _matches(printed, th.loglog_slope(late.steps, late.avg_grad_sq))
