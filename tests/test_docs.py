@@ -131,6 +131,20 @@ def test_nothing_points_outside_the_repository():
     assert not hits, "references to files outside the repository:\n" + "\n".join(hits)
 
 
+
+def test_figure_commands_in_the_docs_name_real_artefacts(capsys):
+    """Every ``figures --only NAME ...`` the docs print is accepted by the command (argparse checks the names
+    before it reaches ``--help``, which then exits 0 without running anything)."""
+    from golore_lab import figures
+
+    commands = [match.split() for doc in DOCS
+                for match in re.findall(r"golore_lab figures --only ((?:[\w-]+ ?)+)", _text(doc))]
+    assert commands
+    for names in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            figures.main(["--only", *names, "--help"])
+        assert exit_info.value.code == 0, f"figures --only {' '.join(names)}: {capsys.readouterr().err}"
+
 def test_licence_and_citation():
     assert _text(ROOT / "LICENSE").startswith("MIT License")
     pyproject = _text(ROOT / "pyproject.toml")
