@@ -1,8 +1,8 @@
-"""The convergence theory of He et al. (§3 of the paper), one checkable fact per function.
+"""The convergence theory of He et al. (arXiv 2410.11289), one checkable fact per function.
 
-The paper's body (its exact theorem constants) was not available; the facts and constants here are the
-derivations marked *derived* in ``shared/paper.md`` §3, worked out from the assumptions below, and every
-function's docstring carries its own derivation. Notation: a weight X (m × n, here the counterexample's
+``docs/theory.md`` states each result, derives it and says which of the paper's statements it corresponds to;
+every function's docstring carries its own derivation. The constants here are derived in this repository from
+the assumptions below; they are not the paper's theorem constants. Notation: a weight X (m × n, here the counterexample's
 10 × 10), a left basis P ∈ St(m, r), its projector Π = PPᵀ, δ = r/m, step size η, refresh period τ.
 
 Assumptions (A):
@@ -15,8 +15,9 @@ Careful with the name σ: in :class:`~golore_lab.counterexample.Counterexample` 
 *entry* (e = ±σC, C = diag(0, I_r)), so the assumption's σ² is E‖e‖²_F = σ²r = 4 for the paper's problem.
 Functions here call the assumption's value ``noise_variance``.
 
-The sections follow the notebook ``05_convergence_proofs``: assumptions, non-convergence, Haar moments,
-the perturbation bound, GoLore's descent and rate, deterministic GaLore's rate. The runners (``*_rates``,
+The sections follow the notebook ``05_convergence_proofs`` and ``docs/theory.md``: assumptions,
+non-convergence, Haar moments, the perturbation bound, the odd/even batch law of L.B. GaLore, GoLore's descent
+and rate, deterministic GaLore's rate. The runners (``*_rates``,
 ``*_trace``) use the library's optimizers and the counterexample's fast engine, and return tidy DataFrames.
 """
 from __future__ import annotations
@@ -173,10 +174,10 @@ def no_b_grid(lrs: Iterable[float] = (1e-3, 1e-1, 1.0), gaps: Iterable[int] = (1
     for name, (optimizer, extra) in SUBSPACE_OPTIMIZERS.items():
         for lr in lrs:
             for gap in gaps:
-                frame = ce.run(problem, methods=("galore", "golore"), optimizer=optimizer, steps=steps, lr=lr,
+                frame = ce.run(problem, methods=("galore", "golore@100"), optimizer=optimizer, steps=steps, lr=lr,
                                update_proj_gap=gap, seeds=seeds, log_every=1, **extra)
                 galore = frame[frame.method == "galore"]
-                golore = frame[frame.method == "golore"]
+                golore = frame[frame.method == "golore@100"]
                 rows.append(dict(optimizer=name, lr=lr, update_proj_gap=gap,
                                  galore_max_move=float((galore.loss - f0).abs().max()),
                                  galore_min_grad_sq=float(galore.grad_norm_sq.min()),
@@ -276,6 +277,18 @@ def projected_gradient_bias(problem: ce.Counterexample, X: Tensor, projection: s
             rows.append(dict(samples=i + 1, bias=math.sqrt(_frob_sq(total / (i + 1) - target) / _frob_sq(target))))
             k += 1
     return pd.DataFrame(rows)
+
+
+def golore_bias_rms(problem: ce.Counterexample, X: Tensor, samples: int | np.ndarray) -> np.ndarray:
+    """RMS of GoLore's relative bias ‖(1/N)ΣΠᵢgᵢ − δ∇f‖/‖δ∇f‖ after N independent (Π, g), in closed form.
+
+    Πg is unbiased for δG (G = ∇f(X)) and Π² = Π, so E‖Πg − δG‖² = E⟨g, Πg⟩ − δ²‖G‖² = δ(‖G‖² + σ²) − δ²‖G‖²
+    (σ² = E‖e‖² of one call), and the mean of N independent terms has 1/N of it.
+    """
+    G2 = _frob_sq(problem.grad(X))
+    delta = problem.r / problem.n
+    variance = delta * (G2 + problem.noise_variance) - delta**2 * G2
+    return np.sqrt(variance / np.asarray(samples, dtype=float)) / (delta * math.sqrt(G2))
 
 
 def basis_ignores_gradient(problem: ce.Counterexample, steps: int = 5, seed: int = 0) -> bool:
@@ -407,6 +420,79 @@ def large_batch_capture(problem: ce.Counterexample, batches: Iterable[int], X: T
     return pd.DataFrame(rows)
 
 
+# ============================================================================================ 4b. the odd/even batch law
+@dataclass(frozen=True)
+class RefreshThreshold:
+    """The smallest noise level a refresh of L.B. GaLore can see, and how often it sees it.
+
+    ``level`` θ = σ·min|ξ̄| over the law of ξ̄ (the mean of B signs): σ/B for odd B, 0 for even B;
+    ``probability`` P(|ξ̄| = min|ξ̄|) at each refresh: C(B, ⌊B/2⌋)/2^(B−1) for odd B, C(B, B/2)/2^B for even B.
+    """
+
+    level: float
+    probability: float
+
+
+def refresh_threshold(problem: ce.Counterexample, batch: int) -> RefreshThreshold:
+    """θ and its probability for a refresh batch of ``batch`` oracle calls (see :class:`RefreshThreshold`)."""
+    values, probs = noise_law(problem, batch)
+    magnitudes = np.abs(values)
+    smallest = magnitudes.min()
+    return RefreshThreshold(level=problem.sigma * float(smallest),
+                            probability=float(probs[np.isclose(magnitudes, smallest)].sum()))
+
+
+def lb_galore_plateau(problem: ce.Counterexample, batch: int) -> float:
+    """Where L.B. GaLore with a refresh batch of B ends on the counterexample, as ητ → 0: f* + ½Σᵢ min(sᵢ(M₀), θ)².
+
+    θ = σ/B for odd B, 0 for even B (:func:`refresh_threshold`), so even batches reach f* and odd ones stall;
+    B = 1 is GaLore's plateau. The law, for the subspace step P N with plain SGD (derivation in
+    ``docs/theory.md``, "The odd/even batch law"): a refresh sees diag(M, ξ̄σI_r), whose top-r SVD keeps the
+    directions of M with sᵢ > |ξ̄|σ; those shrink by (1 − η)^τ over the period, the others do not move. A
+    singular value therefore shrinks while it exceeds the threshold of some refresh, and θ — the smallest one,
+    seen with positive probability at every refresh — is where it stops. Exact limit at finite ητ:
+    :func:`lb_galore_limit`.
+    """
+    threshold = refresh_threshold(problem, batch).level
+    s = problem.m0_singular_values.clamp(max=threshold)
+    return problem.f_star + 0.5 * float((s * s).sum())
+
+
+def lb_galore_shrinks(problem: ce.Counterexample, threshold: float, lr: float,
+                      update_proj_gap: int) -> np.ndarray:
+    """kᵢ = the number of periods in the subspace that bring sᵢ(M₀) to ``threshold`` or below: ⌈log(sᵢ/θ)/log(1/q)⌉₊.
+
+    q = (1 − η)^τ is the factor by which plain SGD shrinks a kept direction of M over one period. A refresh at
+    threshold θ' ≥ θ shrinks a value only while it exceeds θ', so a value never shrinks below q·θ, and a
+    refresh at θ shrinks at least one value above θ (the largest is always kept). Hence Σᵢ kᵢ refreshes at θ
+    surely bring every value to θ or below, whatever the other refreshes did. ``threshold`` must be > 0.
+    """
+    if not threshold > 0:
+        raise ValueError(f"Invalid threshold: {threshold!r} (must be > 0)")
+    if not 0 < lr < 1:
+        raise ValueError(f"Invalid lr: {lr!r} (the shrink factor (1 - lr)^tau needs 0 < lr < 1)")
+    log_q = update_proj_gap * math.log1p(-lr)
+    s = problem.m0_singular_values.numpy()
+    return np.maximum(0, np.ceil(np.log(s / threshold) / -log_q)).astype(int)
+
+
+def lb_galore_limit(problem: ce.Counterexample, batch: int, lr: float, update_proj_gap: int) -> float:
+    """The exact end value of L.B. GaLore with plain SGD for an odd refresh batch: f* + ½Σᵢ (sᵢ qᵏⁱ)².
+
+    Each singular value stops at its first value sᵢq^kᵢ ≤ θ = σ/B (:func:`lb_galore_shrinks`), inside (qθ, θ]:
+    the limit lies in [f* + ½Σ min(sᵢ, qθ)², :func:`lb_galore_plateau`] and tends to the plateau as ητ → 0.
+    Reached surely once Σᵢ kᵢ refreshes saw |ξ̄| = 1/B. Even B have θ = 0 and limit f* (reached only
+    asymptotically); they are refused here.
+    """
+    threshold = refresh_threshold(problem, batch).level
+    if threshold == 0:
+        raise ValueError(f"Invalid batch: {batch} (an even batch, or exact gradients, has threshold 0: "
+                         "the limit is f* and is reached only asymptotically)")
+    q = (1 - lr) ** update_proj_gap
+    s = problem.m0_singular_values.numpy() * q ** lb_galore_shrinks(problem, threshold, lr, update_proj_gap)
+    return problem.f_star + 0.5 * float(np.sum(s * s))
+
+
 # ============================================================================================ 5. GoLore's descent and rate
 def golore_descent_trace(problem: ce.Counterexample, lr: float, steps: int, seed: int = 0) -> pd.DataFrame:
     """GoLore (plain SGD, τ = 1) stepped with the library optimizer, with both sides of its descent inequality.
@@ -464,7 +550,7 @@ def martingale_z(increments: np.ndarray) -> float:
 
 
 def stochastic_rates(problem: ce.Counterexample, steps_grid: Iterable[int],
-                     methods: Iterable[str] = ("galore", "golore", "lb-galore"), seeds: Iterable[int] = range(4),
+                     methods: Iterable[str] = ("galore", "golore@100", "lb-galore"), seeds: Iterable[int] = range(4),
                      lr_scale: float = 1.0, batch_scale: float = 1.0, update_proj_gap: int = 10) -> pd.DataFrame:
     """The O(1/√T) experiment: for each horizon T, run with η = ``lr_scale``/√T and L.B. batch ⌈``batch_scale``·√T⌉.
 
@@ -506,8 +592,8 @@ def deterministic_bound(a: Assumptions, lr: float, update_proj_gap: int, steps) 
     ‖X_t − X_{t₀}‖² ≤ η²τS. (iii) ‖∇f_t‖² ≤ 2‖∇f_{t₀}‖² + 2L²‖X_t − X_{t₀}‖² ≤ (2/δ)‖Π∇f_{t₀}‖² + 2L²η²τS,
     using the refresh ‖Π∇f_{t₀}‖² ≥ δ‖∇f_{t₀}‖². (iv) ‖Π∇f_{t₀}‖² ≤ 2‖Π∇f_s‖² + 2L²η²τS for every s of
     the period; averaged, ≤ (2/τ)S + 2L²η²τS. Summing (iii) over the period with (iv) and Lητ ≤ ½:
-    Σ‖∇f_t‖² ≤ (4/δ + 1/δ + ½)S, hence (1/T)Σ‖∇f_t‖² ≤ (10/δ + 1)Δ/(ηT) = O(1/T). Constants are ours,
-    not the paper's (which were not available).
+    Σ‖∇f_t‖² ≤ (4/δ + 1/δ + ½)S, hence (1/T)Σ‖∇f_t‖² ≤ (10/δ + 1)Δ/(ηT) = O(1/T). The constants are
+    derived here, not the paper's (``docs/theory.md``, "Deterministic GaLore").
     """
     if a.smoothness * lr * update_proj_gap > 0.5 + 1e-12:
         raise ValueError(f"deterministic_bound needs L·lr·update_proj_gap <= 1/2, got "

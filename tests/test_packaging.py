@@ -35,11 +35,13 @@ def test_readme_quickstart_is_two_commands_and_ci_runs_the_test_one():
 
 
 def test_readme_training_loop_runs():
-    """The README's example (GaLore for 80% of the steps, then GoLore) runs as written, shortened."""
+    """The README's example (GoLore@20% with the param-group helper) runs as written, shortened."""
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
-    assert "switch_step=round(0.8 * steps)" in code
+    assert "switch_fraction=0.2, total_steps=T" in code and "T = 1000" in code
     namespace: dict = {}
-    exec(code.replace("steps = 1000", "steps = 30"), namespace)  # noqa: S102
-    opt = namespace["opt"]
-    assert opt.param_groups[0]["switch_step"] == 24 and opt.state[namespace["matrices"][0]]["step"] == 30
+    exec(code.replace("T = 1000", "T = 30"), namespace)  # noqa: S102
+    opt, model = namespace["opt"], namespace["model"]
+    subspace = [g for g in opt.param_groups if g.get("rank") is not None]
+    assert [p for g in subspace for p in g["params"]] == [model["mlp"].weight]
+    assert opt.state[model["mlp"].weight]["step"] == 30

@@ -30,7 +30,10 @@ def test_assumptions_of_the_counterexample(problem, no_b):
     a = th.assumptions(problem)
     assert a.smoothness == pytest.approx(1.0) and a.delta == pytest.approx(0.4)
     assert a.noise_variance == pytest.approx(4.0) and a.noise_bias < 1e-12
-    assert a.gap == pytest.approx(0.8107 + 23.2174, abs=1e-4)
+    # Δ in closed form: X₀'s top rows are (σ/2)[I 0], so f(X₀) = ½·(n−r)(σ/2)² + (σ/2)·tr D and f* = −½‖D‖²
+    D, half = problem.D, problem.sigma / 2
+    closed_gap = 0.5 * 6 * half**2 + half * float(torch.trace(D)) + 0.5 * float(D.square().sum())
+    assert a.gap == pytest.approx(closed_gap, rel=1e-12)
     assert th.assumptions(problem, batch=16).noise_variance == pytest.approx(4.0 / 16)
     assert th.assumptions(no_b).gap == pytest.approx(0.75)
     eigenvalues = torch.linalg.eigvalsh(th.hessian(problem.grad, problem.x0))
@@ -56,9 +59,10 @@ def test_noise_law_is_the_streams_law(problem):
     assert probs.sum() == pytest.approx(1.0) and (probs * values).sum() == pytest.approx(0.0)
     assert (probs * values**2).sum() == pytest.approx(1 / 5)
     stream = problem.noise_periods(torch.Generator().manual_seed(0), period=2, refresh_batch=5)
-    firsts = torch.stack([next(stream)[0] for _ in range(20000)]).numpy()
-    for value, p in zip(values, probs):
-        assert np.mean(np.isclose(firsts, value)) == pytest.approx(p, abs=0.015)
+    draws = 20000
+    firsts = torch.stack([next(stream)[0] for _ in range(draws)]).numpy()
+    for value, p in zip(values, probs):  # each frequency within 5 Monte Carlo standard errors
+        assert np.mean(np.isclose(firsts, value)) == pytest.approx(p, abs=5 * math.sqrt(p * (1 - p) / draws))
     with pytest.raises(ValueError, match="anisotropic or exact"):
         th.noise_law(ce.Counterexample(noise="isotropic"))
 
@@ -97,8 +101,9 @@ def test_no_b_galore_never_moves_over_a_grid():
 def test_stiefel_mean_error_shrinks_like_one_over_root_n():
     study = th.stiefel_mean_study(10, 4, [2**k for k in range(3, 11)], replicates=6, seed=3)
     rms = th.rms_by_size(study)
-    np.testing.assert_allclose(rms.rms, rms.predicted, rtol=0.3)
-    assert -0.6 < th.loglog_slope(rms.samples, rms.rms) < -0.4
+    # over 10 seeds RMS/prediction spans 0.90..1.10 and the slope is −0.503 ± 0.009 (sd): 5 sd windows
+    np.testing.assert_allclose(rms.rms, rms.predicted, rtol=0.2)
+    assert th.loglog_slope(rms.samples, rms.rms) == pytest.approx(-0.5, abs=0.05)
     assert rms.predicted.iloc[0] == pytest.approx(math.sqrt(4 * 0.6 / 8))
 
 
@@ -128,8 +133,12 @@ def test_projected_gradient_is_unbiased_for_golore_only(no_b):
     sizes = [64, 512, 4096]
     golore = th.projected_gradient_bias(no_b, no_b.x0, "random", 4096, sizes=sizes)
     galore = th.projected_gradient_bias(no_b, no_b.x0, "svd", 4096, sizes=sizes)
-    assert golore.bias.iloc[-1] < 0.12 and golore.bias.is_monotonic_decreasing
-    assert (galore.bias.iloc[1:] > 0.9).all()
+    predicted = th.golore_bias_rms(no_b, no_b.x0, np.array(sizes))
+    assert predicted[-1] == pytest.approx(math.sqrt(1.96 / 0.24 / 4096))  # δ(‖G‖² + σ²) − δ²‖G‖² = 1.96, ‖δG‖² = 0.24
+    # over 10 seeds bias/predicted at N = 4096 spans 0.79..1.07: a window of [0.5, 1.5] misses no seed by chance
+    assert (golore.bias.to_numpy() > 0.5 * predicted).all() and (golore.bias.to_numpy() < 1.5 * predicted).all()
+    # GaLore's Πg = ξσC is orthogonal to δ∇f, so ‖mean − δ∇f‖ ≥ ‖δ∇f‖: a relative bias of at least 1, surely
+    assert (galore.bias >= 1 - 1e-12).all()
 
 
 def test_golore_basis_ignores_the_gradient(problem):
@@ -171,6 +180,77 @@ def test_large_batch_capture(no_b):
     assert capture.pointwise_bound.is_monotonic_increasing and capture.pointwise_bound.iloc[-1] > 0.2
 
 
+# ------------------------------------------------------------------ 4b. the odd/even batch law
+def test_refresh_threshold_and_plateau(problem):
+    odd = th.refresh_threshold(problem, 3)
+    assert odd.level == pytest.approx(1 / 3) and odd.probability == pytest.approx(3 / 4)  # C(3,1)/2²
+    even = th.refresh_threshold(problem, 4)
+    assert even.level == 0.0 and even.probability == pytest.approx(6 / 16)  # C(4,2)/2⁴
+    assert th.lb_galore_plateau(problem, 1) == pytest.approx(problem.galore_plateau)  # B = 1 is GaLore
+    assert round(th.lb_galore_plateau(problem, 3), 3) == -22.898
+    for batch in (2, 4, 6):
+        assert th.lb_galore_plateau(problem, batch) == pytest.approx(problem.f_star)
+    assert th.lb_galore_plateau(ce.Counterexample(noise="none"), 3) == pytest.approx(problem.f_star)
+    with pytest.raises(ValueError, match="anisotropic or exact"):
+        th.lb_galore_plateau(ce.Counterexample(noise="isotropic"), 3)
+    with pytest.raises(ValueError, match="Invalid batch: 4"):
+        th.lb_galore_limit(problem, 4, 1e-2, 10)
+    with pytest.raises(ValueError, match="Invalid lr: 1.5"):
+        th.lb_galore_shrinks(problem, 0.5, 1.5, 10)
+
+
+def _refreshes_for(needed: int, probability: float, z: float = 6.0) -> int:
+    """The fewest refreshes R whose count of threshold refreshes, Binomial(R, p), is ≥ ``needed`` but for z sd."""
+    R = needed
+    while R * probability - z * math.sqrt(R * probability * (1 - probability)) < needed:
+        R += 1
+    return R
+
+
+@pytest.mark.parametrize("batch, lr", [(1, 1e-2), (2, 1e-2), (3, 1e-2), (3, 1e-3), (4, 1e-2), (5, 1e-2)])
+def test_odd_even_batch_law_in_simulation(problem, batch, lr):
+    """L.B. GaLore ends at the law's exact limit for odd B and at f* for even B, in runs long enough to be sure.
+
+    The run length is derived, not tuned: Σᵢkᵢ refreshes at the threshold surely finish the job
+    (:func:`~golore_lab.theory.lb_galore_shrinks`) and each refresh is one with probability p, so R refreshes
+    with R·p − 6·sd ≥ Σkᵢ suffice. Even B have no positive threshold: the run is sized to bring every singular
+    value below ε = 1e-6, i.e. f − f* ≤ ½(n − r)ε².
+    """
+    gap = 10
+    law = th.refresh_threshold(problem, batch)
+    epsilon = 1e-6
+    target = law.level if law.level > 0 else epsilon
+    refreshes = _refreshes_for(int(th.lb_galore_shrinks(problem, target, lr, gap).sum()), law.probability)
+    frame = ce.run(problem, methods=("lb-galore",), optimizer="sgd", steps=refreshes * gap, lr=lr,
+                   update_proj_gap=gap, seeds=[0, 1], batch=batch, log_every=gap)
+    s = problem.m0_singular_values.numpy()
+    q = (1 - lr) ** gap
+    for _, run in frame.groupby("seed"):
+        loss, top = run.loss.to_numpy(), run.top_sv.to_numpy()
+        assert (np.diff(loss) <= 1e-9).all()  # the kept singular values only shrink
+        if law.level > 0:
+            limit = th.lb_galore_limit(problem, batch, lr, gap)
+            # the limit sits between the ητ → 0 plateau and the plateau of a threshold one shrink lower
+            lower = problem.f_star + 0.5 * float(np.sum(np.minimum(s, q * law.level) ** 2))
+            assert lower <= limit <= th.lb_galore_plateau(problem, batch)
+            assert loss[-1] == pytest.approx(limit, abs=1e-9)
+            assert (loss >= limit - 1e-9).all()
+            assert law.level * q < top[-1] <= law.level
+        else:
+            assert loss[-1] - problem.f_star <= 0.5 * (problem.n - problem.r) * epsilon**2
+            assert top[-1] <= epsilon
+
+
+
+def test_odd_batch_stalls_at_the_law_at_the_papers_settings(problem):
+    """Figure 1's L.B. GaLore run (200 000 steps, lr 3e-5, τ = 100) with B = 3: it ends at the exact limit."""
+    frame = ce.run(problem, methods=("lb-galore",), steps=200_000, lr=3e-5, update_proj_gap=100, seeds=[0],
+                   batch=3, log_every=10_000)
+    limit = th.lb_galore_limit(problem, 3, 3e-5, 100)
+    assert round(limit, 4) == -22.8987 and limit <= th.lb_galore_plateau(problem, 3)
+    assert frame.loss.iloc[-1] == pytest.approx(limit, abs=1e-9)
+
+
 # ------------------------------------------------------------------ 5. GoLore's descent and rate
 @pytest.fixture(scope="module")
 def descent(problem):
@@ -204,9 +284,18 @@ def test_stochastic_rates(problem):
     assert rates[rates.steps == 8000].batch.iloc[0] == 90
     summary = th.rate_summary(rates)
     slopes = th.rate_slopes(summary)
-    assert -0.75 < slopes["golore"] < -0.4 and -0.75 < slopes["lb-galore"] < -0.4
+    # the bound 2Δ/(ηδT) + Lησ² is ∝ 1/√T at η = 1/√T; measured slopes are steeper (the start-up transient):
+    # over five disjoint seed triples GoLore −0.60..−0.56, L.B. GaLore −0.605..−0.603, so (−0.75, −0.4) is > 7 sd
+    assert -0.75 < slopes["golore@100"] < -0.4 and -0.75 < slopes["lb-galore"] < -0.4
+    # GaLore's path does not depend on the seed (|ξ| = 1 at every refresh) and never gets below its floor: a
+    # singular value of M stops shrinking in the period after it falls to σ, so each stays ≥ min(sᵢ(M₀), qσ),
+    # q = (1 − η)^τ, and ‖∇f‖² = Σᵢ sᵢ² stays above Σᵢ min(sᵢ(M₀), qσ)² at every step
     assert abs(slopes["galore"]) < 0.15
-    assert summary[(summary.method == "galore") & (summary.steps == 8000)]["mean"].item() > 3.5
+    galore = rates[rates.method == "galore"]
+    q = (1 - galore.lr) ** 10
+    s = problem.m0_singular_values.numpy()
+    floor = [float(np.sum(np.minimum(s, qi * problem.sigma) ** 2)) for qi in q]
+    assert (galore.min_grad_sq.to_numpy() >= np.array(floor) - 1e-9).all()
 
 
 # ------------------------------------------------------------------ 6. deterministic GaLore
@@ -227,7 +316,12 @@ def test_deterministic_rate_is_one_over_t():
     rate = th.deterministic_rate(exact, lr=0.05, update_proj_gap=10, steps=2000)
     assert (rate.avg_grad_sq <= rate.bound).all()
     late = rate[rate.steps >= 256]
-    assert th.loglog_slope(late.steps, late.avg_grad_sq) == pytest.approx(-1.0, abs=0.02)
+    # (1/T)·S_T with S_T = Σ_{t<T} ‖∇f_t‖² increasing to a finite limit: the slope is −1 plus the growth of
+    # log S_T over the window, which must be small
+    partial = late.avg_grad_sq * late.steps
+    growth = math.log(partial.iloc[-1] / partial.iloc[0]) / math.log(late.steps.iloc[-1] / late.steps.iloc[0])
+    assert 0 <= growth < 0.01
+    assert th.loglog_slope(late.steps, late.avg_grad_sq) == pytest.approx(-1.0, abs=2 * growth + 1e-9)
     with pytest.raises(ValueError, match="exact gradients"):
         th.deterministic_rate(ce.Counterexample(), lr=0.05, update_proj_gap=10, steps=100)
     with pytest.raises(ValueError, match=r"L·lr·update_proj_gap <= 1/2, got 1"):
