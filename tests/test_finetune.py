@@ -171,8 +171,7 @@ def test_mean_pooled_encoder_matches_sentence_transformers(classifier, tokenizer
         ours = classifier.embed(batch["input_ids"], batch["attention_mask"])  # (3, 384), not normalised
     # all-MiniLM-L6-v2's pipeline ends with a Normalize module, so compare directions; padding must not matter.
     # Both paths run the same float32 weights with different kernels and summation orders: unit vectors agree to
-    # round-off of six layers of 384/1536-term sums, ~1e-6; 1e-5 is that with a margin, and different sentences'
-    # directions differ by more than 0.1.
+    # round-off of six layers of 384/1536-term sums, ~1e-6; 1e-5 is that with a margin.
     torch.testing.assert_close(torch.nn.functional.normalize(ours, dim=-1), reference, atol=1e-5, rtol=1e-5)
     # Related sentences are closer than unrelated ones: the weights really are the trained ones.
     sims = reference @ reference.T
@@ -388,9 +387,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
         results[name] = json.loads((tmp_path / name / "test_metrics.json").read_text())
     assert results["one"].keys() == results["two"].keys()
     # Two ranks all-reduce the gradient in another summation order: float32 round-off (~1e-7 relative) in each of
-    # 2 steps, which moves the losses by about as much. 1e-4 relative is three orders above that and far below
-    # any real difference (a wrong batch split changes the loss in the second decimal); accuracy and F1 could
-    # differ only if an example's logit margin were below ~1e-6.
+    # 2 steps, which moves the losses by about as much; 1e-4 relative is three orders above that. Accuracy and F1
+    # could differ only if an example's logit margin were below ~1e-6.
     for key, value in results["one"].items():
         assert results["two"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
