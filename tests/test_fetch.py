@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,7 @@ def test_network_guard_is_on_in_this_session_and_its_children():
     from pytest_netguard import guard
 
     code = "import socket; print(socket.socket.connect.__name__, hasattr(socket.socket.connect, '__wrapped__'))"
-    out = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["connect", "True"]
     assert hasattr(socket.socket.connect, "__wrapped__")
     assert guard.is_loopback(socket.AF_INET, ("127.8.0.1", 1)) and guard.is_loopback(socket.AF_INET6, ("::1", 1, 0, 0))
