@@ -153,12 +153,12 @@ class SubspaceOptimizer(Optimizer):
             )
         proj.resolve(group["projection"])
         switch = group["switch_step"]
-        if switch is not None and not (isinstance(switch, str) and switch == "auto") and (not _is_int(switch)
-                                                                                         or switch < 0):
+        auto = isinstance(switch, str) and switch == "auto"
+        if switch is not None and not auto and (not _is_int(switch) or switch < 0):
             raise ValueError(f"Invalid switch_step: {switch!r} (must be None, 'auto' or an integer >= 0)")
-        if switch == "auto" and gap < switching.MIN_STEPS + 1:
-            raise ValueError(f"Invalid update_proj_gap: {gap!r} (switch_step='auto' needs >= {switching.MIN_STEPS + 1}:"
-                             " the test uses the steps of a period after its refresh step)")
+        if auto and gap <= switching.MIN_STEPS:
+            raise ValueError(f"Invalid update_proj_gap: {gap!r} (switch_step='auto' needs >= {switching.MIN_STEPS + 1}"
+                             ": the test uses the steps of a period after its refresh step)")
         for i, p in enumerate(group["params"]):
             name = self._param_name(group, index, i)
             if p.dim() != 2:
