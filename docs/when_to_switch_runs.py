@@ -5,8 +5,9 @@
 GoLore@auto runs step by step through the library optimizer (the ``"optimizer"`` engine's loop, with the
 optimizer's ``switch_log``); GaLore and GoLore@x% come from :func:`golore_lab.counterexample.run` (fast
 engine, same noise stream per seed). Prints one table per panel: f − f* at the end (mean ± std over seeds),
-the auto switch step per seed, the step where GaLore's true captured fraction κ first falls below r/m, and the
-step where GaLore's loss reaches its closed-form plateau (within 1% of f(X₀) − plateau).
+the auto switch step per seed (None: never), the first logged step where GaLore's true captured fraction κ is
+below r/m, and the step where GaLore's loss comes within 1% of f(X₀) − plateau of its closed-form plateau
+(−1: never).
 """
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def panel(problem, optimizer, steps, lr, gap, seeds, percents):
     kappa_steps = [int(g[g.captured < r_over_m].step.min()) if (g.captured < r_over_m).any() else -1
                    for _, g in galore.groupby("seed")]
     f0, plateau = problem.f(problem.x0).item(), problem.galore_plateau
-    plateau_steps = [int(g[g.loss <= plateau + 0.01 * (f0 - plateau)].step.min()) for _, g in galore.groupby("seed")]
+    near = plateau + 0.01 * (f0 - plateau)
+    plateau_steps = [int(g[g.loss <= near].step.min()) if (g.loss <= near).any() else -1
+                     for _, g in galore.groupby("seed")]
     start = time.time()
     auto, switches = [], []
     for seed in seeds:

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +25,8 @@ from golore_lab import counterexample as ce
 from golore_lab import projection as proj
 from golore_lab import switching
 from golore_lab.optim import SubspaceAdamW, SubspaceSGD
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _stream(g: Tensor, s: float, k: int, trials: int, seed: int) -> Tensor:
@@ -236,13 +243,18 @@ def test_checkpoint_round_trip_weights_only_mid_period():
     assert opt.switch_log() and opt.switch_log() == twin.switch_log()
 
 
-def test_ranks_with_the_same_gradients_decide_the_same_without_communication():
-    # What DDP/FSDP guarantee after the all-reduce: every rank's optimizer sees the same gradient. The decision
-    # is a function of that gradient, the state, and (seed, position, step) for the probe, so two optimizers
-    # built independently (as two ranks are) switch at the same step with the same statistics, bit for bit.
-    problem = ce.Counterexample()
-    logs = [_drive(problem, "sgd", steps=6000, lr=1e-3, seed=4)[1].switch_log() for _ in range(2)]
-    assert logs[0] and logs[0] == logs[1]
+def test_ddp_ranks_decide_the_same_without_communication(tmp_path):
+    # Two gloo ranks with different noise: DDP all-reduces the gradients, and each rank's optimizer takes its
+    # decision alone. The refresh tests, the switch log and the weights must agree bit for bit, with a switch.
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "switching_ddp_worker.py"),
+                    str(tmp_path)], check=True, env=env, timeout=300, capture_output=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["tests"] == r1["tests"] and r0["log"] == r1["log"] and torch.equal(r0["weight"], r1["weight"])
+    assert len(r0["log"]) == 1 and 0 < r0["log"][0]["step"] < 1000
+    assert {kind for _, kind, _, _ in r0["tests"]} == {"svd", "random"}
 
 
 def test_switch_step_auto_validation():
