@@ -190,9 +190,10 @@ def test_no_b_instance_switches_at_the_first_test(optimizer):
         assert f < problem.f(problem.x0).item()  # GaLore stays at 0.75 forever; auto moves
 
 
-def test_never_switches_with_exact_gradients():
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_never_switches_with_exact_gradients(optimizer):
     problem = ce.Counterexample(noise="none")
-    f, opt, events = _drive(problem, "sgd", steps=20_000, lr=3e-4)
+    f, opt, events = _drive(problem, optimizer, steps=20_000 if optimizer == "sgd" else 10_000, lr=3e-4)
     assert opt.switch_log() == [] and {e.kind for e in events} == {"svd"}
     assert all(not e.test.switch for e in events[1:])
 
