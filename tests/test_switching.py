@@ -190,6 +190,27 @@ def test_no_b_instance_switches_at_the_first_test(optimizer):
         assert f < problem.f(problem.x0).item()  # GaLore stays at 0.75 forever; auto moves
 
 
+def test_right_projection_is_the_transpose_of_the_left():
+    # The same run on Xᵀ with proj_type="right": same seeds, so the same bases transposed, the same signals.
+    problem = ce.Counterexample()
+    runs = []
+    for side in ("left", "right"):
+        X = torch.nn.Parameter(problem.x0.clone() if side == "left" else problem.x0.T.clone())
+        opt = SubspaceSGD([X], lr=3e-3, rank=problem.r, update_proj_gap=10, proj_type=side, switch_step="auto")
+        stream = problem.noise_periods(torch.Generator().manual_seed(0), 10)
+        for t in range(1000):
+            if t % 10 == 0:
+                block = next(stream)
+            Y = X.detach() if side == "left" else X.detach().T
+            grad = problem.stochastic_grad(Y, block[t % 10])
+            X.grad = grad if side == "left" else grad.T.contiguous()
+            opt.step()
+        runs.append(opt.switch_log())
+    (left,), (right,) = runs
+    assert left["step"] == right["step"] and left["signal"] == pytest.approx(right["signal"], rel=1e-9)
+    assert left["random_signal"] == pytest.approx(right["random_signal"], rel=1e-9)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_never_switches_with_exact_gradients(optimizer):
     problem = ce.Counterexample(noise="none")
