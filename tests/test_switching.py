@@ -190,6 +190,22 @@ def test_no_b_instance_switches_at_the_first_test(optimizer):
         assert f < problem.f(problem.x0).item()  # GaLore stays at 0.75 forever; auto moves
 
 
+def test_bf16_parameter_keeps_float32_sums_and_switches_like_float64():
+    problem = ce.Counterexample(linear_term=False)
+    X = torch.nn.Parameter(problem.x0.to(torch.bfloat16))
+    opt = SubspaceAdamW([X], lr=3e-4, rank=problem.r, update_proj_gap=100, proj_type="left", switch_step="auto")
+    stream = problem.noise_periods(torch.Generator().manual_seed(0), 100)
+    for t in range(150):
+        if t % 100 == 0:
+            block = next(stream)
+        X.grad = problem.stochastic_grad(X.detach().double(), block[t % 100]).to(torch.bfloat16)
+        opt.step()
+        if t == 50:
+            assert opt.state[X]["auto_sum"].dtype == torch.float32 and opt.state[X]["auto_probe"].dtype == X.dtype
+    (entry,) = opt.switch_log()
+    assert entry["step"] == 100
+
+
 def test_right_projection_is_the_transpose_of_the_left():
     # The same run on Xᵀ with proj_type="right": same seeds, so the same bases transposed, the same signals.
     problem = ce.Counterexample()
