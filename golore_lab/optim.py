@@ -13,7 +13,11 @@ the projector (:mod:`golore_lab.projection`) and in the gradient fed to it at a 
     W ← W − lr · scale · P N                       # scale (α) applied once
 
 GoLore@x% is ``switch_step=K``: refreshes at steps t < K use ``projection`` (the SVD by default), refreshes
-at t ≥ K use random projections; for x% random steps out of T, K = round((1 − x/100) · T). Large-batch GaLore
+at t ≥ K use random projections; for x% random steps out of T, K = round((1 − x/100) · T). GoLore@auto is
+``switch_step="auto"``: each parameter switches to random refreshes, for good, at the first refresh where its
+SVD subspace is estimated to capture less of the true gradient than a random one; the test uses the projected
+gradients of the period that just ended (:mod:`golore_lab.switching`, derivation in ``docs/when_to_switch.md``),
+and :meth:`SubspaceOptimizer.switch_log` lists the switches. Large-batch GaLore
 is GaLore fed a larger batch at the steps where :meth:`SubspaceOptimizer.refresh_due` is True
 (:func:`microbatches`).
 
@@ -35,6 +39,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import projection as proj
 from . import rules
+from . import switching
 
 SUBSPACE_DEFAULTS: dict[str, Any] = {
     "rank": None,
@@ -54,8 +59,10 @@ class Refresh:
 
     ``basis`` is (m, r) for ``side="left"`` and (n, r) for ``side="right"``; ``previous`` is the basis it
     replaces (``None`` at the first refresh); ``gradient`` is the (m, n) gradient of that step (the large batch
-    for L.B. GaLore); ``step`` the parameter's step index; ``kind`` ``"svd"``, ``"random"`` or ``"custom"``.
-    The tensors are the optimizer's own: clone them to keep them.
+    for L.B. GaLore); ``step`` the parameter's step index; ``kind`` ``"svd"``, ``"random"`` or ``"custom"``;
+    ``test`` the GoLore@auto test of the period that just ended (``switch_step="auto"`` only, else None;
+    ``test.switch`` marks the refresh where the parameter switches). The tensors are the optimizer's own:
+    clone them to keep them.
     """
 
     param: Tensor
@@ -67,6 +74,7 @@ class Refresh:
     basis: Tensor
     previous: Tensor | None
     gradient: Tensor
+    test: switching.SwitchTest | None = None
 
 
 def _is_int(value: Any) -> bool:
@@ -145,8 +153,12 @@ class SubspaceOptimizer(Optimizer):
             )
         proj.resolve(group["projection"])
         switch = group["switch_step"]
-        if switch is not None and (not _is_int(switch) or switch < 0):
-            raise ValueError(f"Invalid switch_step: {switch!r} (must be None or an integer >= 0)")
+        auto = isinstance(switch, str) and switch == "auto"
+        if switch is not None and not auto and (not _is_int(switch) or switch < 0):
+            raise ValueError(f"Invalid switch_step: {switch!r} (must be None, 'auto' or an integer >= 0)")
+        if auto and gap <= switching.MIN_STEPS:
+            raise ValueError(f"Invalid update_proj_gap: {gap!r} (switch_step='auto' needs >= {switching.MIN_STEPS + 1}"
+                             ": the test uses the steps of a period after its refresh step)")
         for i, p in enumerate(group["params"]):
             name = self._param_name(group, index, i)
             if p.dim() != 2:
@@ -207,6 +219,7 @@ class SubspaceOptimizer(Optimizer):
                 loss = closure()
 
         plans = []  # phase 1: projected gradients; nothing is modified until all are known to be finite
+        auto_plans: dict[int, tuple] = {}  # GoLore@auto, by id(p): see _auto_plan
         refreshes: list[Refresh] = []
         position = -1
         for gi, group in enumerate(self.param_groups):
@@ -224,13 +237,19 @@ class SubspaceOptimizer(Optimizer):
                 if group["rank"] is not None:
                     side = proj.projected_side(tuple(p.shape), group["proj_type"])
                     basis = state.get("proj")
-                    if basis is None or count % group["update_proj_gap"] == 0:
+                    refresh = basis is None or count % group["update_proj_gap"] == 0
+                    if refresh:
                         self._check_finite([grad], [(group, gi, pi)])
-                        new_basis = self._new_basis(group, grad, side, position, count).to(p.dtype)
+                    auto = auto_plans[id(p)] = self._auto_plan(group, state, grad, side, position, count, refresh)
+                    if refresh:
+                        test = auto[1] if auto else None
+                        random = switching.switched(state) or (test is not None and test.switch)
+                        new_basis = self._new_basis(group, grad, side, position, count, random).to(p.dtype)
                         basis = new_basis
                         if self._refresh_hooks:
                             refreshes.append(Refresh(p, self._param_name(group, gi, pi), position, count, side,
-                                                     self._kind(group, count), new_basis, state.get("proj"), grad))
+                                                     self._kind(group, count, random), new_basis, state.get("proj"),
+                                                     grad, test))
                     grad = basis.T @ grad if side == "left" else grad @ basis  # (r, n) or (m, r)
                 plans.append((group, gi, pi, p, state, count, side, basis, new_basis, grad))
 
@@ -244,6 +263,7 @@ class SubspaceOptimizer(Optimizer):
                 if "proj" in state:
                     self._refresh_state(group, state, side, proj.transport(side, state["proj"], new_basis), count)
                 state["proj"] = new_basis
+            self._auto_update(state, auto_plans.get(id(p)), grad, count)
             state["step"] = count + 1
             numerator, denominator, factor = self._direction(group, state, grad,
                                                              count + 1 - state.get("moment_start", 0))
@@ -260,17 +280,75 @@ class SubspaceOptimizer(Optimizer):
         return loss
 
     @staticmethod
-    def _kind(group: dict[str, Any], count: int) -> str:
+    def _kind(group: dict[str, Any], count: int, random: bool = False) -> str:
         switch = group["switch_step"]
-        if switch is not None and count >= switch:
+        if random or (_is_int(switch) and count >= switch):
             return "random"
         return group["projection"] if isinstance(group["projection"], str) else "custom"
 
-    def _new_basis(self, group: dict[str, Any], grad: Tensor, side: str, position: int, count: int) -> Tensor:
-        kind = self._kind(group, count)
+    def _new_basis(self, group: dict[str, Any], grad: Tensor, side: str, position: int, count: int,
+                   random: bool = False) -> Tensor:
+        kind = self._kind(group, count, random)
         projector = proj.resolve(group["projection"]) if kind == "custom" else proj.BUILTIN[kind]
         generator = proj.refresh_generator(group["seed"], position, count)
         return projector(grad, group["rank"], side, generator).to(grad.device)
+
+    # ---------------------------------------------------------------- GoLore@auto (see golore_lab.switching)
+    def _auto_plan(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str, position: int,
+                   count: int, refresh: bool) -> tuple | None:
+        """Phase 1 of GoLore@auto, changing nothing: ``(refresh, test, value, side)`` or None (not auto, or switched).
+
+        At a refresh: ``test`` from the period that just ended (None for the first one) and ``value`` the
+        seed of the next period's probe, or None when the test switches. Between refreshes: ``value`` = the
+        probe's view of the (m, n) gradient, ΠᵀG (q, n) or GΠ (m, q).
+        """
+        if group["switch_step"] != "auto" or switching.switched(state):
+            return None
+        if not refresh:
+            probe = state.get("auto_probe")
+            if probe is None:  # no probe: switch_step set to "auto" mid-period, or rank = the projected side
+                return None
+            return False, None, probe.T @ grad if side == "left" else grad @ probe, side
+        test = switching.decide(state, group["rank"])
+        if test is not None and test.switch:
+            return True, test, None, side
+        # the probe's stream (position −1 − i) is one no parameter's random basis uses: independent of the noise
+        # and of P, and the same on every DDP rank
+        return True, test, proj.derive_seed(group["seed"], -1 - position, count), side
+
+    @staticmethod
+    def _auto_update(state: dict[str, Any], plan: tuple | None, projected: Tensor, count: int) -> None:
+        """Phase 2 of GoLore@auto: apply the plan of :meth:`_auto_plan` (after the new basis is in ``state``)."""
+        if plan is None:
+            return
+        refresh, test, value, side = plan
+        if not refresh:
+            switching.accumulate(state, projected, value)
+        elif value is None:
+            switching.record(state, count, test)
+        elif min(state["proj"].shape) < max(state["proj"].shape):  # else nothing lies outside the subspace
+            probe = switching.complement_probe(state["proj"], torch.Generator().manual_seed(value))
+            switching.start_period(state, probe.to(projected.dtype), tuple(projected.shape), side)
+
+    def switch_log(self) -> list[dict[str, Any]]:
+        """GoLore@auto's switches so far, one record per switched parameter in parameter order.
+
+        Keys: ``name`` (from ``param_names``, else ``param_groups[g]['params'][i]``), ``position``, ``step`` (the
+        refresh whose basis was the first random one), ``signal`` and ``random_signal`` (the estimates â_P and
+        â_Π of :class:`golore_lab.switching.SwitchTest` that triggered it). ``pandas.DataFrame(opt.switch_log())``
+        prints or plots it; it is rebuilt from the optimizer state, so it survives a checkpoint.
+        """
+        log, position = [], -1
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                position += 1
+                state = self.state.get(p, {})
+                if switching.switched(state):
+                    log.append({"name": names[pi] if names else f"param_groups[{gi}]['params'][{pi}]",
+                                "position": position, "step": state["auto_switched_at"],
+                                "signal": state["auto_signal"], "random_signal": state["auto_random_signal"]})
+        return log
 
     def _refresh_state(self, group: dict[str, Any], state: dict[str, Any], side: str, transport: Tensor,
                        count: int) -> None:

@@ -1,0 +1,304 @@
+"""GoLore@auto: the statistic on synthetic streams of known SNR, and the switch inside the optimizers.
+
+The closed forms checked here are derived in docs/when_to_switch.md. For a period of k steps with
+G_t = g + E_t, E_t i.i.d. Gaussian with entry variance s², and D = â_P − â_Π with A = PPᵀ − ΠΠᵀ:
+
+    E D = ‖Pᵀg‖² − ‖Πᵀg‖²,    Var D = (4/k) s² ‖A g‖² + 2 s⁴ n tr(A²) / (k(k−1))      (exact)
+
+Monte-Carlo tolerances are 4 standard errors of the simulated quantity.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from golore_lab import counterexample as ce
+from golore_lab import projection as proj
+from golore_lab import switching
+from golore_lab.optim import SubspaceAdamW, SubspaceSGD
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stream(g: Tensor, s: float, k: int, trials: int, seed: int) -> Tensor:
+    """(trials, k, m, n) gradients g + E with i.i.d. N(0, s²) entries."""
+    generator = torch.Generator().manual_seed(seed)
+    return g + s * torch.randn(trials, k, *g.shape, generator=generator, dtype=torch.float64)
+
+
+def _estimates(R: Tensor) -> Tensor:
+    """â of every trial of a (trials, k, ...) stream, through the library's estimator."""
+    k = R.shape[1]
+    return torch.stack([switching.signal_estimate(r.sum(0), r.square().sum(), k) for r in R])
+
+
+def _moments_ok(x: Tensor, mean: float, var: float) -> None:
+    """Sample mean and variance of ``x`` agree with ``mean``/``var`` within 4 standard errors."""
+    T = len(x)
+    centred = x - x.mean()
+    sample_var = centred.square().mean().item() * T / (T - 1)
+    se_mean = math.sqrt(sample_var / T)
+    se_var = math.sqrt((centred.pow(4).mean().item() - sample_var**2) / T)
+    assert abs(x.mean().item() - mean) < 4 * se_mean, (x.mean().item(), mean, se_mean)
+    assert abs(sample_var - var) < 4 * se_var, (sample_var, var, se_var)
+
+
+@pytest.mark.parametrize("snr", [0.0, 0.3, 3.0])
+def test_signal_estimate_is_unbiased_with_the_derived_variance(snr):
+    # R_t = μ + E_t in r × n with entry noise s: E â = ‖μ‖², Var â = (4/k) s²‖μ‖² + 2 d s⁴ / (k(k−1)), d = r n
+    r, n, k, s, trials = 3, 8, 20, 1.0, 4000
+    mu = torch.randn(r, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mu *= snr * s * math.sqrt(r * n) / mu.norm()  # ‖μ‖² = snr² · E‖E‖²
+    a = _estimates(_stream(mu, s, k, trials, seed=2))
+    signal = mu.square().sum().item()
+    _moments_ok(a, signal, 4 / k * s**2 * signal + 2 * r * n * s**4 / (k * (k - 1)))
+
+
+def test_signal_share_has_no_noise_floor_and_is_one_without_noise():
+    # Under isotropic Gaussian noise E[‖S‖²/Q] = 1 exactly (rotation invariance in time), so E ŝ = 0; the raw
+    # ratio ‖R̄‖²/mean‖R‖² would sit at 1/k. A constant stream is all signal: ŝ = 1.
+    k, trials = 10, 4000
+    R = _stream(torch.zeros(2, 5, dtype=torch.float64), 1.0, k, trials, seed=3)
+    shares = torch.stack([switching.signal_share(x.sum(0), x.square().sum(), k) for x in R])
+    raw = torch.stack([x.mean(0).square().sum() / x.square().sum((1, 2)).mean() for x in R])
+    assert abs(shares.mean().item()) < 4 * shares.std().item() / math.sqrt(trials)
+    assert abs(raw.mean().item() - 1 / k) < 4 * raw.std().item() / math.sqrt(trials)
+    constant = torch.randn(2, 5, dtype=torch.float64).expand(k, 2, 5)
+    assert switching.signal_share(constant.sum(0), constant.square().sum(), k).item() == pytest.approx(1.0)
+
+
+def _decisions(g, P, Pi, s, k, trials, seed):
+    """D = signal − random_signal of :func:`switching.decide` for ``trials`` periods of gradients g + E."""
+    G = _stream(g, s, k, trials, seed)  # (trials, k, m, n)
+    R, Z = P.T @ G, Pi.T @ G  # (trials, k, r, n), (trials, k, q, n)
+    D = []
+    for t in range(trials):
+        state = {"auto_steps": k, "auto_probe": Pi, "auto_sum": R[t].sum(0), "auto_sq": R[t].square().sum(),
+                 "auto_probe_sum": Z[t].sum(0), "auto_probe_sq": Z[t].square().sum()}
+        test = switching.decide(state, P.shape[1])
+        assert test.switch == (test.signal < test.random_signal)
+        D.append(test.signal - test.random_signal)
+    return torch.tensor(D, dtype=torch.float64)
+
+
+def _decision_moments(g, P, Pi, s, k):
+    # D = (1 − r/m) â_P − (r/m)(m − r)/q · â_Π is the estimator with weight matrix A = c_P PPᵀ − c_Π ΠΠᵀ
+    (m, r), q = P.shape, Pi.shape[1]
+    A = (1 - r / m) * P @ P.T - r / m * (m - r) / q * Pi @ Pi.T
+    mean = (g * (A @ g)).sum()
+    var = 4 / k * s**2 * (A @ g).square().sum() + 2 * s**4 * g.shape[1] * torch.trace(A @ A) / (k * (k - 1))
+    return mean.item(), var.item()
+
+
+@pytest.mark.parametrize("case", ["signal-in-P", "no-signal-in-P"])
+def test_decision_statistic_mean_variance_and_switch_rate(case):
+    # Left projection, m = 10, r = 3, n = 6; g of rank 4 with singular values 2, 1.5, 1, 0.5. "signal-in-P":
+    # P is g's top-r subspace (the SVD when the gradient dominates); "no-signal-in-P": P ⟂ g (the SVD locked
+    # on noise, as on the counterexample's plateau). The mean and variance of D are exact; the wrong-decision
+    # rate is bounded by Cantelli's inequality from them.
+    m, n, r, k, s, trials = 10, 6, 3, 30, 0.5, 3000
+    gen = torch.Generator().manual_seed(5)
+    U, V = proj.random_stiefel(m, m, gen, torch.float64), proj.random_stiefel(n, 4, gen, torch.float64)
+    g = U[:, :4] @ torch.diag(torch.tensor([2.0, 1.5, 1.0, 0.5], dtype=torch.float64)) @ V.T
+    P = U[:, :r] if case == "signal-in-P" else U[:, 4:4 + r]
+    Pi = switching.complement_probe(P, gen)
+    D = _decisions(g, P, Pi, s, k, trials, seed=6)
+    mean, var = _decision_moments(g, P, Pi, s, k)
+    _moments_ok(D, mean, var)
+    rate = (D < 0).double().mean().item()
+    wrong = rate if mean > 0 else 1 - rate
+    bound = var / (var + mean**2)
+    assert wrong <= bound + 4 * math.sqrt(bound * (1 - bound) / trials)
+    assert (mean > 0) == (case == "signal-in-P")
+
+
+def test_complement_probe_is_orthonormal_outside_the_basis():
+    gen = torch.Generator().manual_seed(4)
+    for d, r in ((10, 3), (7, 5), (6, 3)):
+        P = proj.random_stiefel(d, r, gen, torch.float64)
+        Pi = switching.complement_probe(P, gen)
+        assert Pi.shape == (d, min(r, d - r))
+        torch.testing.assert_close(Pi.T @ Pi, torch.eye(Pi.shape[1], dtype=torch.float64))
+        assert (P.T @ Pi).abs().max() < 1e-12
+
+
+def test_no_false_switch_without_noise():
+    # Exact, stationary gradients: â_P = ‖Pᵀg‖² for the top-r subspace P of g, which no r-dimensional
+    # subspace beats, so â_P >= â_Π for every probe Π: the false-switch probability is 0, not just small.
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(200):
+        g = torch.randn(9, 7, generator=gen, dtype=torch.float64) * torch.rand(7, generator=gen, dtype=torch.float64)
+        P = proj.svd_projection(g, 3, "left")
+        Pi = switching.complement_probe(P, gen)
+        state = {}
+        switching.start_period(state, Pi, (3, 7), "left")
+        for _ in range(5):
+            switching.accumulate(state, P.T @ g, Pi.T @ g)
+        test = switching.decide(state, 3)
+        assert test.steps == 5 and not test.switch
+        assert test.signal == pytest.approx((P.T @ g).square().sum().item())
+
+
+def test_decide_needs_two_steps_and_estimator_rejects_fewer():
+    state = {}
+    switching.start_period(state, torch.eye(4)[:, :2], (2, 3), "left")
+    assert switching.decide(state, 2) is None
+    switching.accumulate(state, torch.ones(2, 3), torch.ones(2, 3))
+    assert switching.decide(state, 2) is None
+    with pytest.raises(ValueError, match="Invalid steps: 1"):
+        switching.signal_estimate(torch.ones(2), torch.tensor(1.0), 1)
+
+
+# ------------------------------------------------------------------------------------------ in the optimizers
+def _drive(problem, optimizer="sgd", steps=2000, lr=3e-4, gap=100, seed=0, switch="auto", opt_kw=None):
+    """Run the library optimizer on the counterexample (the "optimizer" engine's loop); return (f, opt, events)."""
+    X = torch.nn.Parameter(problem.x0.clone())
+    kw = dict(rank=problem.r, update_proj_gap=gap, proj_type="left", switch_step=switch, seed=seed, lr=lr,
+              **(opt_kw or {}))
+    opt = SubspaceSGD([X], **kw) if optimizer == "sgd" else SubspaceAdamW([X], eps=1e-6, **kw)
+    events = []
+    opt.register_refresh_hook(lambda _, refresh: events.append(refresh))
+    stream = problem.noise_periods(torch.Generator().manual_seed(seed), gap)
+    for t in range(steps):
+        if t % gap == 0:
+            block = next(stream)
+        X.grad = problem.stochastic_grad(X.detach(), block[t % gap])
+        opt.step()
+    return problem.f(X.detach()).item(), opt, events
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_no_b_instance_switches_at_the_first_test(optimizer):
+    # B = 0: the SVD picks the noise block at step 0 and captures none of ∇f; the first test (refresh 1) sees it.
+    problem = ce.Counterexample(linear_term=False)
+    for seed in range(3):
+        f, opt, events = _drive(problem, optimizer, steps=600, seed=seed)
+        assert [e.kind for e in events] == ["svd"] + ["random"] * 5
+        assert events[0].test is None and events[1].test.switch and not any(e.test for e in events[2:])
+        (entry,) = opt.switch_log()
+        assert entry["step"] == 100 and entry["signal"] < entry["random_signal"]
+        assert entry["signal"] == events[1].test.signal
+        assert f < problem.f(problem.x0).item()  # GaLore stays at 0.75 forever; auto moves
+
+
+def test_bf16_parameter_keeps_float32_sums_and_switches_like_float64():
+    problem = ce.Counterexample(linear_term=False)
+    X = torch.nn.Parameter(problem.x0.to(torch.bfloat16))
+    opt = SubspaceAdamW([X], lr=3e-4, rank=problem.r, update_proj_gap=100, proj_type="left", switch_step="auto")
+    stream = problem.noise_periods(torch.Generator().manual_seed(0), 100)
+    for t in range(150):
+        if t % 100 == 0:
+            block = next(stream)
+        X.grad = problem.stochastic_grad(X.detach().double(), block[t % 100]).to(torch.bfloat16)
+        opt.step()
+        if t == 50:
+            assert opt.state[X]["auto_sum"].dtype == torch.float32 and opt.state[X]["auto_probe"].dtype == X.dtype
+    (entry,) = opt.switch_log()
+    assert entry["step"] == 100
+
+
+def test_right_projection_is_the_transpose_of_the_left():
+    # The same run on Xᵀ with proj_type="right": same seeds, so the same bases transposed, the same signals.
+    problem = ce.Counterexample()
+    runs = []
+    for side in ("left", "right"):
+        X = torch.nn.Parameter(problem.x0.clone() if side == "left" else problem.x0.T.clone())
+        opt = SubspaceSGD([X], lr=3e-3, rank=problem.r, update_proj_gap=10, proj_type=side, switch_step="auto")
+        stream = problem.noise_periods(torch.Generator().manual_seed(0), 10)
+        for t in range(1000):
+            if t % 10 == 0:
+                block = next(stream)
+            Y = X.detach() if side == "left" else X.detach().T
+            grad = problem.stochastic_grad(Y, block[t % 10])
+            X.grad = grad if side == "left" else grad.T.contiguous()
+            opt.step()
+        runs.append(opt.switch_log())
+    (left,), (right,) = runs
+    assert left["step"] == right["step"] and left["signal"] == pytest.approx(right["signal"], rel=1e-9)
+    assert left["random_signal"] == pytest.approx(right["random_signal"], rel=1e-9)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_never_switches_with_exact_gradients(optimizer):
+    problem = ce.Counterexample(noise="none")
+    f, opt, events = _drive(problem, optimizer, steps=20_000 if optimizer == "sgd" else 10_000, lr=3e-4)
+    assert opt.switch_log() == [] and {e.kind for e in events} == {"svd"}
+    assert all(not e.test.switch for e in events[1:])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_auto_matches_the_best_golore_on_the_scaled_counterexample(optimizer):
+    # The paper's instance with lr x10 and steps /10 (SGD 20k, AdamW 10k steps; same η·t as 3e-5 over 200k/100k).
+    # auto must reach the best GoLore@x% (x in 50, 75, 90) within 4 standard errors of the seed spread, and
+    # switch after GaLore's true captured fraction has started to fall (not at the first refresh).
+    problem = ce.Counterexample()
+    steps = 20_000 if optimizer == "sgd" else 10_000
+    seeds = range(3)
+    frame = ce.run(problem, ["golore@50", "golore@75", "golore@90"], optimizer, steps, 3e-4, 100, seeds,
+                   log_every=steps)
+    final = frame[frame.step == steps].groupby("method")["loss"]
+    best = final.mean().idxmin()
+    gaps = torch.tensor(final.get_group(best).to_numpy()) - problem.f_star
+    runs = [_drive(problem, optimizer, steps, seed=seed) for seed in seeds]
+    auto = torch.tensor([f for f, _, _ in runs]) - problem.f_star
+    se = math.sqrt((gaps.var() + auto.var()).item() / len(seeds))
+    assert auto.mean() <= gaps.mean() + 4 * se, (auto, best, gaps)
+    switch_steps = [opt.switch_log()[0]["step"] for _, opt, _ in runs]
+    assert all(steps // 5 < s < steps for s in switch_steps), switch_steps
+
+
+def test_checkpoint_round_trip_weights_only_mid_period():
+    # Saved 4 steps into a period (sums, probe and step count in the state), reloaded with weights_only=True
+    # into a fresh optimizer: both continue identically, through the switch.
+    problem = ce.Counterexample()
+    f, opt, _ = _drive(problem, "adamw", steps=145, lr=3e-3, gap=10)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    (X,) = opt.param_groups[0]["params"]
+    Y = torch.nn.Parameter(X.detach().clone())
+    twin = SubspaceAdamW([Y], lr=3e-3, eps=1e-6, rank=problem.r, update_proj_gap=10, proj_type="left",
+                         switch_step="auto", seed=0)
+    twin.load_state_dict(torch.load(buffer, weights_only=True))
+    assert set(switching.STATE_KEYS) & set(twin.state[Y]) == set(switching.STATE_KEYS) & set(opt.state[X])
+    assert twin.state[Y]["auto_steps"] == opt.state[X]["auto_steps"] == 4 and not opt.switch_log()
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(3000):
+        sign = torch.randint(0, 2, (), generator=gen, dtype=torch.float64) * 2 - 1
+        for p, o in ((X, opt), (Y, twin)):
+            p.grad = problem.stochastic_grad(p.detach(), sign)
+            o.step()
+    assert torch.equal(X, Y)
+    assert opt.switch_log() and opt.switch_log() == twin.switch_log()
+
+
+def test_ddp_ranks_decide_the_same_without_communication(tmp_path):
+    # Two gloo ranks with different noise: DDP all-reduces the gradients, and each rank's optimizer takes its
+    # decision alone. The refresh tests, the switch log and the weights must agree bit for bit, with a switch.
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "switching_ddp_worker.py"),
+                    str(tmp_path)], check=True, env=env, timeout=300, capture_output=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["tests"] == r1["tests"] and r0["log"] == r1["log"] and torch.equal(r0["weight"], r1["weight"])
+    assert len(r0["log"]) == 1 and 0 < r0["log"][0]["step"] < 1000
+    assert {kind for _, kind, _, _ in r0["tests"]} == {"svd", "random"}
+
+
+def test_switch_step_auto_validation():
+    X = torch.nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match=r"Invalid switch_step: 'automatic'"):
+        SubspaceSGD([X], rank=2, switch_step="automatic")
+    with pytest.raises(ValueError, match=r"Invalid update_proj_gap: 2 \(switch_step='auto' needs >= 3"):
+        SubspaceAdamW([X], rank=2, update_proj_gap=2, switch_step="auto")
+    SubspaceAdamW([X], rank=2, update_proj_gap=3, switch_step="auto")
