@@ -112,7 +112,10 @@ def load(root: Path, name: str, config, group_by: tuple[str, ...], expected_grou
         lines = data.count(b"\n") - 1
         raise CacheError(csv, f"sha256 mismatch: the file changed since it was written "
                               f"({lines} data lines, {record['rows']} rows recorded)")
-    frame = pd.read_csv(io.BytesIO(data))
+    try:
+        frame = pd.read_csv(io.BytesIO(data))
+    except (ValueError, pd.errors.ParserError) as error:
+        raise CacheError(csv, f"incomplete: unreadable data ({error})") from None
     counts = group_counts(frame, tuple(record["group_by"])) if len(frame) else {}
     wanted = _expected_keys(expected_groups) if group_by else {""}
     if list(record["group_by"]) != list(group_by) or set(record["rows_per_group"]) != wanted:
