@@ -114,14 +114,14 @@ def test_galore_captures_nothing_exactly_when_every_singular_value_of_m_is_below
 
 def test_golore_captures_r_over_m_on_average():
     p = ce.Counterexample()
-    frame = ce.run(p, methods=["golore"], optimizer="sgd", steps=50_000, seeds=range(4))
+    frame = ce.run(p, methods=["golore@100"], optimizer="sgd", steps=50_000, seeds=range(4))
     assert frame.captured.iloc[1:].mean() == pytest.approx(p.r / p.n, abs=0.02)
 
 
 def test_snr_threshold_moves_like_sigma_over_sqrt_b():
-    from golore_lab.experiments import snr_sweep_counterexample
+    from golore_lab.artefacts import fig2_snr_sweep
 
-    sweep = snr_sweep_counterexample(batches=(1, 4, 16, 64, 256), trials=200)
+    sweep = fig2_snr_sweep.run(fig2_snr_sweep.Config("default", trials=200))
     threshold = analysis.snr_threshold(sweep, 0.5)
     assert threshold[1] == pytest.approx(1.0, rel=0.1)  # one sample: the top direction of ∇f must beat σ itself
     big = threshold[threshold.index > 1]

@@ -183,3 +183,25 @@ def test_cheap_figures_regenerate_byte_for_byte(tmp_path):
 def test_data_are_written_with_six_significant_digits():
     frame = pd.DataFrame({"x": [1 / 3, 123456.789, 1e-9 / 7], "n": [1, 2, 3]})
     assert cache.csv_bytes(frame) == b"x,n\n0.333333,1\n123457,2\n1.42857e-10,3\n"
+
+
+# ------------------------------------------------------------------ run and plot, small
+SMALL = {
+    "fig5_stiefel_mean": dict(mc_sizes=(8, 16, 32), replicates=2, bias_samples=16),
+    "fig5_perturbation_bound": dict(trials=2),
+    "fig5_rates_stochastic": dict(steps=(200, 400), seeds=1),
+    "fig5_rate_deterministic": dict(steps=300),
+    "fig2_snr_sweep": dict(trials=5, points=4),
+}
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_small_runs_cache_and_plot(tmp_path, name):
+    """run -> store -> load -> plot at a tiny configuration; the plot is a Figure and the cache validates."""
+    import matplotlib.figure
+
+    module = artefacts.get(name)
+    config = dataclasses.replace(module.PRESETS["fast"], **SMALL[name])
+    frame = artefacts.compute(module, config, tmp_path)
+    assert len(frame) and isinstance(module.plot(frame), matplotlib.figure.Figure)
+    assert [p.suffix for p in sorted(tmp_path.iterdir())] == [".csv", ".json"]

@@ -9,10 +9,8 @@ import pytest
 import torch
 
 from golore_lab import counterexample as ce
-from golore_lab import experiments as ex
 from golore_lab import projection as proj
 from golore_lab import theory as th
-from golore_lab.figures import FigureContext
 
 
 @pytest.fixture(scope="module")
@@ -234,17 +232,3 @@ def test_deterministic_rate_is_one_over_t():
         th.deterministic_bound(th.assumptions(exact), 0.1, 10, [1])
     with pytest.raises(ValueError, match="multiple of update_proj_gap"):
         th.deterministic_rate(exact, lr=0.05, update_proj_gap=10, steps=95)
-
-
-# ------------------------------------------------------------------ the figures
-def test_theory_producer_writes_its_figures(tmp_path, monkeypatch):
-    tiny = dict(mc_sizes=(8, 16, 32), replicates=2, bias_samples=16, trials=2, rate_steps=(200, 400),
-                rate_seeds=1, deterministic_steps=300)
-    monkeypatch.setitem(ex.THEORY, "fast", tiny)
-    ctx = FigureContext(out_dir=tmp_path, preset="fast")
-    ex.produce_theory(ctx)
-    names = ["fig5_stiefel_mean", "fig5_perturbation_bound", "fig5_rates_stochastic", "fig5_rate_deterministic"]
-    assert [p.name for p in ctx.written] == [f"{n}.png" for n in names]
-    for name in names:
-        assert len(pd.read_csv(tmp_path / "data" / f"{name}.csv")) > 0
-    assert (tmp_path / "data" / "runs" / "fig5_rates_stochastic.json").exists()
