@@ -25,6 +25,9 @@ STYLE = {
 GREY = "#777777"
 #: the figures' resolution (pixels per inch)
 DPI = 130
+#: the matplotlib version that rendered the committed PNGs (``make setup`` installs it): Agg draws the same
+#: bytes for the same numbers and version, so a re-plot leaves them unchanged; another version may move pixels
+RENDERED_WITH = "3.11.2"
 
 
 def family(method: str) -> str:

@@ -16,7 +16,7 @@ from golore_lab.artefacts import cache
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "figures" / "data" / "runs"
 #: re-plotted from the committed caches in seconds (no LM stack, no data)
-CHEAP = ("fig1_counterexample", "fig2_snr_sweep", "fig5_rates_stochastic", "fig5_rate_deterministic")
+CHEAP = ("fig1_counterexample", "fig2_snr_sweep", "table2_finetune", "fig5_rates_stochastic", "fig5_rate_deterministic")
 
 
 @pytest.mark.parametrize("name", artefacts.ARTEFACTS)
@@ -169,14 +169,27 @@ def test_a_damaged_cache_is_recomputed_and_reported(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ clean regeneration
+def test_the_setup_installs_the_matplotlib_that_rendered_the_figures():
+    from golore_lab.plotting import RENDERED_WITH
+
+    assert f"MATPLOTLIB ?= matplotlib=={RENDERED_WITH}\n" in (ROOT / "Makefile").read_text()
+
+
 def test_cheap_figures_regenerate_byte_for_byte(tmp_path):
     """Re-plotting from the committed caches reproduces the committed PNGs and tables exactly (Agg renders the
     same pixels for the same numbers and matplotlib version; the PNGs carry no software or date stamp)."""
+    import matplotlib
+
+    from golore_lab.plotting import RENDERED_WITH
+
+    if matplotlib.__version__ != RENDERED_WITH:
+        pytest.skip(f"the committed PNGs were rendered by matplotlib {RENDERED_WITH}, this is {matplotlib.__version__}")
     out = tmp_path / "figures"
     shutil.copytree(RUNS, out / "data" / "runs")
     assert figures.main(["--only", *CHEAP, "--no-recompute", "--out", str(out)]) == 0
     for name in CHEAP:
         assert (out / f"{name}.png").read_bytes() == (ROOT / "figures" / f"{name}.png").read_bytes(), name
+    assert (out / "table2_finetune.md").read_bytes() == (ROOT / "figures" / "table2_finetune.md").read_bytes()
     assert sorted(p.name for p in (out / "data" / "runs").iterdir()) == sorted(p.name for p in RUNS.iterdir())
 
 
