@@ -3,7 +3,8 @@
 For each selected artefact: load its result from the cache under ``OUT/data/runs/`` if that validates
 (:mod:`golore_lab.artefacts.cache`: its configuration, sha256 and row counts), else recompute it (``--force``
 always does; ``--no-recompute`` refuses instead, exit 1). Only when *every* selected result is in hand are
-the outputs written, atomically: ``OUT/NAME.png`` and, for tables, ``OUT/NAME.md``. A damaged cache is
+the outputs written, atomically: ``OUT/NAME.png`` and, for tables, ``OUT/NAME.md`` (``NAME-PRESET.*`` for a
+preset other than ``default``, so a quick run never overwrites the committed figures). A damaged cache is
 reported by name and is never plotted; nothing is rewritten from a partial set.
 """
 from __future__ import annotations
@@ -59,12 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from .plotting import png_bytes
 
+    suffix = "" if args.preset == "default" else f"-{args.preset}"
     outputs = {}  # rendered in memory first: a plot that fails leaves every file as it was
     for name in names:
         module = artefacts.get(name)
-        outputs[args.out / f"{name}.png"] = png_bytes(module.plot(frames[name]))
+        outputs[args.out / f"{name}{suffix}.png"] = png_bytes(module.plot(frames[name]))
         if hasattr(module, "table"):
-            outputs[args.out / f"{name}.md"] = module.table(frames[name]).encode()
+            outputs[args.out / f"{name}{suffix}.md"] = module.table(frames[name]).encode()
     for path, data in outputs.items():
         atomic_write_bytes(path, data)
         print(path)

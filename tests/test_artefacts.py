@@ -193,6 +193,13 @@ def test_cheap_figures_regenerate_byte_for_byte(tmp_path):
     assert sorted(p.name for p in (out / "data" / "runs").iterdir()) == sorted(p.name for p in RUNS.iterdir())
 
 
+def test_a_fast_preset_never_overwrites_the_default_figures(tmp_path):
+    out = tmp_path / "figures"
+    shutil.copytree(RUNS, out / "data" / "runs")
+    assert figures.main(["--only", "fig2_snr_sweep", "--preset", "fast", "--no-recompute", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["fig2_snr_sweep-fast.png"]
+
+
 def test_data_are_written_with_six_significant_digits():
     frame = pd.DataFrame({"x": [1 / 3, 123456.789, 1e-9 / 7], "n": [1, 2, 3]})
     assert cache.csv_bytes(frame) == b"x,n\n0.333333,1\n123457,2\n1.42857e-10,3\n"
