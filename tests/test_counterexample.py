@@ -272,18 +272,22 @@ def test_adamw_panel_paper_algorithm(problem, adamw_panel):
     assert abs(lb["mean"] - -23.03) <= 0.005 + 3 * lb["std"] + 1e-4
 
 
-def test_adamw_panel_authors_configuration_reproduces_their_table():
+def test_adamw_panel_authors_configuration_reproduces_their_table(problem):
     """The authors' traces come from torch.optim.AdamW's default weight decay 0.01 and no stored momentum
-    projection, i.e. ``weight_decay=0.01, state_on_refresh="keep"``. With those, every entry
-    of their table is matched within 0.05 (their L.B. GaLore also divides every step's noise by B, which
-    golore_lab does not; that is the largest residual)."""
+    projection, i.e. ``weight_decay=0.01, state_on_refresh="keep"``. With those, every entry of their table is
+    matched within 0.05 (their L.B. GaLore also divides every step's noise by B, which golore_lab does not;
+    that is the largest residual, 0.046 at point 500), plus 3 standard errors of the mean over the 3 seeds
+    (up to 0.02 for GaLore at point 1000, whose end value also moves by ~0.01 under a 1e-12 change of D)."""
     frame = run(Counterexample(), seeds=range(3), weight_decay=0.01, state_on_refresh="keep", **ce.PAPER["adamw"])
     stats = _table(frame, [x * 100 for x in (100, 500, 1000)])
     for method, row in AUTHORS_ADAMW_TABLE.items():
         for x, value in row.items():
-            assert abs(stats.loc[(method, x * 100), "mean"] - value) < 0.05, (method, x)
+            mean, std = stats.loc[(method, x * 100)]
+            assert abs(mean - value) <= 0.05 + 3 * std / np.sqrt(3), (method, x, mean)
     golore = stats.loc[("golore@50", 100_000), "mean"]
-    assert golore > -23.1  # without the momentum projection GoLore does not reach f* = -23.217 in time
+    # without the momentum projection GoLore is still clearly short of f* at the end (-23.09 here), where the
+    # paper's algorithm is within 0.02 of it (test_adamw_panel_paper_algorithm)
+    assert golore - problem.f_star > 0.05
 
 
 @pytest.mark.slow
