@@ -1,10 +1,14 @@
 # Two commands do everything on a fresh machine (see README "Quickstart"):
-#   make figures   set up .venv and regenerate every figure into figures/
+#   make figures   set up .venv and make every figure and table into figures/ (re-plotted from the
+#                  committed caches in figures/data/runs; a missing or damaged cache is recomputed)
 #   make test      set up .venv and run the tests
-# The set-up pins the CPU build of torch (TORCH=...); the package itself only asks for a range.
+# The set-up pins the CPU build of torch (TORCH=...) and the matplotlib that rendered the committed figures
+# (MATPLOTLIB=..., golore_lab.plotting.RENDERED_WITH: other versions draw other bytes); the package itself only
+# asks for ranges.
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+MATPLOTLIB ?= matplotlib==3.11.2
 
 .PHONY: setup figures test bench clean
 
@@ -13,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml environment.yml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" "$(MATPLOTLIB)"
 	$(PY) -m pip install -q -e ".[all]"
 	touch $@
 

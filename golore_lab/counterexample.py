@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .methods import parse as parse_name
 from . import projection as proj
 from .threads import num_threads
 
@@ -186,27 +187,13 @@ class Method:
         return "random" if self.switch_step is not None and step >= self.switch_step else "svd"
 
 
-def parse_method(name: str, steps: int, batch: int = 100) -> Method:
-    """``full``, ``galore``, ``golore`` (= ``golore@100``), ``golore@X`` (X% of the steps random), ``lb-galore``.
-
-    GoLore@X switches at step round((1 − X/100) · steps).
-    """
-    if name == "full":
-        return Method(name, full=True)
-    if name == "galore":
-        return Method(name)
-    if name == "lb-galore":
-        return Method(name, refresh_batch=batch)
-    if name == "golore" or name.startswith("golore@"):
-        text = name.partition("@")[2] or "100"
-        try:
-            percent = float(text.rstrip("%"))
-        except ValueError:
-            percent = float("nan")
-        if not 0 <= percent <= 100:
-            raise ValueError(f"Invalid method: {name!r} (golore@X needs 0 <= X <= 100)")
-        return Method(name, switch_step=round((1 - percent / 100) * steps))
-    raise ValueError(f"Invalid method: {name!r} (must be 'full', 'galore', 'golore', 'golore@X' or 'lb-galore')")
+def run_method(name: str, steps: int, batch: int = 100) -> Method:
+    """A method name of :mod:`golore_lab.methods` (``full``, ``galore``, ``golore@X``, ``lb-galore``) for a run
+    of ``steps`` steps: GoLore@X switches at step round((1 − X/100) · steps), L.B. GaLore refreshes with a
+    batch of ``batch``."""
+    method = parse_name(name)
+    return Method(name, full=method.full, switch_step=method.switch_step(steps),
+                  refresh_batch=batch if method.large_batch else 1)
 
 
 @dataclass(frozen=True)
@@ -233,7 +220,7 @@ PAPER = {
     "adamw": dict(optimizer="adamw", steps=100_000, lr=3e-5, update_proj_gap=100,
                   methods=("full", "galore", "lb-galore", "golore@50")),
 }
-"""The paper's Figure 1 settings (paper.md §2): τ = 100, lr 3e-5, L.B. batch 100."""
+"""The paper's Figure 1 settings (its §2 and Figure 1): τ = 100, lr 3e-5, L.B. batch 100."""
 
 
 def run(problem: Counterexample, methods: Iterable[str] = ("full", "galore", "lb-galore", "golore@75"),
@@ -254,7 +241,7 @@ def run(problem: Counterexample, methods: Iterable[str] = ("full", "galore", "lb
     (a ``torch.Generator`` seeded with s) and its random projections (the optimizer's ``seed=s``); all methods
     with the same seed see the same noise until their batches differ.
     """
-    methods = [parse_method(m, steps, batch) for m in methods]
+    methods = [run_method(m, steps, batch) for m in methods]
     seeds = list(seeds)
     settings = Settings(optimizer, steps, lr, update_proj_gap, momentum, dampening, tuple(betas), eps, scale,
                         state_on_refresh, log_every, weight_decay)

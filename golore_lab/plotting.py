@@ -1,294 +1,82 @@
-"""Plot helpers: each returns a matplotlib Figure and writes nothing (``FigureContext.save`` writes files)."""
+"""One palette, one set of labels and markers for every figure of the package, and the PNG writer.
+
+Methods are styled by family (Full, GaLore, L.B. GaLore, GoLore@X%); the label is
+:attr:`golore_lab.methods.Method.label`. Each family has its own colour, marker and line style, so the
+curves stay distinguishable in greyscale and for colour-blind readers.
+"""
 from __future__ import annotations
+
+import io
 
 import matplotlib
 import matplotlib.pyplot as plt
-import matplotlib.ticker
 import pandas as pd
 
-#: one colour per method family, the same in every figure
-COLORS = {"full": "#4c72b0", "galore": "#dd8452", "lb-galore": "#55a868", "golore": "#c44e52"}
-LABELS = {"full": "Full", "galore": "GaLore", "lb-galore": "L.B. GaLore"}
+from .methods import parse
+
+#: colour, marker and line style per method family (colour-blind-safe Okabe–Ito colours)
+STYLE = {
+    "full": ("#0072B2", "^", "-"),
+    "galore": ("#D55E00", "s", "-"),
+    "lb-galore": ("#009E73", "D", "--"),
+    "golore": ("#CC79A7", "o", "-."),
+}
+#: the neutral colour of reference data (closed forms, random instances)
+GREY = "#777777"
+#: the figures' resolution (pixels per inch)
+DPI = 130
+#: the matplotlib version that rendered the committed PNGs (``make setup`` installs it): Agg draws the same
+#: bytes for the same numbers and version, so a re-plot leaves them unchanged; another version may move pixels
+RENDERED_WITH = "3.11.2"
 
 
-def method_color(method: str) -> str:
-    return COLORS.get(method.split("@")[0], "#8172b3")
+def family(method: str) -> str:
+    """``full``, ``galore``, ``lb-galore`` or ``golore`` (every ``golore@X``)."""
+    m = parse(method)
+    if m.full:
+        return "full"
+    if m.large_batch:
+        return "lb-galore"
+    return "golore" if m.random_fraction is not None else "galore"
 
 
 def method_label(method: str) -> str:
-    if method.startswith("golore@"):
-        return f"GoLore@{method.split('@')[1]}%"
-    return LABELS.get(method, method.replace("golore", "GoLore"))
+    """The name a figure shows: :attr:`golore_lab.methods.Method.label`."""
+    return parse(method).label
+
+
+def method_color(method: str) -> str:
+    return STYLE[family(method)][0]
+
+
+def method_style(method: str, **overrides) -> dict:
+    """Keyword arguments for ``Axes.plot``: colour, marker, line style and label of ``method``."""
+    color, marker, ls = STYLE[family(method)]
+    return {"color": color, "marker": marker, "ls": ls, "label": method_label(method), **overrides}
 
 
 def band_plot(ax, summary: pd.DataFrame, x: str = "step", y: str = "mean", low: str = "min", high: str = "max",
-              x_scale: float = 1.0) -> None:
-    """One line per method with a shaded band (for example min–max over seeds)."""
+              x_scale: float = 1.0, markers: int = 8) -> None:
+    """One line per method (``markers`` markers along it) with a shaded band, e.g. min–max over seeds."""
     for method, rows in summary.groupby("method", sort=False):
         xs = rows[x] / x_scale
-        style = "-." if method.startswith("golore") else "-"  # GoLore@x% runs on top of GaLore before the switch
-        ax.plot(xs, rows[y], style, color=method_color(method), label=method_label(method), lw=1.6)
+        ax.plot(xs, rows[y], lw=1.6, ms=4, markevery=max(1, len(rows) // markers), **method_style(method))
         if low in rows and high in rows:
             ax.fill_between(xs, rows[low], rows[high], color=method_color(method), alpha=0.2, lw=0)
 
 
-def counterexample_figure(summary: pd.DataFrame, f_star: float, plateau: float | None, title: str,
-                          ylim: tuple[float, float] | None = None) -> plt.Figure:
-    """Figure 1 of the paper: loss f(X) against logged points (one per 100 steps), closed forms as lines."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    band_plot(ax, summary, x_scale=100.0)
-    ax.axhline(f_star, color="k", ls="--", lw=0.9, label=f"f* = {f_star + 0.0:.4f}")
-    if plateau is not None:
-        ax.axhline(plateau, color="grey", ls=":", lw=1.2, label=f"GaLore plateau (closed form) = {plateau:.3f}")
-    ax.set_xlabel("iterations (×100)")
-    ax.set_ylabel("loss f(X)")
-    ax.set_title(title, fontsize=10)
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center right")
-    fig.tight_layout()
-    return fig
+def png_bytes(fig: plt.Figure) -> bytes:
+    """The figure as PNG bytes without volatile metadata (no software version), then closed.
 
-
-def _quantity(data: pd.DataFrame, name: str) -> pd.DataFrame:
-    return data[data["quantity"] == name]
-
-
-def captured_figure(data: pd.DataFrame, ratio: float, sigma: float, optimizer: str) -> plt.Figure:
-    """Captured fraction of ∇f over iterations (top) and GaLore's largest singular value of M (bottom)."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.6, 5.2), sharex=True, height_ratios=[3, 2])
-    band_plot(top, _quantity(data, "captured"), x_scale=100.0)
-    top.axhline(ratio, color="k", ls="--", lw=0.9, label=f"r/m = {ratio:g}")
-    top.set_ylabel("captured fraction ‖Pᵀ∇f‖² / ‖∇f‖²")
-    top.set_ylim(-0.03, 1.03)
-    top.legend(fontsize=8, loc="center right")
-    top.set_title(f"What the subspace captures, counterexample, {optimizer}", fontsize=10)
-    band_plot(bottom, _quantity(data, "top_sv"), x_scale=100.0)
-    bottom.axhline(sigma, color="grey", ls=":", lw=1.2, label="σ")
-    bottom.set_ylabel("largest sᵢ(M)")
-    bottom.set_xlabel("iterations (×100)")
-    bottom.legend(fontsize=8)
-    for ax in (top, bottom):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def snr_figure(sweep: pd.DataFrame, ratio: float) -> plt.Figure:
-    """Captured fraction of the true gradient against its SNR, for SVD of batches of B and random bases."""
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
-    cmap = plt.get_cmap("viridis")
-    batches = sorted(b for b in sweep["batch"].unique() if b > 0)
-    for i, batch in enumerate(batches):
-        rows = sweep[sweep["batch"] == batch]
-        ax.plot(rows["snr"], rows["captured"], color=cmap(i / max(1, len(batches) - 1)), label=f"SVD, B = {batch}")
-    rows = sweep[sweep["method"] == "random"]
-    ax.plot(rows["snr"], rows["captured"], color=COLORS["golore"], ls="-.", label="random (GoLore)")
-    ax.axhline(ratio, color="k", ls="--", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("signal-to-noise ratio ‖∇f‖₂ / σ")
-    ax.set_ylabel("captured fraction (mean over trials)")
-    ax.set_title("SVD captures the gradient only above the noise; random captures r/m", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def isotropic_figure(data: pd.DataFrame, f_star: float, ratio: float) -> plt.Figure:
-    """Loss and captured fraction under the paper's anisotropic noise and under isotropic noise."""
-    fig, axes = plt.subplots(2, 2, figsize=(9.5, 6.0), sharex=True)
-    for col, noise in enumerate(("anisotropic", "isotropic")):
-        part = data[data["noise"] == noise]
-        band_plot(axes[0, col], _quantity(part, "loss"), x_scale=100.0)
-        axes[0, col].axhline(f_star, color="k", ls="--", lw=0.9)
-        axes[0, col].set_title(f"{noise} noise (total variance σ²r)", fontsize=10)
-        band_plot(axes[1, col], _quantity(part, "captured"), x_scale=100.0)
-        axes[1, col].axhline(ratio, color="k", ls="--", lw=0.8)
-        axes[1, col].set_ylim(-0.03, 1.03)
-        axes[1, col].set_xlabel("iterations (×100)")
-    axes[0, 0].set_ylabel("loss f(X)")
-    axes[1, 0].set_ylabel("captured fraction")
-    axes[0, 0].legend(fontsize=8)
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-CAPTURE_STYLE = {"svd": ("SVD of one batch (GaLore)", COLORS["galore"], "o"),
-                 "svd_large": ("SVD of an 8× batch (L.B. GaLore)", COLORS["lb-galore"], "s"),
-                 "random": ("random (GoLore)", COLORS["golore"], "^"),
-                 "oracle": ("SVD of the true gradient", "#777777", "")}
-
-
-def lm_capture_figure(data: pd.DataFrame, model: str) -> plt.Figure:
-    """Captured fraction of each layer's true gradient: against training steps (mean and min–max over layers),
-    and against the layer's gradient-to-noise ratio (one point per layer and measurement)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.0))
-    for column, (label, color, marker) in CAPTURE_STYLE.items():
-        stats = data.groupby("step")[column].agg(["mean", "min", "max"])
-        left.plot(stats.index, stats["mean"], color=color, marker=marker or None, ms=3, label=label,
-                  ls="--" if column == "oracle" else "-")
-        left.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.15, lw=0)
-        if column in ("svd", "svd_large", "random"):
-            right.scatter(data["snr"], data[column], s=9, color=color, marker=marker, alpha=0.6, label=label)
-    left.set_xlabel("training step")
-    left.set_ylabel("captured fraction of the true gradient")
-    left.set_ylim(-0.02, 1.02)
-    left.set_title(f"LLaMA ({model} preset), attention and MLP weights, full AdamW", fontsize=10)
-    left.legend(fontsize=8, loc="center right")
-    right.set_xscale("log")
-    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    right.set_xlabel("layer gradient-to-noise ratio ‖G‖₂ / ‖Ĝ − G‖₂")
-    right.set_ylim(-0.02, 1.02)
-    right.set_title("per layer and measurement", fontsize=10)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-# ------------------------------------------------------------------------------------------ convergence theory
-def _slope_guide(ax, xs, anchor_x: float, anchor_y: float, slope: float, label: str | None, color: str = "k") -> None:
-    """A dashed line y = anchor_y (x / anchor_x)^slope over ``xs``: the reference rate on a log-log plot."""
-    import numpy as np
-
-    xs = np.asarray(xs, dtype=float)
-    ax.plot(xs, anchor_y * (xs / anchor_x) ** slope, "--", color=color, lw=0.9, alpha=0.7, label=label)
-
-
-def _plain_log_ticks(ax, xs, ys) -> None:
-    """Readable tick labels on a log-log plot: the x values themselves when few, 1-2-5 steps on a short y range."""
-    import numpy as np
-    from matplotlib import ticker
-
-    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    if len(xs) <= 10:
-        ax.set_xticks(list(xs))
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_locator(ticker.NullLocator())
-    if np.log10(np.max(ys) / np.min(ys)) < 2:
-        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-
-
-def stiefel_mean_figure(study: pd.DataFrame, rms: pd.DataFrame, bias: pd.DataFrame, dim: int, rank: int,
-                        slope: float) -> plt.Figure:
-    """Two panels: the Monte Carlo error of E[PPᵀ] = (r/m)I against N, and the bias of the projected gradient.
-
-    ``study``/``rms`` come from :func:`golore_lab.theory.stiefel_mean_study` / ``rms_by_size``; ``bias`` has
-    columns ``method, samples, bias`` (:func:`golore_lab.theory.projected_gradient_bias` per method).
+    Agg renders a figure to the same pixels for the same data and matplotlib version, so a re-plot from the
+    committed caches reproduces the committed PNG byte for byte.
     """
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10.5, 3.9))
-    ax.loglog(study.samples, study.error, ".", color="#999999", ms=3, label="one replicate")
-    ax.loglog(rms.samples, rms.rms, "o", color=method_color("golore"), label=f"RMS over replicates (slope {slope:.3f})")
-    ax.loglog(rms.samples, rms.predicted, "k--", lw=1,
-              label=r"closed form $\sqrt{r(1-r/m)/N}$ (slope $-1/2$)")
-    ax.set_xlabel("number of bases N")
-    ax.set_ylabel(r"$\|\,\mathrm{mean}_{i \leq N}\, P_iP_i^\top - (r/m)\,I\,\|_F$")
-    ax.set_title(f"GoLore's bases (m = {dim}, r = {rank}): E[PPᵀ] = (r/m)·I", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    for method, rows in bias.groupby("method", sort=False):
-        bx.loglog(rows.samples, rows.bias, "o-", color=method_color(method), label=method_label(method), ms=4)
-    golore = bias[bias.method == "golore"]
-    if len(golore):
-        _slope_guide(bx, golore.samples, golore.samples.iloc[0], golore.bias.iloc[0], -0.5, r"$\propto N^{-1/2}$")
-    bx.set_xlabel("number of oracle calls N")
-    bx.set_ylabel(r"$\|\mathrm{mean}(PP^\top g) - \delta\nabla f\| \,/\, \|\delta\nabla f\|$")
-    bx.set_title("projected stochastic gradient, no-B instance at X₀", fontsize=10)
-    bx.legend(fontsize=8)
-    bx.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    return fig
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
 
 
-def perturbation_figure(trials: pd.DataFrame, capture: pd.DataFrame, delta: float) -> plt.Figure:
-    """Three panels: the bound ‖PᵀG‖ ≥ √δ‖G‖ − 2‖E‖ on every instance, its constant, and what a batch buys.
-
-    ``trials`` has the columns of :func:`golore_lab.theory.perturbation_bound` plus ``family`` and ``ratio``;
-    ``capture`` comes from :func:`golore_lab.theory.large_batch_capture`.
-    """
-    import numpy as np
-
-    styles = {"random": dict(color="#999999", marker=".", ms=3, ls="none", alpha=0.5, label="random G, E"),
-              "counterexample": dict(color=COLORS["galore"], marker="o", ms=4, ls="none", zorder=3,
-                                     label=r"no-B $\nabla f(X_0)$, $E = s\sigma C$"),
-              "counterexample, cancelling": dict(color=COLORS["golore"], marker="s", ms=7, ls="none", mfc="none",
-                                                 label=r"no-B $\nabla f(X_0)$, $E = s\sigma C - \delta\nabla f$")}
-    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(15, 4.1))
-    root = np.sqrt(delta)
-    xs = np.logspace(np.log10(trials.ratio.min()), np.log10(trials.ratio.max()), 200)
-    for family, rows in trials.groupby("family", sort=False):
-        style = styles.get(family, dict(label=family, ls="none", marker="x"))
-        ax.semilogx(rows.ratio, rows.lhs / rows.grad, **style)
-        bx.semilogx(rows.ratio, rows.constant, **style)
-    ax.semilogx(xs, root - 2 * xs, "k-", lw=1.2, label=r"bound $\sqrt{\delta} - 2\,\|E\|/\|G\|$")
-    ax.semilogx(xs, root - (1 + root) * xs, "k:", lw=1.2, label=r"proof's $\sqrt{\delta} - (1+\sqrt{\delta})\|E\|/\|G\|$")
-    ax.set_ylim(-0.08, 1.05)
-    ax.set_xlabel(r"noise ratio $\|E\|_F / \|G\|_F$")
-    ax.set_ylabel(r"$\|P^\top G\|_F / \|G\|_F$,  P = top-r space of G + E")
-    ax.set_title("the bound holds on every instance", fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
-    for value, style, label in [(2.0, "-", "2 (the bound)"), (1 + root, ":", r"$1+\sqrt{\delta}$ (proof)"),
-                                (1.0, "--", "1 (reached)")]:
-        bx.axhline(value, color="k", ls=style, lw=1, label=label)
-    bx.set_ylim(-0.3, 2.2)
-    bx.set_xlabel(r"noise ratio $\|E\|_F / \|G\|_F$")
-    bx.set_ylabel(r"$c = (\sqrt{\delta}\|G\| - \|P^\top G\|) / \|E\|$")
-    bx.set_title("its constant: c ≤ 1+√δ always, c → 1 on the counterexample", fontsize=10)
-    bx.legend(fontsize=7, loc="upper left")
-    cx.semilogx(capture.batch, capture.captured, "o-", color=COLORS["lb-galore"], label=r"exact $E\|P^\top\nabla f\|^2/\|\nabla f\|^2$")
-    cx.semilogx(capture.batch, capture.pointwise_bound, "s--", color="k", ms=3,
-                label=r"$E(\sqrt{\delta}\|\nabla f\| - 2\|E\|)_+^2 / \|\nabla f\|^2$")
-    cx.semilogx(capture.batch, capture.mean_bound.clip(lower=0), "^:", color="k", ms=3,
-                label=r"$(\frac{\delta}{2}\|\nabla f\|^2 - 4\sigma^2/B)_+ / \|\nabla f\|^2$")
-    cx.axhline(delta, color="grey", lw=0.8, ls="-.", label=r"$\delta = r/m$")
-    cx.set_xscale("log", base=2)
-    cx.set_xlabel("batch size B at the refresh")
-    cx.set_ylabel("fraction of ‖∇f‖² the SVD keeps")
-    cx.set_title("no-B instance at X₀: what a large batch buys", fontsize=10)
-    cx.set_ylim(-0.02, 1.0)
-    cx.legend(fontsize=7, loc="upper right")
-    for axis in (ax, bx, cx):
-        axis.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    return fig
-
-
-def rates_figure(summary: pd.DataFrame, slopes: dict[str, float], reference_slope: float, title: str,
-                 guides: tuple[str, ...] = ("golore", "lb-galore"), floor: float | None = None,
-                 bound: pd.DataFrame | None = None) -> plt.Figure:
-    """Mean ‖∇f‖² over T steps against T (log-log), one line per method, with the theory's slope as a guide.
-
-    ``summary``: ``method, steps, mean, min, max`` (:func:`golore_lab.theory.rate_summary`); ``slopes``: the
-    fitted slope per method, shown in the legend; ``guides``: the methods that get a dashed line of the
-    theory's slope through their last point; ``floor``: GaLore's plateau ‖∇f‖² (a horizontal line);
-    ``bound``: ``steps, bound``, a derived upper bound drawn as a line.
-    """
-    fig, ax = plt.subplots(figsize=(5.6, 4.1))
-    for method, rows in summary.groupby("method", sort=False):
-        label = f"{method_label(method)} (slope {slopes[method]:+.2f})" if method in slopes else method_label(method)
-        ax.loglog(rows.steps, rows["mean"], "o-", color=method_color(method), label=label, ms=4)
-        if "min" in rows and "max" in rows:
-            ax.fill_between(rows.steps, rows["min"], rows["max"], color=method_color(method), alpha=0.2, lw=0)
-        if method in guides:
-            _slope_guide(ax, rows.steps, rows.steps.iloc[-1], rows["mean"].iloc[-1] * 1.3, reference_slope, None,
-                         method_color(method))
-    if guides:
-        ax.plot([], [], "k--", lw=0.9, alpha=0.7, label=f"slope {reference_slope:g} (theory)")
-    if floor is not None:
-        ax.axhline(floor, color="grey", ls=":", lw=1.2, label=f"GaLore plateau ‖∇f‖² = {floor:.2f}")
-    if bound is not None:
-        ax.loglog(bound.steps, bound.bound, "k-", lw=1, label="derived upper bound")
-    _plain_log_ticks(ax, summary.steps.unique(), summary["mean"])
-    ax.set_xlabel("iterations T")
-    ax.set_ylabel(r"$\frac{1}{T}\sum_{t<T}\|\nabla f(X_t)\|_F^2$")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+def no_minor_labels(axis) -> None:
+    """Hide the minor tick labels of a log axis (they crowd a short range)."""
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())

@@ -126,7 +126,7 @@ def test_galore_captures_nothing_exactly_when_every_singular_value_of_m_is_below
 
 def test_golore_captures_r_over_m_on_average():
     p = ce.Counterexample()
-    frame = ce.run(p, methods=["golore"], optimizer="sgd", steps=50_000, seeds=range(4))
+    frame = ce.run(p, methods=["golore@100"], optimizer="sgd", steps=50_000, seeds=range(4))
     # Each refresh draws a fresh Haar basis, independent of the past, so κ - r/m are martingale differences
     # and the mean's standard error is std/sqrt(N) (~0.0025 here); the tolerance is 4 of those.
     captured = frame.captured.iloc[1:]
@@ -134,9 +134,9 @@ def test_golore_captures_r_over_m_on_average():
 
 
 def test_snr_threshold_moves_like_sigma_over_sqrt_b():
-    from golore_lab.experiments import snr_sweep_counterexample
+    from golore_lab.artefacts import fig2_snr_sweep
 
-    sweep = snr_sweep_counterexample(batches=(1, 4, 16, 64, 256), trials=200)
+    sweep = fig2_snr_sweep.run(fig2_snr_sweep.Config("default", trials=200))
     snrs = np.sort(sweep.snr.unique())
     step = snrs[1] / snrs[0]  # the SNR grid is geometric; a threshold is the first grid value past the true one
     threshold = analysis.snr_threshold(sweep, 0.5)

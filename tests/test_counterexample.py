@@ -112,9 +112,15 @@ def test_bad_run_input(problem, kwargs, message):
 
 
 def test_golore_switch_step_rounding():
-    assert ce.parse_method("golore@75", 200_000).switch_step == 50_000
-    assert ce.parse_method("golore@20", 999).switch_step == 799
-    assert ce.parse_method("golore", 10).switch_step == 0
+    assert ce.run_method("golore@75", 200_000).switch_step == 50_000
+    assert ce.run_method("golore@20", 999).switch_step == 799
+    assert ce.run_method("golore@100", 10).switch_step == 0
+    assert ce.run_method("lb-galore", 10, batch=7).refresh_batch == 7 and ce.run_method("galore", 10).switch_step is None
+
+
+def test_bare_golore_is_refused_naming_the_new_spelling(problem):
+    with pytest.raises(ValueError, match=r"'golore' is ambiguous; write 'golore@100' for pure GoLore"):
+        run(problem, methods=["golore"], steps=100, seeds=[0])
 
 
 # ------------------------------------------------------------------ one algorithm, two speeds
@@ -169,7 +175,7 @@ def _table(frame, steps):
     return frame[frame.step.isin(steps)].groupby(["method", "step"]).loss.agg(["mean", "std"])
 
 
-SGD_TABLE = {  # paper.md §2, MSGD panel: logged point x (one per 100 steps) -> value
+SGD_TABLE = {  # the paper's Figure 1, MSGD panel: logged point x (one per 100 steps) -> value
     "full": {100: -10.03, 500: -22.02, 1000: -23.16, 2000: -23.217},
     "galore": {100: -9.83, 500: -20.65, 1000: -20.78, 2000: -20.784},
     "lb-galore": {100: -9.83, 500: -21.77, 1000: -23.08, 2000: -23.208},
@@ -182,8 +188,26 @@ def sgd_panel():
     return run(Counterexample(), seeds=range(10), **ce.PAPER["sgd"])
 
 
+def perturbed(eps: float, seed: int) -> Counterexample:
+    """The paper's problem with D (and so B) moved by ``eps`` times a standard normal matrix."""
+    p = Counterexample()
+    p.D = p.D + eps * torch.randn(p.D.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    p.B[: p.n - p.r, : p.n - p.r] = p.D
+    return p
+
+
+def galore_end(problem: Counterexample, optimizer: str) -> float:
+    """GaLore's exact loss at the end of the paper's panel, noise seed 0."""
+    frame = run(problem, seeds=[0], **{**ce.PAPER[optimizer], "methods": ("galore",)})
+    return float(frame.loss.iloc[-1])
+
+
 def test_sgd_panel_reproduces_the_paper(problem, sgd_panel):
-    """Full length (200 000 steps), 10 seeds. Agreement with the table: within its rounding + 3 std over seeds."""
+    """Full length (200 000 steps), 10 seeds. Agreement with the table: within its rounding + 3 std over seeds.
+
+    The rounding window is enough on every machine because no entry is sensitive to the last bits: a 1e-12
+    change of D moves GaLore's end value by < 1e-6 (checked below; it moves the others by as little), the
+    runs being contractions of M (see test_sgd_galore_end_lies_in_its_closed_form_bracket)."""
     stats = _table(sgd_panel, [x * 100 for x in (100, 500, 1000, 2000)])
     for method, row in SGD_TABLE.items():
         for x, value in row.items():
@@ -191,12 +215,25 @@ def test_sgd_panel_reproduces_the_paper(problem, sgd_panel):
             digits = len(str(value).split(".")[1])
             assert abs(mean - value) <= 0.5 * 10**-digits + 3 * np.nan_to_num(std) + 1e-9, (method, x, mean)
     end = sgd_panel[sgd_panel.step == 200_000].groupby("method")
-    assert abs(end.loss.mean()["galore"] - problem.galore_plateau) < 0.02
     assert end.grad_norm_sq.min()["galore"] > 4.0  # not stationary (4.88 at the closed-form plateau)
     assert abs(end.loss.mean()["full"] - problem.f_star) < 0.01
+    base = galore_end(problem, "sgd")
+    assert max(abs(galore_end(perturbed(1e-12, k), "sgd") - base) for k in range(2)) < 1e-6
 
 
-AUTHORS_ADAMW_TABLE = {  # paper.md §2, AdamW panel (the authors' script)
+def test_sgd_galore_end_lies_in_its_closed_form_bracket(problem, sgd_panel):
+    """While the top-right block of X is zero, f = f* + ½Σsᵢ(M)², and GaLore's refresh keeps exactly the
+    directions of M whose singular values exceed σ (the noise fills the other slots). Plain SGD multiplies a
+    kept singular value by (1 − η) each step, so one that is kept ends in (σ(1 − η)^τ, σ] and the others never
+    move: the end loss lies in [plateau − ½kσ²(1 − (1 − η)^{2τ}), plateau] with k = #{sᵢ(M₀) > σ}."""
+    eta, tau = ce.PAPER["sgd"]["lr"], ce.PAPER["sgd"]["update_proj_gap"]
+    k = int((problem.m0_singular_values > problem.sigma).sum())
+    low = problem.galore_plateau - 0.5 * k * problem.sigma**2 * (1 - (1 - eta) ** (2 * tau))
+    end = sgd_panel[(sgd_panel.step == 200_000) & (sgd_panel.method == "galore")].loss
+    assert k == 4 and (end >= low - 1e-9).all() and (end <= problem.galore_plateau + 1e-9).all()
+
+
+AUTHORS_ADAMW_TABLE = {  # the paper's Figure 1, AdamW panel (the authors' script)
     "full": {100: -7.51, 500: -21.43, 1000: -23.217},
     "galore": {100: -5.83, 500: -18.39, 1000: -20.83},
     "lb-galore": {100: -5.84, 500: -19.77, 1000: -23.03},
@@ -212,7 +249,14 @@ def adamw_panel():
 def test_adamw_panel_paper_algorithm(problem, adamw_panel):
     """The paper's algorithm (wd 0, momentum projection), 100 000 steps: GaLore stalls a little below the
     closed-form plateau (Adam's normalised steps keep shrinking a selected singular value for the rest of its
-    refresh period after it has crossed σ), full training and GoLore@50% reach f*."""
+    refresh period after it has crossed σ), full training and GoLore@50% reach f*.
+
+    GaLore's end value is not a smooth function of the input: Adam's normalised steps decide, step by step,
+    how far past σ each singular value goes, and a 1e-12 change of D moves the end value by up to ~1e-2
+    (measured: eight perturbations spread over [−20.828, −20.811], one machine gives −20.8197, another
+    −20.8257). So its comparison with the authors' −20.83 allows the rounding of that number plus twice the
+    spread measured here under three such perturbations. L.B. GaLore is stable (perturbations move it by
+    < 1e-4, the seeds by < 1e-5): rounding + 3 std over seeds + 1e-4."""
     end = adamw_panel[adamw_panel.step == 100_000].groupby("method")
     galore = end.loss.mean()["galore"]
     assert problem.galore_plateau - 0.1 < galore < problem.galore_plateau
@@ -220,22 +264,30 @@ def test_adamw_panel_paper_algorithm(problem, adamw_panel):
     assert abs(end.loss.mean()["full"] - problem.f_star) < 0.01
     assert abs(end.loss.max()["golore@50"] - problem.f_star) < 0.02
     stats = _table(adamw_panel, [100_000])
-    assert abs(stats.loc[("galore", 100_000), "mean"] - -20.83) < 0.01
-    assert abs(stats.loc[("lb-galore", 100_000), "mean"] - -23.03) < 0.01
+    values = [galore] + [galore_end(perturbed(1e-12, k), "adamw") for k in range(3)]
+    spread = max(values) - min(values)
+    assert spread < 0.05  # sensitive, but an order of magnitude inside the closed-form bracket's 0.1
+    assert abs(galore - -20.83) <= 0.005 + 2 * spread
+    lb = stats.loc[("lb-galore", 100_000)]
+    assert abs(lb["mean"] - -23.03) <= 0.005 + 3 * lb["std"] + 1e-4
 
 
-def test_adamw_panel_authors_configuration_reproduces_their_table():
+def test_adamw_panel_authors_configuration_reproduces_their_table(problem):
     """The authors' traces come from torch.optim.AdamW's default weight decay 0.01 and no stored momentum
-    projection (paper.md §5), i.e. ``weight_decay=0.01, state_on_refresh="keep"``. With those, every entry
-    of their table is matched within 0.05 (their L.B. GaLore also divides every step's noise by B, which
-    golore_lab does not; that is the largest residual)."""
+    projection, i.e. ``weight_decay=0.01, state_on_refresh="keep"``. With those, every entry of their table is
+    matched within 0.05 (their L.B. GaLore also divides every step's noise by B, which golore_lab does not;
+    that is the largest residual, 0.046 at point 500), plus 3 standard errors of the mean over the 3 seeds
+    (up to 0.02 for GaLore at point 1000, whose end value also moves by ~0.01 under a 1e-12 change of D)."""
     frame = run(Counterexample(), seeds=range(3), weight_decay=0.01, state_on_refresh="keep", **ce.PAPER["adamw"])
     stats = _table(frame, [x * 100 for x in (100, 500, 1000)])
     for method, row in AUTHORS_ADAMW_TABLE.items():
         for x, value in row.items():
-            assert abs(stats.loc[(method, x * 100), "mean"] - value) < 0.05, (method, x)
+            mean, std = stats.loc[(method, x * 100)]
+            assert abs(mean - value) <= 0.05 + 3 * std / np.sqrt(3), (method, x, mean)
     golore = stats.loc[("golore@50", 100_000), "mean"]
-    assert golore > -23.1  # without the momentum projection GoLore does not reach f* = -23.217 in time
+    # without the momentum projection GoLore is still clearly short of f* at the end (-23.09 here), where the
+    # paper's algorithm is within 0.02 of it (test_adamw_panel_paper_algorithm)
+    assert golore - problem.f_star > 0.05
 
 
 @pytest.mark.slow
@@ -258,7 +310,7 @@ def test_five_times_longer(problem, optimizer):
 @pytest.mark.parametrize("lr,gap", [(3e-5, 100), (1e-2, 10), (0.3, 1)])
 def test_no_b_galore_never_moves(optimizer, extra, lr, gap):
     p = Counterexample(linear_term=False)
-    frame = run(p, methods=("galore", "golore", "lb-galore", "full"), optimizer=optimizer, steps=3000, lr=lr,
+    frame = run(p, methods=("galore", "golore@100", "lb-galore", "full"), optimizer=optimizer, steps=3000, lr=lr,
                 update_proj_gap=gap, seeds=[0, 1], log_every=1, **extra)
     galore = frame[frame.method == "galore"]
     assert (galore.loss - 0.75).abs().max() < 1e-9
@@ -276,7 +328,7 @@ def test_no_b_others_converge(length):
     """
     p = Counterexample(linear_term=False)
     for optimizer in ("sgd", "adamw"):
-        config = {**ce.PAPER[optimizer], "methods": ("golore", "lb-galore", "full")}
+        config = {**ce.PAPER[optimizer], "methods": ("golore@100", "lb-galore", "full")}
         config["steps"] *= length
         frame = run(p, seeds=[0, 1], **config)
         end = frame[frame.step == config["steps"]]

@@ -330,38 +330,38 @@ def test_recipe_epochs_set_the_steps_and_per_epoch_evaluation():
 def test_summary_table_means_stds_and_paired_differences():
     import pandas as pd
 
-    from golore_lab.lm.finetune_experiments import summarize_table, table_markdown
+    from golore_lab.artefacts.table2_finetune import summarize, table_markdown
 
     rows = []
     for seed, (acc_full, acc_ga, acc_go) in enumerate([(0.8, 0.7, 0.72), (0.9, 0.7, 0.74), (0.7, 0.7, 0.70)]):
-        for method, acc in zip(("full", "galore", "golore"), (acc_full, acc_ga, acc_go)):
+        for method, acc in zip(("full", "galore", "golore@20"), (acc_full, acc_ga, acc_go)):
             rows.append({"task": "movie-reviews", "method": method, "seed": seed, "test_accuracy": acc,
                          "test_macro_f1": acc})
             rows.append({"task": "bbc-news", "method": method, "seed": seed, "test_accuracy": 1.0,
                          "test_macro_f1": 0.5})
-    summary = summarize_table(pd.DataFrame(rows)).set_index(["metric", "method"])
+    summary = summarize(pd.DataFrame(rows)).set_index(["metric", "method"])
     assert summary.loc[("movie-reviews accuracy", "full"), "mean"] == pytest.approx(80.0)
     assert summary.loc[("movie-reviews accuracy", "full"), "std"] == pytest.approx(10.0)  # ddof = 1
-    assert summary.loc[("movie-reviews accuracy", "golore-galore"), "mean"] == pytest.approx(2.0)
+    assert summary.loc[("movie-reviews accuracy", "golore@20-galore"), "mean"] == pytest.approx(2.0)
     assert summary.loc[("bbc-news macro-F1", "galore"), "mean"] == pytest.approx(50.0)
     assert summary.loc[("average accuracy", "full"), "mean"] == pytest.approx(90.0)
     assert ("movie-reviews macro-F1", "full") not in summary.index
-    text = table_markdown(summary.reset_index(), "python -m golore_lab figures --only finetune")
+    text = table_markdown(summary.reset_index())
     assert "| GoLore@20% − GaLore (paired) | +2.00 ± 2.00 |" in text and "3 seed(s)" in text
 
 
 def test_curves_figure_has_an_inset_on_the_last_fifth():
     import pandas as pd
 
-    from golore_lab.lm.finetune_experiments import plot_curves, smooth
+    from golore_lab.artefacts.fig4_finetune import plot as plot_curves, smooth
 
     assert smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
     curves = pd.DataFrame([{"method": m, "step": s, "train_loss": 1 / s + (m == "galore") * 0.01}
-                           for m in ("full", "galore", "golore") for s in range(1, 101)])
+                           for m in ("full", "galore", "golore@20") for s in range(1, 101)])
     fig = plot_curves(curves, window=4)
     main_ax, inset = fig.axes[0], fig.axes[0].child_axes[0]
     assert inset.get_xlim() == (80.0, 100.0)
-    assert [t.get_text() for t in main_ax.get_legend().get_texts()] == ["Full params.", "GaLore", "GoLore@20%"]
+    assert [t.get_text() for t in main_ax.get_legend().get_texts()] == ["Full", "GaLore", "GoLore@20%"]
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
@@ -394,12 +394,12 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 
 def test_runners_return_tidy_frames():
-    from golore_lab.lm.finetune_experiments import curve_runs, table_runs
+    from golore_lab.artefacts import fig4_finetune, table2_finetune
 
     threads = torch.get_num_threads()
-    runs = table_runs("fast", tasks=("bbc-news",), seeds=(0,), methods=("full",))
+    runs = table2_finetune.run(table2_finetune.Config("fast", "fast", (0,), tasks=("bbc-news",), methods=("full",)))
     assert torch.get_num_threads() == threads  # restored
     assert runs[["task", "method", "seed", "steps"]].values.tolist() == [["bbc-news", "full", 0, 3]]
     assert 0.0 <= runs["test_accuracy"].iloc[0] <= 1.0 and 0.0 <= runs["test_macro_f1"].iloc[0] <= 1.0
-    curves = curve_runs("fast", steps=2, train_examples=16, methods=("full",))
+    curves = fig4_finetune.run(fig4_finetune.Config("fast", "fast", steps=2, train_examples=16, methods=("full",)))
     assert curves.columns.tolist() == ["method", "step", "train_loss"] and curves["step"].tolist() == [1, 2]
