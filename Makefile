@@ -2,6 +2,7 @@
 #   make figures   set up .venv and make every figure and table into figures/ (re-plotted from the
 #                  committed caches in figures/data/runs; a missing or damaged cache is recomputed)
 #   make test      set up .venv and run the tests
+#   make notebooks execute the notebooks in place at the default preset (they are committed executed)
 # The set-up pins the CPU build of torch (TORCH=...) and the matplotlib that rendered the committed figures
 # (MATPLOTLIB=..., golore_lab.plotting.RENDERED_WITH: other versions draw other bytes); the package itself only
 # asks for ranges.
@@ -10,7 +11,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 MATPLOTLIB ?= matplotlib==3.11.2
 
-.PHONY: setup figures test bench clean
+.PHONY: setup figures notebooks test bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +24,9 @@ $(VENV)/.installed: pyproject.toml environment.yml
 
 figures: setup
 	$(PY) -m golore_lab figures
+
+notebooks: setup
+	$(PY) -m golore_lab notebooks
 
 test: setup
 	$(PY) -m pytest -q
