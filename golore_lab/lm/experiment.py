@@ -28,10 +28,11 @@ import pandas as pd
 
 from ..plotting import COLORS
 from ..threads import num_threads
-from .train import METHODS, config_dict
+from .train import config_dict
 
-LABELS = {"full": "Full params.", "galore": "GaLore", "golore": "GoLore@20%", "lb-galore": "L.B. GaLore"}
-STYLE = {"full": (COLORS["full"], "^"), "galore": (COLORS["galore"], "s"), "golore": (COLORS["golore"], "o"),
+METHODS = ("full", "galore", "golore@20", "lb-galore")
+LABELS = {"full": "Full params.", "galore": "GaLore", "golore@20": "GoLore@20%", "lb-galore": "L.B. GaLore"}
+STYLE = {"full": (COLORS["full"], "^"), "galore": (COLORS["galore"], "s"), "golore@20": (COLORS["golore"], "o"),
          "lb-galore": (COLORS["lb-galore"], "D")}  # the package's colours (golore_lab.plotting)
 OPTIMIZERS = ("adamw", "sgd")
 GRIDS = {

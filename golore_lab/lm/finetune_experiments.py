@@ -32,9 +32,9 @@ from golore_lab.lm.train import config_dict
 from golore_lab.plotting import COLORS
 from golore_lab.threads import num_threads
 
-METHODS = ("full", "galore", "golore")
-LABELS = {"full": "Full params.", "galore": "GaLore", "golore": "GoLore@20%"}
-STYLE = {"full": (COLORS["full"], "^"), "galore": (COLORS["galore"], "s"), "golore": (COLORS["golore"], "o")}
+METHODS = ("full", "galore", "golore@20")
+LABELS = {"full": "Full params.", "galore": "GaLore", "golore@20": "GoLore@20%"}
+STYLE = {"full": (COLORS["full"], "^"), "galore": (COLORS["galore"], "s"), "golore@20": (COLORS["golore"], "o")}
 
 #: What each figure preset runs. ``recipe`` is the preset of :func:`golore_lab.lm.finetune.recipe`;
 #: ``curves`` overrides it for the SGD figure (the paper trains few examples for many epochs; so do we).
@@ -116,8 +116,8 @@ def summarize_table(runs: pd.DataFrame) -> pd.DataFrame:
         wide["average accuracy"] = sum(wide[f"{t} accuracy"] for t in tasks) / len(tasks)
     rows = []
     for name, table in wide.items():
-        if {"galore", "golore"} <= set(table.columns):
-            table = table.assign(**{"golore-galore": table["golore"] - table["galore"]})
+        if {"galore", "golore@20"} <= set(table.columns):
+            table = table.assign(**{"golore-galore": table["golore@20"] - table["galore"]})
         for method in table.columns:
             values = table[method].dropna()
             rows.append({"metric": name, "method": method, "mean": values.mean(),
