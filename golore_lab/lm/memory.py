@@ -1,16 +1,17 @@
 """How much memory a training step needs, how much the machine has, and the micro-batch that fits.
 
-A step's peak is, in bytes (float32, 4 bytes a number)::
+A step's peak resident memory is estimated, in bytes (float32, 4 bytes a number), as::
 
-    peak = weights + gradients + optimizer state + activations of one micro-batch
+    peak = weights + gradients + optimizer state + ALLOCATOR x activations of one micro-batch + RUNTIME
 
 * weights: every parameter and buffer of the model (with the wrapper path: frozen W, bases P and factors B);
 * gradients: every trainable parameter (the matrices of a subspace optimizer get full-size gradients too);
 * optimizer state: AdamW keeps two moments, momentum SGD one; a subspace matrix of shape (m, n) at rank r keeps
   them in the subspace, r · max(m, n) numbers each, plus its basis, r · min(m, n);
-* activations: what autograd keeps between forward and backward for one micro-batch of b examples of T tokens
-  (N = b T tokens), counted layer by layer for the two models of the package
-  (:func:`llama_activation_bytes`, :func:`bert_activation_bytes`), or an evaluation batch if that is larger.
+* activations: the tensors autograd keeps between forward and backward for one micro-batch of b examples of T
+  tokens, counted layer by layer for the two models of the package (:func:`llama_activation_bytes`,
+  :func:`bert_activation_bytes`), or an evaluation batch if that is larger. :data:`ALLOCATOR` turns tensor bytes
+  into resident bytes, :data:`RUNTIME` is what the first forward and backward add besides tensors.
 
 Gradient accumulation makes the activations -- the only term that grows with the batch -- a function of the
 micro-batch alone, so a step that does not fit is made to fit by a smaller micro-batch (:func:`choose_micro_batch`)
@@ -20,9 +21,9 @@ What the machine has (:func:`available_bytes`): on CUDA the free device memory (
 the CPU the kernel's estimate of memory available without swapping (``MemAvailable`` in ``/proc/meminfo``, or
 psutil's where there is no ``/proc``), capped by the cgroup's limit when the process runs in a container.
 
-The estimate is checked against the peak resident memory of real steps (``tests/test_memory.py``): it counts
-the tensors, not the allocator's slack or the interpreter, so it is a lower bound on what a step adds to a
-process's resident memory; the check keeps a quarter of the available memory in reserve (:data:`HEADROOM`).
+The estimate is checked against the growth of peak resident memory (``VmHWM``) over a few real steps in a fresh
+process (``tests/test_memory.py``): on the small presets it was 0.82-0.95 of the estimate, and the test holds it
+within +-30%; the check keeps a quarter of the available memory in reserve (:data:`HEADROOM`) for that spread.
 """
 from __future__ import annotations
 
@@ -35,10 +36,19 @@ import torch
 from torch import nn
 
 GiB = 2 ** 30
-#: Share of the available memory a step may plan to use; the rest absorbs what the estimate does not count
-#: (allocator slack, the interpreter's own growth, other processes starting meanwhile).
+MiB = 2 ** 20
+#: Share of the available memory a step may plan to use; the rest covers the estimate's spread (+-30%) and
+#: other processes starting meanwhile.
 HEADROOM = 0.75
 FLOAT = 4
+#: Resident bytes per byte of activation tensors. glibc keeps freed blocks smaller than its mmap threshold
+#: (which grows with the blocks freed, up to 32 MiB) in the heap, so during the backward the activations being
+#: freed and the gradients being allocated do not share pages: on the small presets peak RSS grew by 1.7-2.1
+#: bytes per activation byte (1.3 with the threshold pinned at 64 KiB by MALLOC_MMAP_THRESHOLD_).
+ALLOCATOR = 2.0
+#: What a process's first forward and backward add besides tensors (kernel workspaces, thread pools, the autograd
+#: engine): 85-115 MiB measured on the small presets.
+RUNTIME = 96 * MiB
 
 
 @dataclass(frozen=True)
@@ -48,15 +58,22 @@ class StepMemory:
     weights: int
     gradients: int
     optimizer: int
-    activations: int
+    activations: int   # resident bytes: ALLOCATOR x the activation tensors
+    runtime: int = RUNTIME
+
+    @classmethod
+    def of(cls, fixed: tuple[int, int, int], activation_tensors: int) -> "StepMemory":
+        """From :func:`model_bytes` and a task's activation tensor bytes."""
+        return cls(*fixed, activations=int(ALLOCATOR * activation_tensors))
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
 
     def describe(self) -> str:
         return (f"~{self.total / GiB:.2f} GiB (weights {self.weights / GiB:.2f} + gradients {self.gradients / GiB:.2f}"
-                f" + optimizer state {self.optimizer / GiB:.2f} + activations {self.activations / GiB:.2f})")
+                f" + optimizer state {self.optimizer / GiB:.2f} + activations {self.activations / GiB:.2f} + "
+                f"runtime {self.runtime / GiB:.2f})")
 
 
 def model_bytes(model: nn.Module, groups: list[dict], *, optimizer: str, momentum: float,

@@ -638,7 +638,7 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
     if available is not None and device.type == "cpu":
         available //= memory.local_world_size()  # the ranks on this machine share its memory
     try:
-        micro, note = memory.choose_micro_batch(per_rank, lambda m: memory.StepMemory(*fixed, task.activation_bytes(m)),
+        micro, note = memory.choose_micro_batch(per_rank, lambda m: memory.StepMemory.of(fixed, task.activation_bytes(m)),
                                                 available, given)
     except MemoryError as err:
         raise RunError(f"not enough memory: {err}") from None
@@ -656,7 +656,8 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
 
     step, position, tokens, window, metric_names, rows, saved_step = 0, 0, 0, [0.0, 0], None, [], None
     if state is not None:
-        changes = identity_changes(state["identity"], identity)
+        changes = (identity_changes(state["identity"]["train"], identity["train"])
+                   + identity_changes(state["identity"]["task"], identity["task"], "task."))
         if changes:
             allowed = ", ".join("--" + name.replace("_", "-") for name in sorted(RESUME_MAY_CHANGE - {"resume"}))
             raise ValueError(f"--resume: {ckpt_path} was written with another configuration ({'; '.join(changes)}); "
