@@ -659,7 +659,7 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
         changes = (identity_changes(state["identity"]["train"], identity["train"])
                    + identity_changes(state["identity"]["task"], identity["task"], "task."))
         if changes:
-            allowed = ", ".join("--" + name.replace("_", "-") for name in sorted(RESUME_MAY_CHANGE - {"resume"}))
+            allowed = ", ".join("--" + name.replace("_", "-") for name in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite"}))
             raise ValueError(f"--resume: {ckpt_path} was written with another configuration ({'; '.join(changes)}); "
                              f"a resumed run may change only {allowed}")
         model.load_state_dict(state["model" if wrapped is None else "wrapper"])
