@@ -311,7 +311,7 @@ def test_curves_figure_has_an_inset_on_the_last_fifth():
 
     assert smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
     curves = pd.DataFrame([{"method": m, "step": s, "train_loss": 1 / s + (m == "galore") * 0.01}
-                           for m in ("full", "galore", "golore") for s in range(1, 101)])
+                           for m in ("full", "galore", "golore@20") for s in range(1, 101)])
     fig = plot_curves(curves, window=4)
     main_ax, inset = fig.axes[0], fig.axes[0].child_axes[0]
     assert inset.get_xlim() == (80.0, 100.0)
@@ -330,7 +330,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    args = ["finetune", "--preset", "fast", "--task", "bbc-news", "--method", "golore", "--optimizer", "adamw",
+    args = ["finetune", "--preset", "fast", "--task", "bbc-news", "--method", "golore@20", "--optimizer", "adamw",
             "--steps", "2", "--update-proj-gap", "1", "--batch-size", "8", "--no-progress", "--threads", "1"]
     results = {}
     for name, launcher in [("one", [sys.executable, "-m", "golore_lab"]),

@@ -112,8 +112,8 @@ def test_available_memory_is_known_on_linux():
 
 
 def test_train_micro_batches_when_the_step_does_not_fit(task, monkeypatch, capsys):
-    """A task whose activations take 2 GiB (resident) per example, on a 6 GiB machine: 4.5 GiB may be planned, so the batch
-    of 8 runs as micro-batches of 2 -- with the result of asking for them explicitly."""
+    """A task whose activations take 2 GiB (resident) per example, on a 6 GiB machine: 4.5 GiB may be planned, so
+    the batch of 8 runs as micro-batches of 2 -- with the result of asking for them explicitly."""
     cfg = recipe("tiny", steps=3, warmup_steps=1, rank=4, eval_every=3, progress=False)
     monkeypatch.setattr(type(task), "activation_bytes", lambda self, m: m * memory.GiB)   # resident: 2 GiB each
     monkeypatch.setattr(memory, "available_bytes", lambda device: 6 * memory.GiB)
@@ -123,7 +123,8 @@ def test_train_micro_batches_when_the_step_does_not_fit(task, monkeypatch, capsy
     explicit = train(task, replace(cfg, micro_batch_size=2))
     assert all(torch.equal(a, b) for a, b in zip(chosen.model.state_dict().values(),
                                                  explicit.model.state_dict().values()))
-    with pytest.raises(RunError, match="not enough memory: a step with --micro-batch-size 8 .* use --micro-batch-size 2"):
+    with pytest.raises(RunError, match="not enough memory: a step with --micro-batch-size 8 .* "
+                                       "use --micro-batch-size 2"):
         train(task, replace(cfg, micro_batch_size=8))
     monkeypatch.setattr(memory, "available_bytes", lambda device: memory.GiB)
     with pytest.raises(RunError, match="even with micro-batches of 1 example"):

@@ -593,7 +593,8 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
 
 
 def _prepare_folder(folder: RunFolder, cfg: TrainConfig) -> None:
-    """Remove killed writers' temporaries; refuse (or, with ``overwrite``, move aside) a run a new run would mix with."""
+    """Remove killed writers' temporaries; refuse a run a new run would mix with, or with ``overwrite`` move it
+    aside."""
     stale = folder.stale_temporaries()
     for path in stale:
         path.unlink()
@@ -638,8 +639,8 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
     if available is not None and device.type == "cpu":
         available //= memory.local_world_size()  # the ranks on this machine share its memory
     try:
-        micro, note = memory.choose_micro_batch(per_rank, lambda m: memory.StepMemory.of(fixed, task.activation_bytes(m)),
-                                                available, given)
+        micro, note = memory.choose_micro_batch(
+            per_rank, lambda m: memory.StepMemory.of(fixed, task.activation_bytes(m)), available, given)
     except MemoryError as err:
         raise RunError(f"not enough memory: {err}") from None
     if note and rank == 0:
@@ -659,7 +660,8 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
         changes = (identity_changes(state["identity"]["train"], identity["train"])
                    + identity_changes(state["identity"]["task"], identity["task"], "task."))
         if changes:
-            allowed = ", ".join("--" + name.replace("_", "-") for name in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite"}))
+            allowed = ", ".join("--" + name.replace("_", "-")
+                                for name in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite"}))
             raise ValueError(f"--resume: {ckpt_path} was written with another configuration ({'; '.join(changes)}); "
                              f"a resumed run may change only {allowed}")
         model.load_state_dict(state["model" if wrapped is None else "wrapper"])
