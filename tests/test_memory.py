@@ -69,7 +69,7 @@ def test_estimate_is_within_30_percent_of_measured_peak_rss(corpus_root, preset,
     assert 0.7 <= got["measured"] / got["estimate"] <= 1.3, got
 
 
-def need_60m(available_micro: int = 512):
+def need_60m():
     """The step memory of the paper's LLaMA-60M recipe (seq 256, GaLore rank 128 with AdamW), by micro-batch."""
     cfg = LlamaConfig.preset("60m", vocab_size=4096)
     model = build_model(cfg, 0)

@@ -53,7 +53,7 @@ def stopped(task, folder, at: int = 6) -> TrainConfig:
 
 # -------------------------------------------------------------------------------------------- metrics files
 def test_a_resume_killed_while_rewriting_the_metrics_loses_nothing(task, tmp_path, straight, monkeypatch):
-    """The resume rewrites the metrics; dying at its third row used to leave metrics.jsonl truncated."""
+    """The resume rewrites the metrics: dying at its third row must leave the old files whole, not truncated."""
     cfg = stopped(task, tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in ("metrics.jsonl", "metrics.csv")}
     real, count = json.dumps, [0]
@@ -219,7 +219,8 @@ def test_a_non_finite_validation_loss_stops_the_run(task):
 
 
 def test_sgd_at_lr_1e4_stops_cleanly(corpus_root, capsys):
-    """Full SGD at lr 1e4 used to end in OverflowError from exp() in the evaluation."""
+    """Full SGD at lr 1e4: a finite loss is reported (perplexity may overflow to inf), a non-finite one stops the run;
+    never an OverflowError from exp() in the evaluation."""
     argv = ["--cache", str(corpus_root), "--vocab-size", str(VOCAB), "--model", "tiny", "--no-progress",
             "--optimizer", "sgd", "--lr", "1e4", "--steps", "20", "--warmup-steps", "1", "--eval-every", "1",
             "--seq-len", "32", "--eval-windows", "8"]
