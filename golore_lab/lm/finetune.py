@@ -162,8 +162,8 @@ class ClassificationTask:
         from golore_lab.lm.memory import bert_activation_bytes
 
         c = self._shape
-        return bert_activation_bytes(c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size,
-                                     micro_batch, self.max_length, eval_batch=self.config.eval_batch)
+        return bert_activation_bytes(c.hidden_size, c.num_hidden_layers, c.intermediate_size, micro_batch,
+                                     self.max_length, eval_batch=self.config.eval_batch)
 
     def param_groups(self, model: torch.nn.Module, **subspace) -> list[dict]:
         """``[{"params": attention and MLP weights, **subspace}, {"params": the rest}]``."""
