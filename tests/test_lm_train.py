@@ -71,3 +71,17 @@ def test_bad_cli_values_are_named(argv, message, capsys, corpus_root):
     with pytest.raises(SystemExit):
         main(argv + ["--cache", str(corpus_root), "--vocab-size", str(VOCAB), "--model", "tiny", "--no-progress"])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, value", [("lr", float("inf")), ("lr", float("nan")), ("eps", float("inf")),
+                                         ("grad_clip", float("nan")), ("scale", float("-inf"))])
+def test_non_finite_hyper_parameters_are_named(name, value):
+    with pytest.raises(ValueError, match=rf"Invalid {name}: {value} \(must be a finite number\)"):
+        TrainConfig(**{name: value})
+
+
+def test_the_method_is_parsed_and_recorded():
+    cfg = TrainConfig(method="golore@25", steps=100)
+    assert cfg.switch_step == 75 and TrainConfig(method="galore").switch_step is None
+    with pytest.raises(ValueError, match="write 'golore@100' for pure GoLore"):
+        TrainConfig(method="golore")
