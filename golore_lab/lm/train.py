@@ -126,7 +126,7 @@ class TrainConfig:
     path: str = "optimizer"            # "wrapper": SubspaceModel + torch.optim (see the module docstring)
     steps: int = 200
     batch_size: int = 16               # global examples per step (all ranks, all micro-batches)
-    micro_batch_size: int | None = None  # examples per rank per micro-batch; default batch_size / world
+    micro_batch_size: int | None = None  # examples per rank per micro-batch; default: the largest that fits
     lr: float = 1e-3
     schedule: str = "cosine"
     warmup_steps: int = 0
