@@ -26,7 +26,7 @@ from golore_lab.lm.model import LlamaConfig  # noqa: E402
 from golore_lab.lm.pretrain import LMTask, recipe  # noqa: E402
 from pretrain_throughput import timed_train  # noqa: E402
 
-METHODS = {"galore": {}, "golore": {"switch_fraction": 1.0}, "lb-galore": {}}
+METHODS = {"galore": {}, "golore@100": {}, "lb-galore": {}}
 PATHS = ("optimizer", "wrapper")
 
 

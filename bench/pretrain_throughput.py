@@ -37,7 +37,7 @@ from golore_lab.lm.model import LlamaConfig, build_model, subspace_param_groups 
 from golore_lab.lm.pretrain import LMTask, recipe  # noqa: E402
 from golore_lab.lm.train import make_optimizer, train  # noqa: E402
 
-METHODS = {"full": {}, "galore": {}, "golore": {"switch_fraction": 1.0}, "lb-galore": {}}
+METHODS = {"full": {}, "galore": {}, "golore@100": {}, "lb-galore": {}}
 
 
 def timed_train(task, cfg) -> dict:

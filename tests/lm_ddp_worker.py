@@ -14,8 +14,8 @@ from golore_lab.lm.model import LlamaConfig
 from golore_lab.lm.pretrain import LMTask, recipe
 from golore_lab.lm.train import train
 
-RUNS = [("golore", "adamw", "optimizer"), ("lb-galore", "sgd", "optimizer"),
-        ("golore", "adamw", "wrapper"), ("lb-galore", "sgd", "wrapper")]
+RUNS = [("golore@50", "adamw", "optimizer"), ("lb-galore", "sgd", "optimizer"),
+        ("golore@50", "adamw", "wrapper"), ("lb-galore", "sgd", "wrapper")]
 
 
 def run_name(method: str, optimizer: str, path: str) -> str:
@@ -28,7 +28,7 @@ def main(corpus_path: str, out: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     for method, optimizer, path in RUNS:
         cfg = recipe("tiny", method=method, optimizer=optimizer, path=path, steps=6, warmup_steps=1, update_proj_gap=2,
-                     rank=4, batch_size=8, micro_batch_size=2, switch_fraction=0.5, eval_every=6, progress=False)
+                     rank=4, batch_size=8, micro_batch_size=2, eval_every=6, progress=False)
         result = train(task, cfg)
         name = run_name(method, optimizer, path)
         torch.save(result.model.state_dict(), os.path.join(out, f"{name}-rank{rank}.pt"))

@@ -219,8 +219,8 @@ def tiny_task():
 #: (method, optimizer, lr, update_proj_gap) trained for 3 steps: every method with AdamW, GoLore with momentum
 #: SGD. GaLore and GoLore share τ = 2 and the switch at step 2 (so GoLore's refresh at step 2 is random); the
 #: others refresh only at step 0 -- each SVD refresh of the 36 matrices costs seconds on a busy CPU.
-SHORT_RUNS = [("full", "adamw", 2e-4, 3), ("galore", "adamw", 2e-4, 2), ("golore", "adamw", 2e-4, 2),
-              ("lb-galore", "adamw", 2e-4, 3), ("golore", "sgd", 0.05, 3)]
+SHORT_RUNS = [("full", "adamw", 2e-4, 3), ("galore", "adamw", 2e-4, 2), ("golore@50", "adamw", 2e-4, 2),
+              ("lb-galore", "adamw", 2e-4, 3), ("golore@50", "sgd", 0.05, 3)]
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def short_runs(tiny_task):
     out = {}
     for method, optimizer, lr, gap in SHORT_RUNS:
         _, cfg = recipe("fast", "movie-reviews", optimizer, method=method, lr=lr, steps=3, batch_size=8,
-                        update_proj_gap=gap, switch_fraction=0.5, log_every=1, eval_every=3, progress=False)
+                        update_proj_gap=gap, log_every=1, eval_every=3, progress=False)
         before = tiny_task.loss(tiny_task.build_model(cfg.seed), fixed).item()
         result = train(tiny_task, cfg)
         with torch.no_grad():
@@ -254,7 +254,7 @@ def test_a_few_steps_of_each_method_lower_the_loss(short_runs, method, optimizer
 def test_golore_and_galore_agree_until_the_switch(short_runs):
     """Same seed: same head, same batches, same SVD subspaces -- the runs differ only from the switch step on."""
     galore_cfg, _, galore_after, galore = short_runs["galore", "adamw"]
-    golore_cfg, _, golore_after, golore = short_runs["golore", "adamw"]
+    golore_cfg, _, golore_after, golore = short_runs["golore@50", "adamw"]
     assert (galore_cfg.switch_step, golore_cfg.switch_step) == (None, 2)
     # The losses of steps 0, 1, 2 are all taken before the first update in a random subspace (step 2's).
     assert galore == golore
@@ -265,7 +265,7 @@ def test_cli_writes_metrics_resumes_exactly_and_scores_the_test_split(tmp_path, 
     from golore_lab.lm.finetune import main
 
     # GoLore@20% of 3 steps, τ = 1: SVD subspaces at steps 0 and 1, a random one at step 2, after the resume.
-    common = ["--preset", "fast", "--task", "bbc-news", "--method", "golore", "--optimizer", "sgd", "--no-progress",
+    common = ["--preset", "fast", "--task", "bbc-news", "--method", "golore@20", "--optimizer", "sgd", "--no-progress",
               "--steps", "3", "--eval-every", "1", "--update-proj-gap", "1", "--train-examples", "16"]
     assert main(common + ["--out", str(tmp_path / "a")]) == 0
     straight = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -311,11 +311,11 @@ def test_cli_rejects_bad_values(capsys):
 def test_recipe_epochs_set_the_steps_and_per_epoch_evaluation():
     from golore_lab.lm.finetune import recipe
 
-    task_cfg, cfg = recipe("paper", "bbc-news", "adamw", method="golore")
+    task_cfg, cfg = recipe("paper", "bbc-news", "adamw", method="golore@20")
     n_train = len(load_splits("bbc-news").train)
     per_epoch = -(-n_train // 16)
     assert (cfg.steps, cfg.eval_every, cfg.lr, cfg.update_proj_gap) == (30 * per_epoch, per_epoch, 3e-5, 500)
-    assert (cfg.rank, cfg.scale, cfg.switch_fraction, cfg.schedule) == (4, 4.0, 0.2, "linear")
+    assert (cfg.rank, cfg.scale, cfg.schedule) == (4, 4.0, "linear")
     assert cfg.switch_step == round(0.8 * cfg.steps)
     _, cfg = recipe("cpu", "movie-reviews", "sgd", epochs=0.5)
     assert cfg.steps == math.ceil(0.5 * math.ceil(len(load_splits("movie-reviews").train) / 16))
@@ -376,7 +376,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    args = ["finetune", "--preset", "fast", "--task", "bbc-news", "--method", "golore", "--optimizer", "adamw",
+    args = ["finetune", "--preset", "fast", "--task", "bbc-news", "--method", "golore@20", "--optimizer", "adamw",
             "--steps", "2", "--update-proj-gap", "1", "--batch-size", "8", "--no-progress", "--threads", "1"]
     results = {}
     for name, launcher in [("one", [sys.executable, "-m", "golore_lab"]),

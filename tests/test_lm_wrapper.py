@@ -22,7 +22,7 @@ from lm_helpers import VOCAB
 
 def small(**overrides) -> TrainConfig:
     """8 steps, refreshes at 0, 3, 6; GoLore's switch at step 4 (its step-6 refresh is random, before the forward)."""
-    return recipe("tiny", **{"steps": 8, "warmup_steps": 2, "rank": 4, "update_proj_gap": 3, "switch_fraction": 0.5,
+    return recipe("tiny", **{"steps": 8, "warmup_steps": 2, "rank": 4, "update_proj_gap": 3,
                              "eval_every": 4, "log_every": 2, "grad_clip": 0.0, "progress": False, **overrides})
 
 
@@ -32,7 +32,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-@pytest.mark.parametrize("method", ["galore", "golore", "lb-galore"])
+@pytest.mark.parametrize("method", ["galore", "golore@50", "lb-galore"])
 def test_wrapper_path_follows_optimizer_path(task, method, optimizer):
     cfg = small(method=method, optimizer=optimizer, weight_decay=0.1 if optimizer == "adamw" else 0.0)
     ref = train(task, cfg)
@@ -51,10 +51,10 @@ def test_wrapper_path_follows_optimizer_path(task, method, optimizer):
             assert b.get(key, 0.0) == pytest.approx(a.get(key, 0.0), rel=1e-5), (a["step"], key)
 
 
-@pytest.mark.parametrize("method, optimizer", [("golore", "adamw"), ("lb-galore", "sgd")])
+@pytest.mark.parametrize("method, optimizer", [("golore@75", "adamw"), ("lb-galore", "sgd")])
 def test_wrapper_resume_is_bit_identical(task, tmp_path, method, optimizer):
     """Stop at step 3, right before a refresh; the checkpoint's "model" is the merged plain state dict."""
-    cfg = small(method=method, optimizer=optimizer, path="wrapper", grad_clip=1.0, switch_fraction=0.75)
+    cfg = small(method=method, optimizer=optimizer, path="wrapper", grad_clip=1.0)
     straight = train(task, replace(cfg, out_dir=str(tmp_path / "a")))
     train(task, replace(cfg, out_dir=str(tmp_path / "b"), stop_at=3))
     resumed = train(task, replace(cfg, out_dir=str(tmp_path / "b"), resume=True))
@@ -77,7 +77,7 @@ def test_wrapper_resume_is_bit_identical(task, tmp_path, method, optimizer):
 def test_cli_path_flag(corpus_root, tmp_path, capsys):
     common = ["--cache", str(corpus_root), "--vocab-size", str(VOCAB), "--model", "tiny", "--no-progress",
               "--seq-len", "32", "--eval-windows", "4", "--steps", "4", "--warmup-steps", "1", "--rank", "4",
-              "--update-proj-gap", "2", "--method", "golore", "--switch-fraction", "0.5"]
+              "--update-proj-gap", "2", "--method", "golore@50"]
     assert main(common + ["--path", "wrapper", "--out", str(tmp_path / "w")]) == 0
     wrapper_final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(common + ["--out", str(tmp_path / "o")]) == 0                   # default: the optimizer path
@@ -115,11 +115,3 @@ def test_wrapper_path_needs_linear_subspace_weights(task):
     odd.__dict__.update(task.__dict__)
     with pytest.raises(ValueError, match=r"subspace parameter 'embed.weight' is not the weight of one"):
         train(odd, small(method="galore", path="wrapper"))
-
-
-def test_default_path_leaves_cached_configs_unchanged():
-    """``path`` is recorded only when it is "wrapper": old checkpoints stay valid."""
-    from golore_lab.lm.train import config_dict
-
-    assert "path" not in config_dict(TrainConfig(method="galore"))
-    assert config_dict(TrainConfig(method="galore", path="wrapper"))["path"] == "wrapper"

@@ -15,7 +15,7 @@ needs only the position, and DDP ranks split each global batch exactly.
 Presets (``--preset``, :data:`PRESETS`): ``cpu`` (the default; 40 steps of 16 examples, the size the figures
 use), ``paper`` (the paper's GLUE recipe: all the data, 30 epochs, lr 3e-5, τ = 500) and ``fast`` (a CI smoke
 test). Every :class:`~golore_lab.lm.train.TrainConfig` field is a flag (``--lr``, ``--steps``,
-``--update-proj-gap``, ``--switch-fraction`` ...); ``--epochs`` sets ``--steps`` from the training-set size.
+``--update-proj-gap``, ``--method golore@20`` ...); ``--epochs`` sets ``--steps`` from the training-set size.
 In ``--out``: ``metrics.csv`` and ``metrics.jsonl`` (training loss every ``--log-every`` steps; validation loss,
 accuracy and macro-F1 every epoch, or every ``--eval-every`` steps), ``checkpoint.pt`` (atomic; ``--stop-at`` /
 ``--resume``) and ``test_metrics.json`` once the run is complete.
@@ -26,7 +26,8 @@ import argparse
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -126,7 +127,7 @@ class ClassificationTask:
         self.config = config
         self.splits = load_splits(config.task, split_seed=config.split_seed)
         self.tokenizer = load_tokenizer()
-        max_length = config.max_length or MAX_LENGTH[config.task]
+        max_length = self.max_length = config.max_length or MAX_LENGTH[config.task]
         if max_length < 3:
             raise ValueError(f"Invalid max_length: {max_length} (must be >= 3: [CLS] token [SEP])")
         self.train = encode(subsample(self.splits.train, config.train_examples, config.split_seed), self.tokenizer,
@@ -147,7 +148,22 @@ class ClassificationTask:
     def build_model(self, seed: int) -> torch.nn.Module:
         from golore_lab.lm.minilm import load_classifier
 
-        return load_classifier(self.num_labels, seed=seed)
+        model = load_classifier(self.num_labels, seed=seed)
+        self._shape = model.encoder.config
+        return model
+
+    def options(self) -> dict:
+        """The task configuration, with the maximum length it resolves to."""
+        return {**asdict(self.config), "max_length": self.max_length}
+
+    def activation_bytes(self, micro_batch: int) -> int:
+        """:func:`~golore_lab.lm.memory.bert_activation_bytes` at ``max_length`` tokens (batches are padded to
+        their longest example, at most that); call after :meth:`build_model`."""
+        from golore_lab.lm.memory import bert_activation_bytes
+
+        c = self._shape
+        return bert_activation_bytes(c.hidden_size, c.num_hidden_layers, c.intermediate_size, micro_batch,
+                                     self.max_length, eval_batch=self.config.eval_batch)
 
     def param_groups(self, model: torch.nn.Module, **subspace) -> list[dict]:
         """``[{"params": attention and MLP weights, **subspace}, {"params": the rest}]``."""
@@ -191,7 +207,7 @@ DEFAULT_LR = {"adamw": 2e-4, "sgd": 0.03}
 
 #: Run sizes. ``paper``: the paper's GLUE recipe (its Table 2) -- all the data, 30 epochs, batch 16, lr 3e-5 for
 #: AdamW, τ = 500. ``cpu``: what the figures run on two shared CPU cores (:mod:`golore_lab.lm.finetune_experiments`).
-#: ``fast``: a smoke test for CI. Every preset: rank 4, α = 4, GoLore@20%, linear decay to 0, clip 1.
+#: ``fast``: a smoke test for CI. Every preset: rank 4, α = 4, linear decay to 0, clip 1.
 #: ``epochs`` (if given) sets ``steps`` from the size of the training set.
 PRESETS = {
     "fast": dict(task=dict(train_examples=64, val_examples=32, test_examples=64, max_length=32),
@@ -201,7 +217,7 @@ PRESETS = {
     "paper": dict(task=dict(),
                   train=dict(epochs=30, batch_size=16, update_proj_gap=500, log_every=50, lr={"adamw": 3e-5})),
 }
-FINETUNE_DEFAULTS = dict(rank=4, scale=4.0, switch_fraction=0.2, schedule="linear", min_lr_ratio=0.0,
+FINETUNE_DEFAULTS = dict(rank=4, scale=4.0, schedule="linear", min_lr_ratio=0.0,
                          warmup_steps=0, weight_decay=0.0, grad_clip=1.0, momentum=0.9)
 
 
@@ -243,7 +259,7 @@ def run(task_cfg: TaskConfig, train_cfg, task: "ClassificationTask | None" = Non
     """
     import time
 
-    from golore_lab.figures import atomic_write_bytes
+    from golore_lab.fileio import atomic_write_bytes
     from golore_lab.lm.train import train
 
     start = time.perf_counter()
@@ -260,7 +276,7 @@ def run(task_cfg: TaskConfig, train_cfg, task: "ClassificationTask | None" = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from golore_lab.lm.train import TrainConfig, add_train_arguments
+    from golore_lab.lm.train import RunError, TrainConfig, add_train_arguments
 
     parser = argparse.ArgumentParser(prog="python -m golore_lab finetune", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXAMPLES)
@@ -306,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(task_cfg, train_cfg)
     except (ValueError, DataUnavailableError, FileNotFoundError) as err:
         parser.error(str(err))
+    except RunError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
     if summary["test"]:
         print(json.dumps({"step": summary["step"], **summary["val"], **summary["test"]}))
     return 0
@@ -313,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
 EXAMPLES = """examples:
   python -m golore_lab finetune --prepare
-  python -m golore_lab finetune --task movie-reviews --method golore --optimizer adamw --seed 1 --out runs/ft
+  python -m golore_lab finetune --task movie-reviews --method golore@20 --optimizer adamw --seed 1 --out runs/ft
   python -m golore_lab finetune --task bbc-news --method galore --optimizer sgd --out runs/bbc --stop-at 20
   python -m golore_lab finetune --task bbc-news --method galore --optimizer sgd --out runs/bbc --resume
   python -m golore_lab finetune --preset paper --task movie-reviews --method full --out runs/paper

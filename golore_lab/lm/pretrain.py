@@ -15,7 +15,7 @@ rank / dim, tau        128 / 512, 200             32 / 128, 16 (same r/d; T/tau 
 
 Runs unchanged under ``torchrun --standalone --nproc-per-node N`` (DDP; ``--batch-size`` is global). Examples::
 
-    python -m golore_lab pretrain --method golore --optimizer adamw --seed 1 --out runs/golore
+    python -m golore_lab pretrain --method golore@20 --optimizer adamw --seed 1 --out runs/golore
     python -m golore_lab pretrain --method lb-galore --optimizer sgd --out runs/lb --stop-at 100
     python -m golore_lab pretrain --method lb-galore --optimizer sgd --out runs/lb --resume
     torchrun --standalone --nproc-per-node 2 -m golore_lab pretrain --method galore --out runs/ddp
@@ -24,6 +24,11 @@ Runs unchanged under ``torchrun --standalone --nproc-per-node N`` (DDP; ``--batc
 ``--path wrapper`` trains the same matrices through :class:`golore_lab.wrapper.SubspaceModel` and plain torch
 optimizers (under DDP only the low-rank factors are all-reduced between refreshes); ``checkpoint.pt``'s
 ``"model"`` then holds the merged weights, loadable into the plain LLaMA.
+
+``--model 60m`` with its batch of 512 needs more memory than a CPU machine has for one micro-batch of 512: the
+program then accumulates smaller micro-batches (same batch; it says so), or refuses naming the size it needs
+(:mod:`golore_lab.lm.memory`). Exit status: 0 done, 1 the run stopped (divergence, full disk, folder in use;
+the message says what is kept), 2 bad options.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DEFAULT_VOCAB, Corpus, ensure_corpus
+from .memory import llama_activation_bytes
 from .model import LlamaConfig, build_model, subspace_param_groups
-from .train import TrainConfig, add_train_arguments, stream_indices, train
+from .train import RunError, TrainConfig, add_train_arguments, stream_indices, train
 
 #: Learning rates of the CPU preset: the best of {1e-3, 3e-3, 1e-2} (AdamW) and {0.1, 0.3, 1, 3} (SGD) for
 #: full training over 100 steps, then used for every method.
@@ -72,7 +78,7 @@ class LMTask:
     in a seeded order (:func:`~golore_lab.lm.train.stream_indices`); the loss is the mean cross-entropy of the
     T next-token predictions. Evaluation is the mean loss on ``eval_windows`` validation windows spread evenly
     over the validation split (so both sources are represented; the same tokens for every method and seed) and
-    its perplexity exp(loss).
+    its perplexity exp(loss) (inf when exp overflows, as it does once a run has diverged).
     """
 
     def __init__(self, corpus: Corpus, model_cfg: LlamaConfig, seq_len: int | None = None,
@@ -88,11 +94,22 @@ class LMTask:
         if eval_windows < 1 or eval_windows > n_val:
             raise ValueError(f"Invalid eval_windows: {eval_windows} (validation has {n_val} windows of {self.seq_len})")
         self.eval_windows, self.eval_batch = eval_windows, eval_batch
+        self.corpus_files = dict(corpus.manifest.get("files", {}))
         self._eval_starts = torch.linspace(0, n_val - 1, eval_windows).round().long() * self.seq_len
         self._offsets = torch.arange(self.seq_len + 1)
 
     def build_model(self, seed: int) -> nn.Module:
         return build_model(self.model_cfg, seed)
+
+    def options(self) -> dict:
+        """The model's shape, the sequence length, the evaluation windows and the corpus (its files' sha256)."""
+        return {"model": asdict(self.model_cfg), "seq_len": self.seq_len, "eval_windows": self.eval_windows,
+                "eval_batch": self.eval_batch, "corpus": self.corpus_files}
+
+    def activation_bytes(self, micro_batch: int) -> int:
+        c = self.model_cfg
+        return llama_activation_bytes(c.dim, c.n_layers, c.hidden_dim, c.vocab_size, micro_batch, self.seq_len,
+                                      eval_batch=min(self.eval_batch, self.eval_windows))
 
     def param_groups(self, model: nn.Module, **subspace) -> list[dict]:
         return subspace_param_groups(model, **subspace)
@@ -118,7 +135,7 @@ class LMTask:
             total += float(F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction="sum"))
             count += windows[:, 1:].numel()
         loss = total / count
-        return {"val_loss": loss, "val_ppl": math.exp(loss)}
+        return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         task = LMTask(corpus, LlamaConfig.preset(args.model), seq_len=args.seq_len, eval_windows=args.eval_windows)
     except (ValueError, RuntimeError) as err:
         parser.error(str(err))
-    result = train(task, cfg)
+    try:
+        result = train(task, cfg)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    except RunError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
     if result.final and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"step": result.step, **result.final}))
     return 0

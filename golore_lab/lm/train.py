@@ -3,9 +3,9 @@
 What differs between experiments is a :class:`Task` (model, data stream, loss, evaluation); everything the
 paper holds fixed across methods lives here, so that methods differ *only* in the optimizer:
 
-* optimizer: ``method`` in {full, galore, golore, lb-galore} x ``optimizer`` in {adamw, sgd (heavy-ball)}
-  (:func:`make_optimizer`). GoLore@x% is SVD projections for steps t < K and random ones from K on, with
-  K = round((1 - x) * T) for ``switch_fraction`` x; L.B. GaLore is GaLore fed ``refresh_batch_factor`` times
+* optimizer: ``method`` in {full, galore, golore@X, lb-galore} (:mod:`golore_lab.methods`) x ``optimizer`` in
+  {adamw, sgd (heavy-ball)} (:func:`make_optimizer`). GoLore@X% is SVD projections for steps t < K and random
+  ones from K on, with K = round((1 - X/100) * T); L.B. GaLore is GaLore fed ``refresh_batch_factor`` times
   the batch at refresh steps (``microbatches(opt, base, refresh)``), for both the SVD and that step;
 * learning rate eta_t = lr * s(t): linear warm-up over ``warmup_steps``, then cosine (or linear) decay to
   ``min_lr_ratio * lr`` at step T (:func:`lr_factor`);
@@ -19,17 +19,27 @@ paper holds fixed across methods lives here, so that methods differ *only* in th
   seeds; under DDP only the factors are all-reduced between refreshes. Checkpoints hold the merged weights
   under ``"model"`` (a plain state dict of the task's architecture) and the wrapper's own state for resuming;
 * gradient accumulation: a step averages ``n_micro`` micro-batches of ``micro_batch_size`` examples per rank;
+  left unset, the micro-batch is the rank's whole share of the batch unless the step's estimated memory
+  (:mod:`golore_lab.lm.memory`) exceeds what the machine has, in which case the largest one that fits is used;
 * DDP through ``torchrun`` (``torch.distributed`` initialised from its environment variables; gloo on CPU).
   Rank k of W takes examples ``[p + (i W + k) m, p + (i W + k + 1) m)`` of micro-step i, so a run on W ranks
   sees exactly the examples a 1-rank run with the same global batch sees;
 * data position = number of training examples consumed; a task's example stream is a pure function of
   (seed, index), so a checkpoint (model, optimizer, position, RNG, step) resumes bit-identically;
-* evaluation every ``eval_every`` steps (on rank 0), metrics appended to ``metrics.csv`` / ``metrics.jsonl``
-  as the run goes, a progress bar with tokens/s, atomic checkpoints, optional bf16 autocast.
+* evaluation every ``eval_every`` steps (on rank 0), a progress bar with tokens/s, optional bf16 autocast;
+* divergence is an error: a non-finite training or validation loss (or gradient) stops the run with
+  :class:`RunError`, keeping the last checkpoint.
+
+A run folder (``out_dir``) holds one run (:class:`RunFolder`): ``checkpoint.pt`` (written to a temporary file
+and renamed), ``metrics.jsonl`` and ``metrics.csv`` (one line appended per logged row; on ``resume`` both are
+rewritten from the rows up to the checkpoint's step, through a temporary file), and ``.lock``, which one process
+holds while it trains there. A new run into a folder that holds a run is refused unless ``overwrite`` moves that
+run aside; ``resume`` refuses a configuration whose result would differ from the checkpoint's
+(:data:`RESUME_MAY_CHANGE` lists the options that may change).
 
 Example (see :mod:`golore_lab.lm.pretrain` for a full task)::
 
-    cfg = TrainConfig(method="golore", optimizer="adamw", steps=200, batch_size=16, lr=1e-3, rank=32)
+    cfg = TrainConfig(method="golore@20", optimizer="adamw", steps=200, batch_size=16, lr=1e-3, rank=32)
     result = train(task, cfg)          # result.history: list of logged rows
 """
 from __future__ import annotations
@@ -38,9 +48,14 @@ import argparse
 import contextlib
 import copy
 import csv
+import errno
+import fcntl
+import io
 import json
 import math
 import os
+import re
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
@@ -51,16 +66,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-METHODS = ("full", "galore", "golore", "lb-galore")
+from golore_lab.fileio import append_bytes, atomic_write_text, temporary_path
+from golore_lab.methods import Method, parse
+
+from . import memory
+
 OPTIMIZERS = ("adamw", "sgd")
 PATHS = ("optimizer", "wrapper")
 SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT = "checkpoint.pt"
-#: fields that may differ between a run and its resumption (everything else must match the checkpoint)
-RESUMABLE_CHANGES = {"resume", "stop_at", "progress", "out_dir", "checkpoint_every", "device"}
-#: fields added after runs were cached, with the value that reproduces those runs: :func:`config_dict` leaves
-#: them out at that value, so committed caches and old checkpoints stay valid
-LATER_FIELDS = {"path": "optimizer"}
+#: The :class:`TrainConfig` fields a resumed run may change: where it stops, how it is watched and saved, and the
+#: device. Every other field, and every option of the task (:meth:`Task.options`), is part of the run's identity
+#: (:func:`run_identity`) and must match the checkpoint's, because changing it changes the result.
+RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "stop_at", "out_dir", "checkpoint_every", "log_every",
+                               "progress", "device"})
+
+
+class RunError(RuntimeError):
+    """A run stopped for a reason the user must act on (divergence, a full disk, a folder in use, too little
+    memory); the message says what is on disk and what to do."""
 
 
 class Task(Protocol):
@@ -84,17 +108,25 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Validation metrics (deterministic, no grad), e.g. ``{"val_loss": .., "val_ppl": ..}``."""
 
+    def options(self) -> dict:
+        """Everything besides the :class:`TrainConfig` that the result depends on -- data, model shape,
+        evaluation -- as plain JSON values; ``resume`` refuses a task whose options differ from the checkpoint's."""
+
+    def activation_bytes(self, micro_batch: int) -> int:
+        """Peak bytes of activations of a training micro-batch of this many examples, or of an evaluation
+        batch if that is larger (:mod:`golore_lab.lm.memory`)."""
+
 
 @dataclass
 class TrainConfig:
     """Everything the loop needs besides the task. Invalid values raise ``ValueError`` naming the value."""
 
-    method: str = "full"
+    method: str = "full"               # full, galore, golore@X, lb-galore (golore_lab.methods)
     optimizer: str = "adamw"
     path: str = "optimizer"            # "wrapper": SubspaceModel + torch.optim (see the module docstring)
     steps: int = 200
     batch_size: int = 16               # global examples per step (all ranks, all micro-batches)
-    micro_batch_size: int | None = None  # examples per rank per micro-batch; default batch_size / world
+    micro_batch_size: int | None = None  # examples per rank per micro-batch; default: the largest that fits
     lr: float = 1e-3
     schedule: str = "cosine"
     warmup_steps: int = 0
@@ -110,7 +142,6 @@ class TrainConfig:
     update_proj_gap: int = 20
     scale: float = 1.0
     proj_type: str = "std"
-    switch_fraction: float = 0.2       # GoLore@x%: random projections for the last x of the steps
     refresh_batch_factor: int = 4      # L.B. GaLore: refresh-step batch = factor * batch_size
     state_on_refresh: str = "project"
     eval_every: int = 25
@@ -119,6 +150,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str | None = None
     resume: bool = False
+    overwrite: bool = False            # a new run into a folder that holds one moves the old run aside
     stop_at: int | None = None         # stop after this step (schedule still uses `steps`); resume later
     bf16: bool = False
     device: str = "auto"
@@ -126,8 +158,12 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        choices = {"method": METHODS, "optimizer": OPTIMIZERS, "path": PATHS, "schedule": SCHEDULES,
-                   "device": ("auto", "cpu", "cuda")}
+        parse(self.method)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"Invalid {f.name}: {value} (must be a finite number)")
+        choices = {"optimizer": OPTIMIZERS, "path": PATHS, "schedule": SCHEDULES, "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)!r} (choose from {', '.join(allowed)})")
@@ -145,8 +181,6 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every", "weight_decay", "grad_clip", "momentum", "dampening"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 0)")
-        if not 0.0 <= self.switch_fraction <= 1.0:
-            raise ValueError(f"Invalid switch_fraction: {self.switch_fraction} (must be in [0, 1])")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"Invalid min_lr_ratio: {self.min_lr_ratio} (must be in [0, 1])")
         if not all(0.0 <= b < 1.0 for b in self.betas) or len(self.betas) != 2:
@@ -155,8 +189,11 @@ class TrainConfig:
             raise ValueError(f"Invalid warmup_steps: {self.warmup_steps} (must be < steps = {self.steps})")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ValueError(f"Invalid stop_at: {self.stop_at} (must be in [1, steps = {self.steps}])")
-        if self.path == "wrapper" and self.method == "full":
-            raise ValueError("Invalid path: 'wrapper' with method 'full' (the wrapper trains galore, golore and "
+        if self.resume and self.overwrite:
+            raise ValueError("Invalid overwrite: True with resume (resume continues the run in the folder; "
+                             "overwrite moves it aside to start a new one)")
+        if self.path == "wrapper" and self.spec.full:
+            raise ValueError("Invalid path: 'wrapper' with method 'full' (the wrapper trains galore, golore@X and "
                              "lb-galore; full training uses path 'optimizer')")
         if self.path == "wrapper" and self.optimizer == "sgd" and self.weight_decay:
             raise ValueError(f"Invalid weight_decay: {self.weight_decay} with path 'wrapper' and optimizer 'sgd' "
@@ -164,16 +201,39 @@ class TrainConfig:
                              "use weight_decay 0, optimizer adamw, or path optimizer)")
 
     @property
+    def spec(self) -> Method:
+        """The parsed :attr:`method`."""
+        return parse(self.method)
+
+    @property
     def switch_step(self) -> int | None:
-        """K for GoLore@x%: SVD refreshes before step K, random from K on (None unless method is golore)."""
-        return round((1.0 - self.switch_fraction) * self.steps) if self.method == "golore" else None
+        """K for GoLore@X%: SVD refreshes before step K, random from K on (None for the other methods)."""
+        return self.spec.switch_step(self.steps)
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """The fields of ``cfg`` as a dict, without the :data:`LATER_FIELDS` at their old behaviour's value: what
-    checkpoints and result caches record (``{**LATER_FIELDS, **config_dict(cfg)}`` gives every field back)."""
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg)
-            if not (f.name in LATER_FIELDS and getattr(cfg, f.name) == LATER_FIELDS[f.name])}
+    """Every field of ``cfg`` as plain JSON values (what checkpoints and result caches record)."""
+    return json.loads(json.dumps({f.name: getattr(cfg, f.name) for f in fields(cfg)}))
+
+
+def run_identity(cfg: TrainConfig, task: Task, micro_batch_size: int) -> dict[str, Any]:
+    """What a run's result depends on: every field of ``cfg`` but :data:`RESUME_MAY_CHANGE` (with the micro-batch
+    the run trains with, chosen or given) and the task's options. A checkpoint records it; ``resume`` compares."""
+    train = {k: v for k, v in config_dict(cfg).items() if k not in RESUME_MAY_CHANGE}
+    train["micro_batch_size"] = micro_batch_size
+    return json.loads(json.dumps({"train": train, "task": task.options()}))
+
+
+def identity_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``"name: old -> new"`` for every leaf that differs between two :func:`run_identity` dicts."""
+    changes = []
+    for key in sorted(set(saved) | set(current), key=str):
+        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += identity_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changes
 
 
 # ------------------------------------------------------------------------------------- pure pieces
@@ -216,10 +276,10 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimize
 
     ``full`` is plain ``torch.optim.AdamW`` / ``torch.optim.SGD``; the others are the package's
     ``SubspaceAdamW`` / ``SubspaceSGD`` with SVD projections (``galore``, ``lb-galore``) or SVD until
-    :attr:`TrainConfig.switch_step` and random after (``golore``). With ``cfg.path == "wrapper"`` the groups are
+    :attr:`TrainConfig.switch_step` and random after (``golore@X``). With ``cfg.path == "wrapper"`` the groups are
     :func:`wrap_model`'s (factors, full parameters) and the optimizer is the plain torch one, as for ``full``.
     """
-    if cfg.method == "full" or cfg.path == "wrapper":
+    if cfg.spec.full or cfg.path == "wrapper":
         plain = [{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")} for g in groups]
         if cfg.optimizer == "adamw":
             return torch.optim.AdamW(plain, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -240,7 +300,7 @@ def micro_steps(opt, base: int, cfg: TrainConfig) -> int:
     ``opt`` is whatever knows the refresh schedule: the subspace optimizer, or the ``SubspaceModel`` of the
     wrapper path (both have ``refresh_due()``).
     """
-    if cfg.method != "lb-galore":
+    if not cfg.spec.large_batch:
         return base
     from golore_lab import microbatches
 
@@ -330,52 +390,170 @@ def _to(batch, device):
     return batch
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """``torch.save`` to a temporary name, then rename: a crash never leaves a partial checkpoint."""
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _RecordingWriter:
+    """The file object ``torch.save`` writes through: keeps the first ``OSError`` of a write, which torch's
+    serializer replaces by its own ``RuntimeError`` (a full disk reads ``unexpected pos ...`` otherwise)."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def save_checkpoint(path: Path, payload: dict, previous_step: int | None = None) -> None:
+    """``torch.save`` to a temporary name, fsync, then rename: a crash never leaves a partial checkpoint.
+
+    A failed write removes its temporary file and raises :class:`RunError` saying the previous checkpoint (at
+    ``previous_step``, if any) is intact -- for a full disk, "no space left while writing the checkpoint".
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    tmp = temporary_path(path)
+    writer = None
+    try:
+        with open(tmp, "wb") as handle:
+            writer = _RecordingWriter(handle)
+            torch.save(payload, writer)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        cause = writer.error if writer is not None and writer.error is not None else err
+        if not isinstance(cause, OSError):
+            raise
+        kept = (f"the previous checkpoint at step {previous_step} is intact ({path})" if previous_step is not None
+                else f"no earlier checkpoint exists in {path.parent}")
+        what = ("no space left while writing the checkpoint" if cause.errno == errno.ENOSPC
+                else f"writing the checkpoint failed ({cause})")
+        raise RunError(f"{what}; {kept}") from err
+
+
+class RunFolder:
+    """The folder of one run: :data:`RUN_FILES`, and ``.lock``, held (``fcntl.flock``) by the process training there.
+
+    ``lock()`` refuses a second process naming the first; ``stale_temporaries()`` are the hidden temporary files
+    that killed writers left behind (safe to delete once the lock is held); ``move_aside()`` moves the run files
+    to a sibling folder ``<name>.replaced-<time>`` and returns it.
+    """
+
+    RUN_FILES = (CHECKPOINT, "metrics.jsonl", "metrics.csv", "test_metrics.json")
+    LOCK = ".lock"
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunError(f"{self.path} is in use by another run (process {holder}); wait for it to end, or "
+                           "choose another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def existing(self) -> list[str]:
+        """The run files present in the folder."""
+        return [name for name in self.RUN_FILES if (self.path / name).exists()]
+
+    def stale_temporaries(self) -> list[Path]:
+        pattern = re.compile(r"\.(%s)\.\d+\.tmp" % "|".join(map(re.escape, self.RUN_FILES)))
+        return sorted(p for p in self.path.glob(".*.tmp") if pattern.fullmatch(p.name))
+
+    def move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.replaced-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.replaced-{stamp}-{n}")
+        aside.mkdir()
+        for name in self.existing():
+            os.replace(self.path / name, aside / name)
+        return aside
+
+
+def read_metrics(path: Path) -> tuple[list[dict], str | None]:
+    """The rows of a ``metrics.jsonl``, and a note if its last line was torn (cut by a kill) and is dropped.
+
+    Only the last line can be torn (rows are appended whole, one write each); an unreadable earlier line is a
+    ``ValueError`` naming it.
+    """
+    if not path.exists():
+        return [], None
+    lines = path.read_bytes().split(b"\n")
+    rows, note = [], None
+    complete, tail = lines[:-1], lines[-1]   # a file that ends with "\n" has an empty tail
+    for number, line in enumerate(complete, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number == len(complete) and not tail:
+                note = f"{path}: dropped its unreadable last line {number}"
+                break
+            raise ValueError(f"{path}: line {number} is not a metrics row ({line[:60]!r}...); the file is damaged "
+                             "beyond its last line") from None
+    if tail:
+        note = f"{path}: dropped its torn last line {len(lines)} ({len(tail)} bytes without a newline)"
+    return rows, note
 
 
 class MetricsLog:
-    """Rows appended to ``metrics.csv`` and ``metrics.jsonl`` (flushed each row); kept in memory too."""
+    """Rows appended to ``metrics.csv`` and ``metrics.jsonl`` (one whole line per write); kept in memory too.
+
+    A new log writes both files with no rows (the CSV with its header); a resumed one rewrites both, through a
+    temporary file and a rename, from ``rows`` -- the JSON lines already reconciled with the checkpoint -- so that
+    a kill at any moment leaves the old files or the new ones.
+    """
 
     BASE = ["step", "examples", "tokens", "lr", "train_loss", "grad_norm", "elapsed_s", "tokens_per_s"]
 
-    def __init__(self, out_dir: Path | None, metric_names: list[str], resume_step: int | None):
+    def __init__(self, out_dir: Path | None, metric_names: list[str], rows: list[dict] | None = None):
         self.fields = self.BASE + [m for m in metric_names if m not in self.BASE]
-        self.rows: list[dict] = []
+        self.rows: list[dict] = list(rows or [])
         self.out_dir = out_dir
         if out_dir is None:
             return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        jsonl = out_dir / "metrics.jsonl"
-        if resume_step is not None and jsonl.exists():  # keep what the checkpoint had seen, drop the rest
-            self.rows = [r for r in map(json.loads, jsonl.read_text().splitlines()) if r["step"] <= resume_step]
-        self._jsonl = open(jsonl, "w")
-        self._csv_file = open(out_dir / "metrics.csv", "w", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=self.fields, restval="", extrasaction="ignore")
-        self._csv.writeheader()
-        for row in self.rows:
-            self._write(row)
+        self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
+        atomic_write_text(self.jsonl, "".join(json.dumps(row) + "\n" for row in self.rows))
+        atomic_write_text(self.csv, self._csv_lines(self.rows, header=True))
 
-    def _write(self, row: dict) -> None:
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
-        self._csv.writerow(row)
-        self._csv_file.flush()
+    def _csv_lines(self, rows: list[dict], header: bool = False) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.fields, restval="", extrasaction="ignore")
+        if header:
+            writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
         if self.out_dir is not None:
-            self._write(row)
-
-    def close(self) -> None:
-        if self.out_dir is not None:
-            self._jsonl.close()
-            self._csv_file.close()
+            append_bytes(self.jsonl, (json.dumps(row) + "\n").encode())
+            append_bytes(self.csv, self._csv_lines([row]).encode())
 
 
 @dataclass
@@ -387,26 +565,89 @@ class TrainResult:
     final: dict[str, float] = field(default_factory=dict)
     step: int = 0
     wrapped: nn.Module | None = None   # path "wrapper": the SubspaceModel (``model`` holds its merged weights)
+    micro_batch_size: int = 0          # examples per rank per micro-batch the run trained with
 
 
 # --------------------------------------------------------------------------------------------- loop
 def train(task: Task, cfg: TrainConfig) -> TrainResult:
-    """Train ``task`` with ``cfg``; see the module docstring for what is held fixed across methods."""
+    """Train ``task`` with ``cfg``; see the module docstring for what is held fixed across methods.
+
+    Raises ``ValueError`` for a configuration that cannot run (or a ``resume`` that would change the result) and
+    :class:`RunError` when the run cannot go on (folder in use or holding another run, too little memory,
+    divergence, a failed checkpoint write).
+    """
     rank, world = _distributed()
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    folder = RunFolder(out_dir) if out_dir is not None and rank == 0 else None
+    if cfg.resume and (out_dir is None or not (out_dir / CHECKPOINT).exists()):
+        raise FileNotFoundError(f"--resume: no checkpoint at {out_dir / CHECKPOINT if out_dir else None}")
+    if folder is not None:
+        folder.lock()
+    try:
+        if folder is not None:
+            _prepare_folder(folder, cfg)
+        return _train(task, cfg, rank, world, out_dir)
+    finally:
+        if folder is not None:
+            folder.unlock()
+
+
+def _prepare_folder(folder: RunFolder, cfg: TrainConfig) -> None:
+    """Remove killed writers' temporaries; refuse a run a new run would mix with, or with ``overwrite`` move it
+    aside."""
+    stale = folder.stale_temporaries()
+    for path in stale:
+        path.unlink()
+    if stale:
+        _say(f"removed {len(stale)} temporary file(s) left by killed writers in {folder.path}")
+    held = folder.existing()
+    if cfg.resume or not held:
+        return
+    if not cfg.overwrite:
+        raise RunError(f"{folder.path} already holds a run ({', '.join(held)}): continue it with --resume, or start a "
+                       "new one with --overwrite (which moves the old one aside)")
+    _say(f"--overwrite: moved the run that was in {folder.path} to {folder.move_aside()}")
+
+
+def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | None) -> TrainResult:
     device = _device(cfg)
-    micro = cfg.micro_batch_size or cfg.batch_size // world
-    if micro < 1 or cfg.batch_size % (world * micro):
+    per_rank, remainder = divmod(cfg.batch_size, world)
+    if remainder or per_rank < 1:
+        raise ValueError(f"Invalid batch_size: {cfg.batch_size} (must be a multiple of world size {world})")
+    ckpt_path = out_dir / CHECKPOINT if out_dir else None
+    state = torch.load(ckpt_path, map_location=device, weights_only=True) if cfg.resume else None
+    if state is not None and "identity" not in state:
+        raise ValueError(f"--resume: {ckpt_path} was written by an earlier version of this program (it records no "
+                         "run identity); start a new run with --overwrite")
+    given = cfg.micro_batch_size or (state["identity"]["train"]["micro_batch_size"] if state else None)
+    if given is not None and per_rank % given:
         raise ValueError(f"Invalid batch_size: {cfg.batch_size} (must be a multiple of world size {world} x "
-                         f"micro_batch_size {micro})")
-    accumulate = cfg.batch_size // (world * micro)
+                         f"micro_batch_size {given})")
+
     model = task.build_model(cfg.seed).to(device)
-    subspace = {} if cfg.method == "full" else dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
-                                                     scale=cfg.scale, proj_type=cfg.proj_type)
+    subspace = {} if cfg.spec.full else dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
+                                             scale=cfg.scale, proj_type=cfg.proj_type)
     groups = task.param_groups(model, **subspace)
     wrapped = None
     if cfg.path == "wrapper":  # from here on `model` is the SubspaceModel; `wrapped` marks the path
         model, groups = wrap_model(model, groups, cfg)
         wrapped = model
+
+    fixed = memory.model_bytes(model, groups, optimizer=cfg.optimizer, momentum=cfg.momentum,
+                               subspace=not cfg.spec.full and wrapped is None)
+    available = memory.available_bytes(device)
+    if available is not None and device.type == "cpu":
+        available //= memory.local_world_size()  # the ranks on this machine share its memory
+    try:
+        micro, note = memory.choose_micro_batch(
+            per_rank, lambda m: memory.StepMemory.of(fixed, task.activation_bytes(m)), available, given)
+    except MemoryError as err:
+        raise RunError(f"not enough memory: {err}") from None
+    if note and rank == 0:
+        _say(note)
+    accumulate = per_rank // micro
+    identity = run_identity(cfg, task, micro)
+
     opt = make_optimizer(groups, cfg)
     if wrapped is not None:
         wrapped.attach(opt)
@@ -414,55 +655,71 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
 
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
-    ckpt_path = out_dir / CHECKPOINT if out_dir else None
-    step, position, tokens, window, metric_names, resumed = 0, 0, 0, [0.0, 0], None, None
-    if cfg.resume:
-        if ckpt_path is None or not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        saved = {**LATER_FIELDS, **state["config"]}
-        changed = [f"{k}: {v!r} -> {getattr(cfg, k)!r}" for k, v in saved.items()
-                   if k not in RESUMABLE_CHANGES and v != getattr(cfg, k)]
-        if changed:
-            raise ValueError(f"--resume: {ckpt_path} was written with another configuration ({'; '.join(changed)})")
+    step, position, tokens, window, metric_names, rows, saved_step = 0, 0, 0, [0.0, 0], None, [], None
+    if state is not None:
+        changes = (identity_changes(state["identity"]["train"], identity["train"])
+                   + identity_changes(state["identity"]["task"], identity["task"], "task."))
+        if changes:
+            allowed = ", ".join("--" + name.replace("_", "-")
+                                for name in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite"}))
+            raise ValueError(f"--resume: {ckpt_path} was written with another configuration ({'; '.join(changes)}); "
+                             f"a resumed run may change only {allowed}")
         model.load_state_dict(state["model" if wrapped is None else "wrapper"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         step, position, tokens = state["step"], state["position"], state["tokens"]
-        window, metric_names, resumed = list(state["window"]), list(state["metric_names"]), state["step"]
+        window, metric_names, saved_step = list(state["window"]), list(state["metric_names"]), state["step"]
+        if rank == 0:
+            rows = _reconcile_metrics(out_dir, saved_step)
 
-    def evaluate() -> dict[str, float]:
+    def stop(what: str) -> RunError:
+        if ckpt_path is None:
+            kept = "nothing was saved (no output folder)"
+        elif saved_step is None:
+            kept = "no checkpoint was written"
+        else:
+            kept = f"the last checkpoint, {ckpt_path} at step {saved_step}, is kept"
+        return RunError(f"{what}: the run diverged and is stopped; {kept}. Try a smaller learning rate "
+                        f"(--lr {cfg.lr:g} now)")
+
+    def evaluate(at: int) -> dict[str, float]:
         metrics = {}
         if rank == 0:
             model.eval()
             with torch.no_grad(), autocast():
                 metrics = {k: float(v) for k, v in task.evaluate(model).items()}
             model.train()
-        if world > 1:
-            dist.barrier()
+        bad = sorted(k for k, v in metrics.items() if k.endswith("loss") and not math.isfinite(v))
+        if world > 1:  # every rank stops together
+            shared = [bad]
+            dist.broadcast_object_list(shared, src=0)
+            bad = shared[0]
+        if bad:
+            raise stop(f"validation {bad[0]} is {metrics.get(bad[0], 'not finite')} at step {at}")
         return metrics
 
-    first = evaluate() if step == 0 else {}
+    first = evaluate(0) if step == 0 else {}
     if metric_names is None:
         metric_names = sorted(first)
         if world > 1:  # ranks other than 0 did not evaluate; take rank 0's names
             names = [metric_names]
             dist.broadcast_object_list(names, src=0)
             metric_names = names[0]
-    log = MetricsLog(out_dir if rank == 0 else None, metric_names, resumed)
+    log = MetricsLog(out_dir if rank == 0 else None, metric_names, rows)
     if step == 0:
         log.append({"step": 0, "examples": 0, "tokens": 0, "lr": cfg.lr * lr_factor(0, cfg), **first})
 
     def checkpoint() -> None:
+        nonlocal saved_step
         if rank == 0 and ckpt_path is not None:
             weights = {"model": model.state_dict()} if wrapped is None else \
                 {"model": wrapped.merged_state_dict(), "wrapper": wrapped.state_dict()}  # plain weights; exact state
             save_checkpoint(ckpt_path, {
                 **weights, "optimizer": opt.state_dict(), "step": step, "position": position,
                 "tokens": tokens, "window": window, "metric_names": metric_names, "rng_cpu": torch.get_rng_state(),
-                "config": config_dict(cfg),
-            })
+                "config": config_dict(cfg), "identity": identity,
+            }, saved_step)
+        saved_step = step
         if world > 1:
             dist.barrier()
 
@@ -473,58 +730,97 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
                unit="step", dynamic_ncols=True, desc=f"{cfg.method}/{cfg.optimizer}")
     start_time, start_tokens, grad_norm = time.perf_counter(), tokens, float("nan")
     model.train()
-    while step < last:
-        lr_now = [base * lr_factor(step, cfg) for base in base_lrs]
-        for group, value in zip(opt.param_groups, lr_now):
-            group["lr"] = value
-        n_micro = micro_steps(opt if wrapped is None else wrapped, accumulate, cfg)
-        if wrapped is not None and wrapped.refresh_due() and not wrapped.refresh_needs_gradient():
-            wrapped.refresh(opt)  # random bases (GoLore): before the forward, nothing full-size formed or sent
-        loss_sum = torch.zeros((), device=device)
-        for i in range(n_micro):
-            batch = _to(task.batch(position + (i * world + rank) * micro, micro, cfg.seed), device)
-            sync = net.no_sync() if world > 1 and i < n_micro - 1 else contextlib.nullcontext()
-            with sync:
-                with autocast():
-                    loss = task.loss(net, batch)
-                (loss / n_micro).backward()
-            loss_sum += loss.detach().float()
-            tokens += task.count_tokens(batch) * world
-        position += n_micro * world * micro
-        if wrapped is not None and wrapped.refresh_due():
-            wrapped.refresh(opt)  # SVD of this step's full gradient (all-reduced explicitly under DDP)
-        if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        window[0] += float(loss_sum) / n_micro
-        window[1] += 1
-        bar.update(1)
-        evaluating = step % cfg.eval_every == 0 or step == cfg.steps
-        if step % cfg.log_every == 0 or evaluating:
-            train_loss = window[0] / max(1, window[1])
-            if world > 1:
-                reduced = torch.tensor([train_loss], device=device)
-                dist.all_reduce(reduced)
-                train_loss = float(reduced) / world
-            window = [0.0, 0]
-            elapsed = time.perf_counter() - start_time
-            row = {"step": step, "examples": position, "tokens": tokens, "lr": lr_now[0], "train_loss": train_loss,
-                   "grad_norm": grad_norm, "elapsed_s": elapsed,
-                   "tokens_per_s": (tokens - start_tokens) / max(elapsed, 1e-9)}
-            if evaluating:
-                row.update(evaluate())
-            log.append(row)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == last:
-            checkpoint()
-    bar.close()
-    log.close()
+    try:
+        while step < last:
+            lr_now = [base * lr_factor(step, cfg) for base in base_lrs]
+            for group, value in zip(opt.param_groups, lr_now):
+                group["lr"] = value
+            n_micro = micro_steps(opt if wrapped is None else wrapped, accumulate, cfg)
+            if wrapped is not None and wrapped.refresh_due() and not wrapped.refresh_needs_gradient():
+                wrapped.refresh(opt)  # random bases (GoLore): before the forward, nothing full-size formed or sent
+            loss_sum = torch.zeros((), device=device)
+            for i in range(n_micro):
+                batch = _to(task.batch(position + (i * world + rank) * micro, micro, cfg.seed), device)
+                sync = net.no_sync() if world > 1 and i < n_micro - 1 else contextlib.nullcontext()
+                with sync:
+                    with autocast():
+                        loss = task.loss(net, batch)
+                    (loss / n_micro).backward()
+                loss_sum += loss.detach().float()
+                tokens += task.count_tokens(batch) * world
+            step_loss = float(loss_sum) / n_micro
+            finite = torch.tensor(float(math.isfinite(step_loss)), device=device)
+            if world > 1:  # every rank stops together
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite:
+                raise stop(f"training loss is {step_loss} at step {step + 1}")
+            position += n_micro * world * micro
+            if wrapped is not None and wrapped.refresh_due():
+                wrapped.refresh(opt)  # SVD of this step's full gradient (all-reduced explicitly under DDP)
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                if not math.isfinite(grad_norm):
+                    raise stop(f"gradient norm is {grad_norm} at step {step + 1}")
+            try:
+                opt.step()
+            except FloatingPointError as err:  # the subspace optimizers refuse non-finite gradients
+                raise stop(f"{err} at step {step + 1}") from None
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            window[0] += step_loss
+            window[1] += 1
+            bar.update(1)
+            evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+            if step % cfg.log_every == 0 or evaluating:
+                train_loss = window[0] / max(1, window[1])
+                if world > 1:
+                    reduced = torch.tensor([train_loss], device=device)
+                    dist.all_reduce(reduced)
+                    train_loss = float(reduced) / world
+                window = [0.0, 0]
+                elapsed = time.perf_counter() - start_time
+                row = {"step": step, "examples": position, "tokens": tokens, "lr": lr_now[0],
+                       "train_loss": train_loss, "grad_norm": grad_norm, "elapsed_s": elapsed,
+                       "tokens_per_s": (tokens - start_tokens) / max(elapsed, 1e-9)}
+                if evaluating:
+                    row.update(evaluate(step))
+                log.append(row)
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == last:
+                checkpoint()
+    finally:
+        bar.close()
     final = {k: v for k, v in (log.rows[-1] if log.rows else {}).items() if k in metric_names}
     if wrapped is not None:  # hand back the task's own architecture, with the merged weights
         model = unwrapped_copy(wrapped)
-    return TrainResult(history=log.rows, model=model, final=final, step=step, wrapped=wrapped)
+    return TrainResult(history=log.rows, model=model, final=final, step=step, wrapped=wrapped,
+                       micro_batch_size=micro)
+
+
+def _reconcile_metrics(out_dir: Path, step: int) -> list[dict]:
+    """The rows of ``out_dir/metrics.jsonl`` up to the checkpoint's ``step`` (what the resumed run continues);
+    what is dropped -- a torn last line, rows logged after the checkpoint was written -- is said on stderr."""
+    rows, note = read_metrics(out_dir / "metrics.jsonl")
+    if note:
+        _say(note)
+    kept = [row for row in rows if row["step"] <= step]
+    if len(kept) < len(rows):
+        _say(f"{out_dir / 'metrics.jsonl'}: dropped {len(rows) - len(kept)} row(s) logged after the checkpoint's "
+             f"step {step}")
+    if not kept:
+        _say(f"{out_dir / 'metrics.jsonl'}: no rows up to step {step}; the history before the checkpoint is lost")
+    return kept
+
+
+def finite_float(text: str) -> float:
+    """``argparse`` type: a finite float (``inf`` and ``nan`` are refused, naming the value)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def add_train_arguments(parser, defaults: TrainConfig | None = None) -> None:
@@ -537,19 +833,18 @@ def add_train_arguments(parser, defaults: TrainConfig | None = None) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=f.name,
                                 help=f"(default: {default})")
         elif f.name == "betas":
-            parser.add_argument(flag, type=float, nargs=2, default=default, metavar=("BETA1", "BETA2"),
+            parser.add_argument(flag, type=finite_float, nargs=2, default=default, metavar=("BETA1", "BETA2"),
                                 help=f"(default: {default})")
-        elif f.name in ("method", "optimizer", "path", "schedule", "device"):
-            allowed = {"method": METHODS, "optimizer": OPTIMIZERS, "path": PATHS, "schedule": SCHEDULES,
+        elif f.name == "method":
+            parser.add_argument(flag, default=default, metavar="{full,galore,golore@X,lb-galore}",
+                                help="golore@X: GaLore, then random subspaces for the last X%% of the steps "
+                                     "(default: %(default)s)")
+        elif f.name in ("optimizer", "path", "schedule", "device"):
+            allowed = {"optimizer": OPTIMIZERS, "path": PATHS, "schedule": SCHEDULES,
                        "device": ("auto", "cpu", "cuda")}[f.name]
             parser.add_argument(flag, choices=allowed, default=default, help="(default: %(default)s)")
         else:
-            kind = {int: int, float: float, str: str}.get(type(default), str)
+            kind = {int: int, float: finite_float, str: str}.get(type(default), str)
             if f.name in ("micro_batch_size", "stop_at"):
                 kind = int
             parser.add_argument(flag, type=kind, default=default, help="(default: %(default)s)")
-
-
-def config_from_args(args) -> TrainConfig:
-    """The :class:`TrainConfig` of parsed arguments (raises ``ValueError`` naming a bad value)."""
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
