@@ -82,10 +82,12 @@ def build_task_archives(folder: Path) -> dict[str, Path]:
 
 
 def prepare_fixture_tasks(root: Path, folder: Path) -> dict[str, Path]:
-    """Split both fixture tasks (seed 0) into the cache ``root`` as ``load_splits`` would; ``{task: archive}``."""
+    """Split both fixture tasks (split seeds 0 and 1) into the cache ``root`` as ``load_splits`` would;
+    ``{task: archive}``. Seed 1 is there for the tests that change ``--split-seed`` on a resume."""
     from golore_lab.lm.tasks import write_splits
 
     archives = build_task_archives(folder)
     for task, archive in archives.items():
-        write_splits(task, archive, split_seed=0, root=root)
+        for split_seed in (0, 1):
+            write_splits(task, archive, split_seed=split_seed, root=root)
     return archives
