@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import pandas as pd
 
-from ..plotting import method_label, method_style
+from ..plotting import family, method_label, method_style
 from ..threads import num_threads
 
 NAME = "fig3_pretrain"
@@ -131,8 +132,11 @@ def draw(ax, frame: pd.DataFrame, optimizer: str, zoom_fraction: float = 0.25) -
     inset = ax.inset_axes([0.42, 0.42, 0.54, 0.40])
     for method, d in data.groupby("method", sort=False):
         lo, hi = d.val_ppl_mean - d.val_ppl_std.fillna(0), d.val_ppl_mean + d.val_ppl_std.fillna(0)
+        # GaLore and GoLore@X% coincide until the switch (same seed, same run): GoLore's hollow markers on
+        # GaLore's larger filled squares keep both visible where the curves overlap
+        hollow = {"markerfacecolor": "white", "markersize": 4} if family(method) == "golore" else {"markersize": 5}
         for target in (ax, inset):
-            target.plot(d.step, d.val_ppl_mean, markersize=4, **method_style(method))
+            target.plot(d.step, d.val_ppl_mean, **method_style(method, **hollow))
             target.fill_between(d.step, lo, hi, color=method_style(method)["color"], alpha=0.2, linewidth=0)
     tail = data[data.step >= (1 - zoom_fraction) * last_step]
     inset.set_xlim(tail.step.min(), last_step)
@@ -142,6 +146,9 @@ def draw(ax, frame: pd.DataFrame, optimizer: str, zoom_fraction: float = 0.25) -
     inset.tick_params(labelsize=7)
     ax.indicate_inset_zoom(inset, edgecolor="0.4")
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("step")
     ax.set_ylabel("validation perplexity (log scale)")
     seeds = int(data.seeds.max())
