@@ -368,24 +368,12 @@ class SubspaceOptimizer(Optimizer):
         return basis.to(grad.device)
 
     def _check_basis(self, basis: Any, group: dict[str, Any], grad: Tensor, side: str, position: int) -> None:
-        """A user projector's result must be a (dim, r) floating tensor with orthonormal columns.
-
-        Orthonormal up to rounding: max |PᵀP − I| <= 10·eps·dim in the basis's dtype, the size of the loss of
-        orthogonality of a Householder QR (which grows like eps·dim) with a margin; checked at refresh steps
-        only, in float32 or float64.
-        """
-        dim, rank = (grad.shape[0] if side == "left" else grad.shape[1]), group["rank"]
-        where = (f"projector {spec.describe_setting(group['projection'])} for parameter {self._name_at(position)} "
-                 f"({side} side, rank {rank})")
-        if not (isinstance(basis, Tensor) and basis.is_floating_point() and tuple(basis.shape) == (dim, rank)):
-            got = f"shape {tuple(basis.shape)}, {basis.dtype}" if isinstance(basis, Tensor) else type(basis).__name__
-            raise ValueError(f"The {where} returned {got}; a basis must be a floating ({dim}, {rank}) tensor")
-        q = basis.detach().to(proj.compute_dtype(basis.dtype))
-        error = float((q.T @ q - torch.eye(rank, dtype=q.dtype, device=q.device)).abs().max())
-        tolerance = 10 * torch.finfo(basis.dtype).eps * dim
-        if not error <= tolerance:
-            raise ValueError(f"The {where} returned a basis without orthonormal columns: max |PᵀP − I| = "
-                             f"{error:.3g} > {tolerance:.3g}")
+        dim = grad.shape[0] if side == "left" else grad.shape[1]
+        try:
+            proj.check_basis(basis, dim, group["rank"])
+        except ValueError as error:
+            raise ValueError(f"The projector {spec.describe_setting(group['projection'])} for parameter "
+                             f"{self._name_at(position)} ({side} side, rank {group['rank']}) {error}") from None
 
     def _refresh_state(self, group: dict[str, Any], state: dict[str, Any], side: str, transport: Tensor,
                        count: int) -> None:

@@ -357,8 +357,7 @@ class SubspaceModel(nn.Module):
                                "check model.refresh_due()")
         before_forward = all(layer.full_grad is None and layer.factor.grad is None for layer in due)
         if before_forward and not self.refresh_needs_gradient(projection):
-            for layer in due:
-                self._refresh_layer(layer, None, optimizer, projection)
+            self._refresh_all(due, [None] * len(due), optimizer, projection)
             return 0
         for layer in due:
             if layer.full_grad is None:
@@ -379,18 +378,42 @@ class SubspaceModel(nn.Module):
             if not bool(torch.isfinite(grad).all()):
                 raise FloatingPointError(f"Non-finite full gradient in layer {layer.name!r} at step {layer.step}; "
                                          "refresh skipped, nothing was changed")
-        for layer, grad in zip(due, grads):
-            self._refresh_layer(layer, grad, optimizer, projection)
+        self._refresh_all(due, grads, optimizer, projection)
         return sent
 
-    def _refresh_layer(self, layer: SubspaceLinear, grad: Tensor | None, optimizer: torch.optim.Optimizer,
-                       projection: Any) -> None:
-        count = layer.step
-        _, projector = self._kind(count, projection)
-        generator = proj.refresh_generator(self.seed, layer.position, count)
+    def _refresh_all(self, due: list[SubspaceLinear], grads: list[Tensor | None], optimizer: torch.optim.Optimizer,
+                     projection: Any) -> None:
+        """Every new basis and every check first, then the changes: a refused refresh changes nothing."""
+        bases = [self._new_basis(layer, grad, projection) for layer, grad in zip(due, grads)]
+        for layer in due:
+            # torch.optim documents no API naming what a state entry means, so rules.py holds the one table of
+            # torch's names; an entry it does not know (a future torch) is refused, not left in the old basis.
+            unknown = sorted(set(optimizer.state.get(layer.factor, ())) -
+                             {"step", *rules.FIRST_MOMENTS, *rules.SECOND_MOMENTS})
+            if unknown:
+                raise RuntimeError(f"The optimizer's state of layer {layer.name!r}'s factor has entries {unknown} "
+                                   "that the wrapper cannot carry to a new basis (known: step, "
+                                   f"{', '.join(rules.FIRST_MOMENTS + rules.SECOND_MOMENTS)}); nothing was changed")
+        for layer, grad, new in zip(due, grads, bases):
+            self._refresh_layer(layer, grad, new, optimizer)
+
+    def _new_basis(self, layer: SubspaceLinear, grad: Tensor | None, projection: Any) -> Tensor:
+        kind, projector = self._kind(layer.step, projection)
+        generator = proj.refresh_generator(self.seed, layer.position, layer.step)
         shape_only = torch.empty_like(layer.weight, device="meta")           # random bases read only the shape
         new = projector(shape_only if grad is None else grad, layer.rank, layer.side, generator)
-        new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        if kind == "custom":
+            dim = layer.weight.shape[0] if layer.side == "left" else layer.weight.shape[1]
+            try:
+                proj.check_basis(new, dim, layer.rank)
+            except ValueError as error:
+                raise ValueError(f"The projector {spec.describe_setting(projector)} for layer {layer.name!r} "
+                                 f"({layer.side} side, rank {layer.rank}) {error}; nothing was changed") from None
+        return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+    def _refresh_layer(self, layer: SubspaceLinear, grad: Tensor | None, new: Tensor,
+                       optimizer: torch.optim.Optimizer) -> None:
+        count = layer.step
         state = optimizer.state.get(layer.factor)
         if count > 0:
             layer.weight.add_(layer.delta())                                    # exact merge: W ← W + scale·P B
@@ -408,12 +431,6 @@ class SubspaceModel(nn.Module):
         layer._refreshed_at = count
 
     def _carry(self, state: dict[str, Any], side: str, transport: Tensor) -> None:
-        # torch.optim documents no API that names a state entry's meaning, so rules.py holds the one table of
-        # torch's names; an entry it does not know (a future torch) is refused rather than silently not carried.
-        unknown = sorted(set(state) - {"step", *rules.FIRST_MOMENTS, *rules.SECOND_MOMENTS})
-        if unknown:
-            raise RuntimeError(f"The optimizer's state of a factor has entries {unknown} that the wrapper cannot "
-                               "carry to a new basis (known: step, exp_avg, exp_avg_sq, momentum_buffer)")
         rules.refresh_state(state, self.state_on_refresh, side, transport)
         if self.state_on_refresh == "reset" and torch.is_tensor(state.get("step")):
             state["step"].zero_()           # torch.optim.Adam(W)'s bias correction restarts with the moments
