@@ -68,7 +68,6 @@ def _subclasses(cls: type) -> list[type]:
     return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
-
 class SubspaceOptimizer(Optimizer):
     """Base class: projection, refresh schedule, state transport and the update ``W ← W − lr·scale·P N``.
 
@@ -220,8 +219,8 @@ class SubspaceOptimizer(Optimizer):
                 raise ValueError(f"Param group {index} of the state dict: {error}") from None
             for key in SUBSPACE_DEFAULTS:
                 mine = spec.describe_setting(live[key])
-                theirs = saved[key] if key == "projection" and _saved_callable(saved[key]) else \
-                    spec.describe_setting(checked[key])
+                saved_name = key == "projection" and _saved_callable(saved[key])
+                theirs = saved[key] if saved_name else spec.describe_setting(checked[key])
                 if mine != theirs and not keep_settings:
                     raise ValueError(f"Param group {index}: the state dict's {key}={theirs} differs from this "
                                      f"{cls}'s {key}={mine} (load_state_dict(..., keep_settings=True) keeps "
