@@ -13,7 +13,8 @@ the projector (:mod:`golore_lab.projection`) and in the gradient fed to it at a 
     W ← W − lr · scale · P N                       # scale (α) applied once
 
 GoLore@x% is ``switch_step=K``: refreshes at steps t < K use ``projection`` (the SVD by default), refreshes
-at t ≥ K use random projections; for x% random steps out of T, K = round((1 − x/100) · T). Large-batch GaLore
+at t ≥ K use random projections; for x% random steps out of T, K = round((1 − x/100) · T), which
+``switch_fraction=x/100, total_steps=T`` computes (:func:`golore_lab.spec.resolve_switch`). Large-batch GaLore
 is GaLore fed a larger batch at the steps where :meth:`SubspaceOptimizer.refresh_due` is True
 (:func:`microbatches`).
 
