@@ -215,7 +215,6 @@ class SubspaceModel(nn.Module):
             state_on_refresh=state_on_refresh, seed=seed))
         if settings["rank"] is None:
             raise ValueError("Invalid rank: None (SubspaceModel needs an integer rank >= 1)")
-        self.settings = settings
         self.update_proj_gap, self.projection, self.switch_step = (settings["update_proj_gap"],
                                                                    settings["projection"], settings["switch_step"])
         self.state_on_refresh, self.seed = settings["state_on_refresh"], settings["seed"]
