@@ -737,3 +737,20 @@ def test_bad_group_added_later_is_not_added():
     extra = _matrix()
     opt.add_param_group({"params": [extra], "rank": 1})   # the refused group's tensor set did not stick either
     assert len(opt.param_groups) == 2
+
+
+def test_mutation_check_is_current():
+    """Every mutant of bench/mutations.py still applies to the source exactly once and compiles (the full check,
+    ``python bench/mutations.py``, takes minutes; this keeps it from going stale when the code moves)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("mutations", root / "bench" / "mutations.py")
+    mutations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutations)
+    assert len(mutations.MUTANTS) >= 14 and len({m.name for m in mutations.MUTANTS}) == len(mutations.MUTANTS)
+    for mutant in mutations.MUTANTS:
+        source = (root / "golore_lab" / mutant.file).read_text()
+        assert source.count(mutant.old) == 1, mutant.name
+        compile(source.replace(mutant.old, mutant.new), mutant.file, "exec")
