@@ -419,7 +419,8 @@ class SubspaceAdamW(SubspaceOptimizer):
 
     Param groups take galore-torch's keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) plus
     ``projection``, ``switch_step`` (or ``switch_fraction`` with ``total_steps``), ``state_on_refresh`` and
-    ``seed`` (:mod:`golore_lab.spec`); the constructor's keywords are the defaults of every group. Groups without ``rank`` are plain ``torch.optim.AdamW``.
+    ``seed`` (:mod:`golore_lab.spec`); the constructor's keywords are the defaults of every group. Groups
+    without ``rank`` are plain ``torch.optim.AdamW``.
 
     The rule is ``torch.optim.AdamW``'s: moments ``exp_avg`` and ``exp_avg_sq`` of the projected gradient
     (r × n), bias correction counted across refreshes, decoupled weight decay ``W ← (1 − lr·wd) W`` applied to

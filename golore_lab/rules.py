@@ -116,7 +116,8 @@ def refresh_state(state: dict[str, Any], mode: str, side: str, transport: Tensor
                 state[key].zero_()
         return
     if mode != "project":
-        raise ValueError(f"Invalid state_on_refresh: {mode!r} (must be one of {', '.join(map(repr, STATE_ON_REFRESH))})")
+        choices = ", ".join(map(repr, STATE_ON_REFRESH))
+        raise ValueError(f"Invalid state_on_refresh: {mode!r} (must be one of {choices})")
     for key in FIRST_MOMENTS:
         if state.get(key) is not None:
             state[key].copy_(carry_first_moment(state[key], side, transport))

@@ -172,7 +172,8 @@ def check_adamw(hyper: Mapping[str, Any]) -> dict[str, Any]:
         if not (is_real(beta) and 0.0 <= beta < 1.0):
             raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
     return {"lr": check_lr(hyper["lr"]), "betas": (float(betas[0]), float(betas[1])),
-            "eps": _number("epsilon value", hyper["eps"]), "weight_decay": _number("weight_decay", hyper["weight_decay"])}
+            "eps": _number("epsilon value", hyper["eps"]),
+            "weight_decay": _number("weight_decay", hyper["weight_decay"])}
 
 
 def check_sgd(hyper: Mapping[str, Any]) -> dict[str, Any]:

@@ -644,10 +644,12 @@ def test_load_keeps_the_projector_object_and_checks_its_name():
 @pytest.mark.parametrize("bad, message", [
     (lambda g, r, s, gen: torch.linalg.qr(torch.randn(g.shape[1], r + 1, generator=gen))[0],
      r"returned shape \(6, 3\), torch.float32; a basis must be a floating \(6, 2\) tensor"),
-    (lambda g, r, s, gen: 2 * torch.eye(g.shape[1])[:, :r], r"returned a basis without orthonormal columns: max \|PᵀP − I\| = 3 > "),
+    (lambda g, r, s, gen: 2 * torch.eye(g.shape[1])[:, :r],
+     r"returned a basis without orthonormal columns: max \|PᵀP − I\| = 3 > "),
     (lambda g, r, s, gen: torch.randn(g.shape[1], r, generator=gen), r"returned a basis without orthonormal columns"),
     (lambda g, r, s, gen: torch.eye(g.shape[1], dtype=torch.int64)[:, :r], r"returned shape \(6, 2\), torch.int64"),
-    (lambda g, r, s, gen: torch.full((g.shape[1], r), float("nan")), r"returned a basis without orthonormal columns: .* = nan"),
+    (lambda g, r, s, gen: torch.full((g.shape[1], r), float("nan")),
+     r"returned a basis without orthonormal columns: .* = nan"),
     (lambda g, r, s, gen: [[1.0, 0.0]] * 6, r"returned list"),
 ])
 def test_bad_projector_result_is_refused_naming_the_parameter(bad, message):

@@ -92,7 +92,7 @@ def test_rule_checks_name_the_value():
 
 # ---------------------------------------------------------------------------------------------- what gets a rank
 class Tiny(nn.Module):
-    """An LM in miniature: embedding, two blocks (attention q and o, an MLP), a norm and a head smaller than the rank."""
+    """An LM in miniature: embedding, two blocks (attention q and o, an MLP), a norm, a head smaller than the rank."""
 
     def __init__(self):
         super().__init__()

@@ -242,7 +242,8 @@ def test_pattern_matching_nothing():
 
 
 def test_rank_above_layer_size():
-    with pytest.raises(ValueError, match=r"rank: 7 exceeds min\(m, n\) = 6 of parameter 'mlp.0.weight' with shape \(6, 12\)"):
+    with pytest.raises(ValueError,
+                       match=r"rank: 7 exceeds min\(m, n\) = 6 of parameter 'mlp.0.weight' with shape \(6, 12\)"):
         SubspaceModel(Net(), rank=7, target_modules=["mlp"])
 
 
@@ -325,7 +326,7 @@ def test_bad_projector_result_is_refused_before_any_layer_changes():
         return torch.eye(dim, dtype=torch.float64)[:, :rank + 1]
 
     def narrow_on_mlp(grad, rank, side, generator):   # fine for attn (8 columns), too wide for mlp.0
-        return too_wide(grad, rank, side, generator) if grad.shape == (6, 12) else too_wide(grad, rank - 1, side, generator)
+        return too_wide(grad, rank if grad.shape == (6, 12) else rank - 1, side, generator)
 
     wrapped = SubspaceModel(Net().double(), rank=2, target_modules=["attn", "mlp.0"], update_proj_gap=2,
                             projection=narrow_on_mlp)
