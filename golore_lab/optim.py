@@ -13,7 +13,8 @@ the projector (:mod:`golore_lab.projection`) and in the gradient fed to it at a 
     W ← W − lr · scale · P N                       # scale (α) applied once
 
 GoLore@x% is ``switch_step=K``: refreshes at steps t < K use ``projection`` (the SVD by default), refreshes
-at t ≥ K use random projections; for x% random steps out of T, K = round((1 − x/100) · T). GoLore@auto is
+at t ≥ K use random projections; for x% random steps out of T, K = round((1 − x/100) · T), which
+``switch_fraction=x/100, total_steps=T`` computes (:func:`golore_lab.spec.resolve_switch`). GoLore@auto is
 ``switch_step="auto"``: each parameter switches to random refreshes, for good, at the first refresh where its
 SVD subspace is estimated to capture less of the true gradient than a random one; the test uses the projected
 gradients of the period that just ended (:mod:`golore_lab.switching`, derivation in ``docs/when_to_switch.md``),
@@ -27,10 +28,9 @@ Groups without ``rank`` (biases, norms, embeddings) use the same rule in the ful
 from __future__ import annotations
 
 import math
-import numbers
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -39,18 +39,9 @@ from torch.utils.hooks import RemovableHandle
 
 from . import projection as proj
 from . import rules
+from . import spec
 from . import switching
-
-SUBSPACE_DEFAULTS: dict[str, Any] = {
-    "rank": None,
-    "update_proj_gap": 200,
-    "scale": 1.0,
-    "proj_type": "std",
-    "projection": "svd",
-    "switch_step": None,
-    "state_on_refresh": "project",
-    "seed": 0,
-}
+from .spec import SUBSPACE_DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -77,19 +68,21 @@ class Refresh:
     test: switching.SwitchTest | None = None
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+def _saved_callable(value: Any) -> bool:
+    """A projector callable as :meth:`SubspaceOptimizer.state_dict` saves it: ``"<callable name>"``."""
+    return isinstance(value, str) and value.startswith("<callable")
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 class SubspaceOptimizer(Optimizer):
     """Base class: projection, refresh schedule, state transport and the update ``W ← W − lr·scale·P N``.
 
-    Subclasses supply the rule through :meth:`_validate_rule`, :meth:`_direction`, :meth:`_carry` and,
-    for coupled weight decay, :meth:`_regularize`. Use :class:`SubspaceAdamW` or :class:`SubspaceSGD`.
+    Subclasses supply the rule: its hyper-parameter keys and check (:attr:`rule_keys`, :meth:`_check_rule`),
+    its state tensors (:attr:`rule_state`), :meth:`_direction` and, for coupled weight decay,
+    :meth:`_regularize`. Use :class:`SubspaceAdamW` or :class:`SubspaceSGD`.
 
     Per-parameter state (tensors and numbers only, so ``torch.load(..., weights_only=True)`` works):
     ``step`` (steps taken), ``proj`` (the basis, (m, r) or (n, r), in the parameter's dtype), the rule's
@@ -97,13 +90,27 @@ class SubspaceOptimizer(Optimizer):
     function of (``seed``, parameter position, step) (:func:`golore_lab.projection.derive_seed`), so there
     is no generator state to lose and all DDP ranks draw the same basis.
 
+    Every hyper-parameter and subspace setting is checked by :mod:`golore_lab.spec`, in the constructor, in
+    :meth:`add_param_group` and in :meth:`load_state_dict`, naming the bad value.
+
     Non-finite gradients: ``step()`` raises ``FloatingPointError`` naming the parameter, before any parameter
-    or state is modified (the check is one fused 2-norm over the projected gradients).
+    or state is modified (the check is one fused 2-norm over the projected gradients). A user's projector
+    whose basis is not (dim, r) with orthonormal columns is refused the same way (``ValueError``).
     """
+
+    rule_keys: tuple[str, ...] = ()     # the rule's hyper-parameters (param-group keys besides the subspace ones)
+    rule_state: tuple[str, ...] = ()    # the rule's per-parameter state tensors, shaped like the projected gradient
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._refresh_hooks: OrderedDict[int, Callable[["SubspaceOptimizer", Refresh], None]] = OrderedDict()
         super().__init__(params, defaults)
+
+    @classmethod
+    def _defaults(cls, rule: dict[str, Any], subspace: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(subspace) - set(SUBSPACE_DEFAULTS))
+        if unknown:
+            raise TypeError(f"Unknown keyword argument(s) {unknown} (allowed: {sorted(SUBSPACE_DEFAULTS)})")
+        return {**rule, **SUBSPACE_DEFAULTS, **subspace}
 
     def register_refresh_hook(self, hook: Callable[["SubspaceOptimizer", Refresh], None]) -> RemovableHandle:
         """Call ``hook(optimizer, refresh)`` each time a parameter's basis is recomputed (see :class:`Refresh`).
@@ -117,82 +124,164 @@ class SubspaceOptimizer(Optimizer):
 
     # ---------------------------------------------------------------- param groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``Optimizer.add_param_group``, validated by :mod:`golore_lab.spec`; a bad group is not added.
+
+        Numbers are stored as Python numbers and ``switch_step`` is resolved from ``switch_fraction`` and
+        ``total_steps`` when those are given.
+        """
         allowed = set(self.defaults) | {"params", "param_names"}
         unknown = sorted(set(param_group) - allowed)
         if unknown:
             raise ValueError(f"Unknown param-group key(s) {unknown} (allowed: {sorted(allowed - {'params'})})")
         super().add_param_group(param_group)
-        self._validate_group(self.param_groups[-1], len(self.param_groups) - 1)
+        try:
+            checked = self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self.param_groups[-1].update(checked)
 
-    def _validate_group(self, group: dict[str, Any], index: int) -> None:
-        lr = group["lr"]
-        if not _is_real(lr) or lr < 0:
-            raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite number >= 0)")
-        if not _is_real(group["weight_decay"]) or group["weight_decay"] < 0:
-            raise ValueError(f"Invalid weight_decay: {group['weight_decay']!r} (must be >= 0)")
-        self._validate_rule(group)
-        if group["state_on_refresh"] not in rules.STATE_ON_REFRESH:
-            raise ValueError(
-                f"Invalid state_on_refresh: {group['state_on_refresh']!r} (must be 'project', 'keep' or 'reset')"
-            )
-        if not _is_int(group["seed"]):
-            raise ValueError(f"Invalid seed: {group['seed']!r} (must be an integer)")
-        rank = group["rank"]
-        if rank is None:
-            return
-        if not _is_int(rank) or rank < 1:
-            raise ValueError(f"Invalid rank: {rank!r} (must be an integer >= 1)")
-        gap = group["update_proj_gap"]
-        if not _is_int(gap) or gap < 1:
-            raise ValueError(f"Invalid update_proj_gap: {gap!r} (must be an integer >= 1)")
-        if not _is_real(group["scale"]) or group["scale"] <= 0:
-            raise ValueError(f"Invalid scale: {group['scale']!r} (must be a finite number > 0)")
-        if group["proj_type"] not in proj.PROJ_TYPES:
-            raise ValueError(
-                f"Invalid proj_type: {group['proj_type']!r} (must be one of {', '.join(map(repr, proj.PROJ_TYPES))})"
-            )
-        proj.resolve(group["projection"])
-        switch = group["switch_step"]
-        auto = isinstance(switch, str) and switch == "auto"
-        if switch is not None and not auto and (not _is_int(switch) or switch < 0):
-            raise ValueError(f"Invalid switch_step: {switch!r} (must be None, 'auto' or an integer >= 0)")
-        if auto and gap <= switching.MIN_STEPS:
-            raise ValueError(f"Invalid update_proj_gap: {gap!r} (switch_step='auto' needs >= {switching.MIN_STEPS + 1}"
-                             ": the test uses the steps of a period after its refresh step)")
-        for i, p in enumerate(group["params"]):
-            name = self._param_name(group, index, i)
-            if p.dim() != 2:
-                raise ValueError(
-                    f"Parameter {name} has shape {tuple(p.shape)}: a group with a rank must hold matrices only "
-                    "(put vectors and conv kernels in a group without 'rank')"
-                )
-            if rank > min(p.shape):
-                raise ValueError(f"Invalid rank: {rank} exceeds min(m, n) = {min(p.shape)} of parameter {name} "
-                                 f"with shape {tuple(p.shape)}")
+    def _check_group(self, group: Mapping[str, Any], index: int) -> dict[str, Any]:
+        """The validated hyper-parameters and subspace settings of ``group`` (its ``params`` are this optimizer's
+        group ``index``); raises ``ValueError`` naming the first bad value."""
+        checked = {**self._check_rule(group), **spec.check_subspace(group)}
+        if checked["rank"] is not None:
+            for i, p in enumerate(group["params"]):
+                spec.check_rank_fits(checked["rank"], tuple(p.shape), self._param_name(group, index, i))
+        return checked
+
+    def _check_rule(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
 
     @staticmethod
-    def _param_name(group: dict[str, Any], group_index: int, param_index: int) -> str:
+    def _param_name(group: Mapping[str, Any], group_index: int, param_index: int) -> str:
         names = group.get("param_names")
         if names:
             return repr(names[param_index])
         return f"param_groups[{group_index}]['params'][{param_index}]"
 
+    def _name_at(self, position: int) -> str:
+        """The name of the parameter at ``position`` in the optimizer's parameter order (over all groups)."""
+        for gi, group in enumerate(self.param_groups):
+            if position < len(group["params"]):
+                return self._param_name(group, gi, position)
+            position -= len(group["params"])
+        raise IndexError(position)
+
+    # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """As ``Optimizer.state_dict``; a user's projector object is saved by name only (tensors-only state)."""
         state = super().state_dict()
         for group in state["param_groups"]:
             if callable(group["projection"]):
-                name = getattr(group["projection"], "__qualname__", type(group["projection"]).__qualname__)
-                group["projection"] = f"<callable {name}>"
+                group["projection"] = spec.describe_setting(group["projection"])
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``Optimizer.load_state_dict``; keeps this optimizer's own projector objects."""
-        live = [group["projection"] for group in self.param_groups]
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, keep_settings: bool = False) -> None:
+        """As ``Optimizer.load_state_dict``, validated in full before anything changes.
+
+        Refused with a ``ValueError`` naming the first mismatch, the optimizer left exactly as it was: a state
+        dict of another optimizer class (``torch.optim.AdamW``'s, or ``SubspaceSGD``'s into ``SubspaceAdamW``),
+        another number of groups or of parameters per group, other param-group keys, a hyper-parameter or
+        setting that the constructor would refuse (``rank=0``, ``lr=nan``), a state tensor whose shape does not
+        fit its parameter, rank and side, and -- unless ``keep_settings`` -- a subspace setting (``rank``,
+        ``switch_step``, ``switch_fraction``, ``total_steps``, ``seed`` ... see :data:`SUBSPACE_DEFAULTS`) that
+        differs from this optimizer's: the run would silently change method.
+
+        ``keep_settings=True`` keeps this optimizer's subspace settings instead of the saved ones (e.g. to move
+        the switch of a resumed run); the saved state must still fit them. The rule's hyper-parameters (``lr``,
+        ``betas``, ``momentum`` ...) are taken from the state dict, as torch does: a scheduler's learning rate
+        must survive a resume. A projector callable is saved by name; the optimizer keeps its own object.
+        """
+        settings = self._check_loadable(state_dict, keep_settings)
         super().load_state_dict(state_dict)
-        for group, projector in zip(self.param_groups, live):
-            if isinstance(group["projection"], str) and group["projection"].startswith("<callable"):
-                group["projection"] = projector
+        for group, checked in zip(self.param_groups, settings):
+            # a tensor lr stays torch's own copy of the saved one
+            group.update({k: v for k, v in checked.items() if not isinstance(v, Tensor)})
+
+    def _check_loadable(self, state_dict: Mapping[str, Any], keep_settings: bool) -> list[dict[str, Any]]:
+        """Everything :meth:`load_state_dict` refuses; returns each group's settings after the load."""
+        cls = type(self).__name__
+        if not (isinstance(state_dict, Mapping) and isinstance(state_dict.get("param_groups"), (list, tuple))
+                and isinstance(state_dict.get("state"), Mapping)):
+            raise ValueError(f"Not an optimizer state dict (must be a dict with 'state' and 'param_groups'): "
+                             f"{type(state_dict).__name__}")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"The state dict has {len(saved_groups)} param group(s), this {cls} has "
+                             f"{len(self.param_groups)}")
+        expected = set(self.defaults) | {"params"}
+        out = []
+        for index, (live, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            keys = set(saved) - {"param_names"}
+            if keys != expected:
+                raise ValueError(self._foreign_keys(index, keys, expected))
+            if len(saved["params"]) != len(live["params"]):
+                raise ValueError(f"Param group {index} of the state dict has {len(saved['params'])} parameter(s), "
+                                 f"this {cls}'s has {len(live['params'])}")
+            candidate = dict(saved, params=live["params"], param_names=live.get("param_names"))
+            if _saved_callable(saved["projection"]):
+                candidate["projection"] = live["projection"]  # a saved name cannot be validated; compared below
+            try:
+                checked = self._check_group(candidate, index)
+            except ValueError as error:
+                raise ValueError(f"Param group {index} of the state dict: {error}") from None
+            for key in SUBSPACE_DEFAULTS:
+                mine = spec.describe_setting(live[key])
+                saved_name = key == "projection" and _saved_callable(saved[key])
+                theirs = saved[key] if saved_name else spec.describe_setting(checked[key])
+                if mine != theirs and not keep_settings:
+                    raise ValueError(f"Param group {index}: the state dict's {key}={theirs} differs from this "
+                                     f"{cls}'s {key}={mine} (load_state_dict(..., keep_settings=True) keeps "
+                                     "this optimizer's settings)")
+            if keep_settings:
+                checked.update({key: live[key] for key in SUBSPACE_DEFAULTS})
+            for i, (saved_id, p) in enumerate(zip(saved["params"], live["params"])):
+                state = saved_state.get(saved_id)
+                if state:
+                    self._check_param_state(state, checked, p, self._param_name(live, index, i))
+            out.append(checked)
+        return out
+
+    def _foreign_keys(self, index: int, keys: set[str], expected: set[str]) -> str:
+        cls = type(self).__name__
+        missing, extra = sorted(expected - keys), sorted(keys - expected)
+        what = f"param group {index} of the state dict lacks keys {missing} and has keys {extra}"
+        if not keys & set(SUBSPACE_DEFAULTS):
+            return (f"Not a subspace optimizer's state dict (a torch.optim one?): {what}; it cannot be loaded "
+                    f"into {cls}")
+        for other in _subclasses(SubspaceOptimizer):
+            if other is not type(self) and keys == set(other.rule_keys) | set(SUBSPACE_DEFAULTS) | {"params"}:
+                return f"A {other.__name__} state dict cannot be loaded into {cls}: {what}"
+        return f"Not a {cls} state dict: {what}"
+
+    def _check_param_state(self, state: Mapping[str, Any], settings: Mapping[str, Any], p: Tensor,
+                           name: str) -> None:
+        """A saved per-parameter state fits parameter ``p`` (named ``name``) under ``settings``."""
+        shape = tuple(p.shape)
+        rank = settings["rank"]
+        if rank is None:
+            tensors = {key: shape for key in self.rule_state}
+        else:
+            side = proj.projected_side(shape, settings["proj_type"])
+            m, n = shape
+            projected = (rank, n) if side == "left" else (m, rank)
+            tensors = {key: projected for key in self.rule_state}
+            tensors["proj"] = (m if side == "left" else n, rank)
+        counters = ("step", "moment_start")
+        for key, value in state.items():
+            if key in switching.STATE_KEYS and settings["switch_step"] == "auto":
+                continue  # GoLore@auto's period sums and decision record (switching.start_period shapes them)
+            if key in counters:
+                if not (spec.is_int(value) and value >= 0):
+                    raise ValueError(f"State {key!r} of parameter {name} is {value!r} (must be an integer >= 0)")
+            elif key not in tensors:
+                raise ValueError(f"State of parameter {name} has an unknown entry {key!r} (a {type(self).__name__} "
+                                 f"keeps {sorted([*counters, *tensors])})")
+            elif not isinstance(value, Tensor) or tuple(value.shape) != tensors[key]:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"State {key!r} of parameter {name} with shape {shape} is {got}; rank {rank} "
+                                 f"implies {tensors[key]}")
 
     # ---------------------------------------------------------------- schedule
     def refresh_due(self) -> bool:
@@ -291,7 +380,18 @@ class SubspaceOptimizer(Optimizer):
         kind = self._kind(group, count, random)
         projector = proj.resolve(group["projection"]) if kind == "custom" else proj.BUILTIN[kind]
         generator = proj.refresh_generator(group["seed"], position, count)
-        return projector(grad, group["rank"], side, generator).to(grad.device)
+        basis = projector(grad, group["rank"], side, generator)
+        if kind == "custom":
+            self._check_basis(basis, group, grad, side, position)
+        return basis.to(grad.device)
+
+    def _check_basis(self, basis: Any, group: dict[str, Any], grad: Tensor, side: str, position: int) -> None:
+        dim = grad.shape[0] if side == "left" else grad.shape[1]
+        try:
+            proj.check_basis(basis, dim, group["rank"])
+        except ValueError as error:
+            raise ValueError(f"The projector {spec.describe_setting(group['projection'])} for parameter "
+                             f"{self._name_at(position)} ({side} side, rank {group['rank']}) {error}") from None
 
     # ---------------------------------------------------------------- GoLore@auto (see golore_lab.switching)
     def _auto_plan(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str, position: int,
@@ -352,14 +452,9 @@ class SubspaceOptimizer(Optimizer):
 
     def _refresh_state(self, group: dict[str, Any], state: dict[str, Any], side: str, transport: Tensor,
                        count: int) -> None:
-        mode = group["state_on_refresh"]
-        if mode == "keep":
-            return
-        if mode == "reset":
-            self._reset(state)
-            state["moment_start"] = count
-            return
-        self._carry(state, side, transport)
+        rules.refresh_state(state, group["state_on_refresh"], side, transport)
+        if group["state_on_refresh"] == "reset":
+            state["moment_start"] = count  # the bias correction restarts with the moments
 
     def _check_finite(self, tensors: list[Tensor], where: list[tuple]) -> None:
         # One fused 2-norm per tensor, accumulated in float32 for half types (an inf-norm is 8x slower on CPU).
@@ -382,9 +477,6 @@ class SubspaceOptimizer(Optimizer):
                 )
 
     # ---------------------------------------------------------------- the rule (subclasses)
-    def _validate_rule(self, group: dict[str, Any]) -> None:
-        raise NotImplementedError
-
     def _regularize(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> Tensor:
         return grad
 
@@ -396,19 +488,14 @@ class SubspaceOptimizer(Optimizer):
         """The rule's direction N = factor · numerator / denominator (denominator None: N = factor · numerator)."""
         raise NotImplementedError
 
-    def _carry(self, state: dict[str, Any], side: str, transport: Tensor) -> None:
-        raise NotImplementedError
-
-    def _reset(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
-
 
 class SubspaceAdamW(SubspaceOptimizer):
     """AdamW in a low-rank subspace: GaLore (``projection="svd"``), GoLore (``"random"``), GoLore@x%.
 
     Param groups take galore-torch's keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) plus
-    ``projection``, ``switch_step``, ``state_on_refresh`` and ``seed``; the constructor's keywords are the
-    defaults of every group. Groups without ``rank`` are plain ``torch.optim.AdamW``.
+    ``projection``, ``switch_step`` (or ``switch_fraction`` with ``total_steps``), ``state_on_refresh`` and
+    ``seed`` (:mod:`golore_lab.spec`); the constructor's keywords are the defaults of every group. Groups
+    without ``rank`` are plain ``torch.optim.AdamW``.
 
     The rule is ``torch.optim.AdamW``'s: moments ``exp_avg`` and ``exp_avg_sq`` of the projected gradient
     (r × n), bias correction counted across refreshes, decoupled weight decay ``W ← (1 − lr·wd) W`` applied to
@@ -420,30 +507,25 @@ class SubspaceAdamW(SubspaceOptimizer):
     * ``"keep"``: the moments are reused as they are (the original GaLore, ``galore_torch.GaLoreAdamW``);
     * ``"reset"``: both moments restart at zero and so does the bias correction.
 
-    Example -- GaLore for the first 80% of 1000 steps, GoLore for the rest::
+    Example -- GaLore for the first 80% of 1000 steps, GoLore for the last 20% (GoLore@20%)::
 
         opt = SubspaceAdamW([{"params": matrices, "rank": 128, "update_proj_gap": 200},
-                             {"params": others}], lr=1e-3, switch_step=800)
+                             {"params": others}], lr=1e-3, switch_fraction=0.2, total_steps=1000)
+
+    (the same as ``switch_step=800``; :func:`golore_lab.spec.subspace_param_groups` builds such groups from a
+    model).
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, **subspace: Any) -> None:
-        unknown = sorted(set(subspace) - set(SUBSPACE_DEFAULTS))
-        if unknown:
-            raise TypeError(f"Unknown keyword argument(s) {unknown} (allowed: {sorted(SUBSPACE_DEFAULTS)})")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **SUBSPACE_DEFAULTS)
-        defaults.update(subspace)
-        super().__init__(params, defaults)
+    rule_keys = ("lr", "betas", "eps", "weight_decay")
+    rule_state = ("exp_avg", "exp_avg_sq")
 
-    def _validate_rule(self, group: dict[str, Any]) -> None:
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"Invalid betas: {betas!r} (must be a pair)")
-        for i, beta in enumerate(betas):
-            if not _is_real(beta) or not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
-        if not _is_real(group["eps"]) or group["eps"] < 0:
-            raise ValueError(f"Invalid epsilon value: {group['eps']!r} (must be >= 0)")
+    def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, **subspace: Any) -> None:
+        rule = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, self._defaults(rule, subspace))
+
+    def _check_rule(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return spec.check_adamw(group)
 
     def _decay(self, group: dict[str, Any], p: Tensor) -> None:
         if group["weight_decay"]:
@@ -457,14 +539,6 @@ class SubspaceAdamW(SubspaceOptimizer):
         beta1, beta2 = group["betas"]
         return rules.adamw_direction(grad, state["exp_avg"], state["exp_avg_sq"], count, beta1, beta2, group["eps"])
 
-    def _carry(self, state: dict[str, Any], side: str, transport: Tensor) -> None:
-        state["exp_avg"] = rules.carry_first_moment(state["exp_avg"], side, transport)
-        state["exp_avg_sq"] = rules.carry_second_moment(state["exp_avg_sq"], side, transport)
-
-    def _reset(self, state: dict[str, Any]) -> None:
-        state["exp_avg"].zero_()
-        state["exp_avg_sq"].zero_()
-
 
 class SubspaceSGD(SubspaceOptimizer):
     """Momentum SGD in a low-rank subspace: GaLore, GoLore, GoLore@x% (see :class:`SubspaceAdamW` for keys).
@@ -476,24 +550,16 @@ class SubspaceSGD(SubspaceOptimizer):
     ``momentum_buffer`` is projected (``"project"``, the paper's MP), kept, or dropped (``"reset"``).
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, **subspace: Any) -> None:
-        unknown = sorted(set(subspace) - set(SUBSPACE_DEFAULTS))
-        if unknown:
-            raise TypeError(f"Unknown keyword argument(s) {unknown} (allowed: {sorted(SUBSPACE_DEFAULTS)})")
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, **SUBSPACE_DEFAULTS)
-        defaults.update(subspace)
-        super().__init__(params, defaults)
+    rule_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+    rule_state = ("momentum_buffer",)
 
-    def _validate_rule(self, group: dict[str, Any]) -> None:
-        if not _is_real(group["momentum"]) or group["momentum"] < 0:
-            raise ValueError(f"Invalid momentum value: {group['momentum']!r} (must be >= 0)")
-        if not _is_real(group["dampening"]):
-            raise ValueError(f"Invalid dampening value: {group['dampening']!r} (must be a number)")
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening "
-                             f"(got momentum={group['momentum']!r}, dampening={group['dampening']!r})")
+    def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, **subspace: Any) -> None:
+        rule = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+        super().__init__(params, self._defaults(rule, subspace))
+
+    def _check_rule(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return spec.check_sgd(group)
 
     def _regularize(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> Tensor:
         return grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else grad
@@ -505,13 +571,6 @@ class SubspaceSGD(SubspaceOptimizer):
         if buffer is not None:
             state["momentum_buffer"] = buffer
         return direction, None, 1.0
-
-    def _carry(self, state: dict[str, Any], side: str, transport: Tensor) -> None:
-        if "momentum_buffer" in state:
-            state["momentum_buffer"] = rules.carry_first_moment(state["momentum_buffer"], side, transport)
-
-    def _reset(self, state: dict[str, Any]) -> None:
-        state.pop("momentum_buffer", None)
 
 
 def microbatches(optimizer: SubspaceOptimizer, base: int, refresh: int) -> int:
@@ -525,6 +584,6 @@ def microbatches(optimizer: SubspaceOptimizer, base: int, refresh: int) -> int:
                 (loss_fn(model, next(batches)) / k).backward()
             opt.step(); opt.zero_grad()
     """
-    if not (_is_int(base) and _is_int(refresh) and base >= 1 and refresh >= 1):
+    if not (spec.is_int(base) and spec.is_int(refresh) and base >= 1 and refresh >= 1):
         raise ValueError(f"Invalid micro-batch counts: base={base!r}, refresh={refresh!r} (must be integers >= 1)")
     return refresh if optimizer.refresh_due() else base

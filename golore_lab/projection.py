@@ -13,7 +13,8 @@ own projector must follow it:
 * ``generator`` is a CPU ``torch.Generator`` seeded for this parameter and this refresh; draw every random
   number from it (never from the global RNG), so runs are reproducible and identical on every DDP rank;
 * the result must have orthonormal columns and may be of any floating dtype (the optimizer casts it to the
-  parameter's dtype and device);
+  parameter's dtype and device); a user's projector is checked at each refresh (:func:`check_basis`) and a
+  bad result refused, naming the parameter;
 * it must be a pure function of its arguments: the optimizer keeps no projector state, so that checkpoints hold
   tensors only.
 
@@ -99,6 +100,25 @@ def resolve(projection: str | Projector) -> Projector:
     if projection in BUILTIN:
         return BUILTIN[projection]
     raise ValueError(f"Invalid projection: {projection!r} (must be 'svd', 'random' or a callable projector)")
+
+
+def check_basis(basis: object, dim: int, rank: int) -> None:
+    """Refuse a projector's result unless it is a floating (dim, rank) tensor with orthonormal columns.
+
+    Orthonormal up to rounding: max |PᵀP − I| <= 10·eps·dim in the basis's dtype -- the loss of orthogonality
+    of a Householder QR grows like eps·dim -- computed in float32 or float64. Costs one (r × dim)(dim × r)
+    product and one device sync, so callers check a user's projector only, at refresh steps. The
+    ``ValueError`` says what was returned ("returned ..."); callers prefix the projector and parameter.
+    """
+    if not (isinstance(basis, Tensor) and basis.is_floating_point() and tuple(basis.shape) == (dim, rank)):
+        got = f"shape {tuple(basis.shape)}, {basis.dtype}" if isinstance(basis, Tensor) else type(basis).__name__
+        raise ValueError(f"returned {got}; a basis must be a floating ({dim}, {rank}) tensor")
+    q = basis.detach().to(compute_dtype(basis.dtype))
+    error = float((q.T @ q - torch.eye(rank, dtype=q.dtype, device=q.device)).abs().max())
+    tolerance = 10 * torch.finfo(basis.dtype).eps * dim
+    if not error <= tolerance:
+        raise ValueError(f"returned a basis without orthonormal columns: max |PᵀP − I| = {error:.3g} > "
+                         f"{tolerance:.3g}")
 
 
 _MASK64 = (1 << 64) - 1

@@ -6,15 +6,26 @@ is not projected) into a direction N, updating its state tensors in place; the o
 (P = I, scale = 1) and every subspace method.
 
 At a refresh the state, expressed in the old basis, is carried to the new one by an r × r matrix O
-(:func:`golore_lab.projection.transport`); :func:`carry_first_moment` and :func:`carry_second_moment` do that.
+(:func:`golore_lab.projection.transport`); :func:`carry_first_moment` and :func:`carry_second_moment` do that,
+and :func:`refresh_state` applies the chosen ``state_on_refresh`` to a parameter's whole state.
+
+The state keeps ``torch.optim``'s names (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``): the subspace
+optimizers use them, and the model wrapper (:mod:`golore_lab.wrapper`) carries the state of the plain torch
+optimizers that train its factors with the same function. torch documents ``state_dict()`` as holding
+per-parameter state whose content "differs between optimizer classes" and documents no API that says which
+entry is a first or a second moment, so :data:`FIRST_MOMENTS` and :data:`SECOND_MOMENTS` are the one place
+that names them.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch import Tensor
 
 STATE_ON_REFRESH = ("project", "keep", "reset")
+FIRST_MOMENTS = ("exp_avg", "momentum_buffer")   # Adam's m, SGD's heavy-ball buffer: carried by O
+SECOND_MOMENTS = ("exp_avg_sq",)                 # Adam's v: carried by O ∘ O
 
 
 def adamw_direction(
@@ -81,3 +92,35 @@ def carry_second_moment(state: Tensor, side: str, transport: Tensor) -> Tensor:
     """
     squared = transport * transport
     return squared @ state if side == "left" else state @ squared
+
+
+def refresh_state(state: dict[str, Any], mode: str, side: str, transport: Tensor) -> None:
+    """Apply ``state_on_refresh`` to one parameter's rule state at a refresh, in place.
+
+    * ``"project"``: every first moment M ← :func:`carry_first_moment` (O M), every second moment
+      v ← :func:`carry_second_moment` ((O∘O) v), written into the existing tensors;
+    * ``"keep"``: nothing changes (the original GaLore);
+    * ``"reset"``: Adam's moments are zeroed and SGD's momentum buffer is dropped, so that the next step starts
+      it from R as on a first step. The bias correction restarts too, but its counter belongs to the caller
+      (the optimizer's ``moment_start``, torch.optim.Adam's ``step``), which restarts it.
+
+    Entries not named in :data:`FIRST_MOMENTS` / :data:`SECOND_MOMENTS` (step counters, the basis) are left
+    alone.
+    """
+    if mode == "keep":
+        return
+    if mode == "reset":
+        state.pop("momentum_buffer", None)       # a zero buffer would give (1 − dampening) R, not R
+        for key in ("exp_avg", "exp_avg_sq"):    # zeroed, not dropped: torch.optim.Adam expects them present
+            if state.get(key) is not None:
+                state[key].zero_()
+        return
+    if mode != "project":
+        choices = ", ".join(map(repr, STATE_ON_REFRESH))
+        raise ValueError(f"Invalid state_on_refresh: {mode!r} (must be one of {choices})")
+    for key in FIRST_MOMENTS:
+        if state.get(key) is not None:
+            state[key].copy_(carry_first_moment(state[key], side, transport))
+    for key in SECOND_MOMENTS:
+        if state.get(key) is not None:
+            state[key].copy_(carry_second_moment(state[key], side, transport))

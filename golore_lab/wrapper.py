@@ -19,9 +19,10 @@ r × n numbers per wrapped matrix cross the network instead of m × n. At a refr
 2. merges exactly: W ← W + scale·P B;
 3. picks the new basis from G -- SVD (GaLore), random (GoLore), or the switch at ``switch_step`` -- with the
    optimizer path's generator ``refresh_generator(seed, position, t)``;
-4. carries the torch optimizer's state of B to the new basis (``state_on_refresh``: the paper's momentum
-   projection for ``exp_avg`` / ``momentum_buffer``, ``exp_avg_sq`` as :func:`golore_lab.rules.carry_second_moment`)
-   and stores it back;
+4. carries the torch optimizer's state of B to the new basis in place, with the optimizer path's own
+   :func:`golore_lab.rules.refresh_state` (``state_on_refresh``: the paper's momentum projection for ``exp_avg`` /
+   ``momentum_buffer``, ``exp_avg_sq`` as :func:`golore_lab.rules.carry_second_moment`; ``"reset"`` also restarts
+   Adam's bias correction);
 5. zeros B and sets B.grad = P_newᵀ G, so that the coming ``optimizer.step()`` is the optimizer path's step.
 
 A random basis does not depend on G, so a GoLore refresh may instead be done *before* the step's forward
@@ -64,7 +65,8 @@ The authors' names, for users of their README::
                                                          when refresh_due() (their forward_type=True step)
     model.merge_and_reinit(optimizer, use_rand)       →  model.refresh(optimizer) (schedule from projection and
                                                          switch_step), or refresh(optimizer, projection="random")
-    rand_ratio (SVD for the first rand_ratio·T steps)  →  switch_step = round(rand_ratio·T)
+    --rand_ratio 0.8 (the SVD's share of T steps)    →  switch_fraction=0.2, total_steps=T (the random share:
+                                                         GoLore@20%, switch_step = round(0.8·T))
 
 Example -- GoLore@20% over 1000 steps with AdamW::
 
@@ -82,7 +84,7 @@ Example -- GoLore@20% over 1000 steps with AdamW::
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -92,6 +94,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import projection as proj
 from . import rules
+from . import spec
 
 __all__ = ["SubspaceLinear", "SubspaceModel"]
 
@@ -179,70 +182,60 @@ class SubspaceLinear(nn.Module):
                 f"rank={self.rank}, side={self.side!r}, scale={self.scale}, bias={self.bias is not None}")
 
 
-def _matches(name: str, patterns: Sequence[str]) -> list[str]:
-    return [p for p in patterns if p in name]
-
-
 class SubspaceModel(nn.Module):
-    """Wrap ``model``: every ``nn.Linear`` whose qualified name contains one of ``target_modules`` (substring
-    match, as the authors' README) becomes a :class:`SubspaceLinear`. See the module docstring for the algorithm.
+    """Wrap ``model``: every ``nn.Linear`` chosen by ``target_modules`` becomes a :class:`SubspaceLinear`. See
+    the module docstring for the algorithm.
 
-    Arguments mirror the optimizer path's param-group keys: ``rank``, ``update_proj_gap``, ``scale``,
-    ``proj_type``, ``projection`` (``"svd"``, ``"random"`` or a projector callable), ``switch_step``
-    (GoLore@x%), ``state_on_refresh`` and ``seed``. ``positions`` maps a wrapped layer's name to the index its
-    weight would have in the optimizer path's parameter list (it seeds GoLore's bases); by default layer i
-    (in ``named_modules()`` order) gets i, which is what ``[{"params": wrapped weights in module order, "rank":
-    ...}, {"params": the rest}]`` gives -- e.g. ``golore_lab.lm.model.subspace_param_groups``.
+    ``target_modules`` (:func:`golore_lab.spec.select_linears`): substrings of the qualified module name (as the
+    authors' README: ``["attn", "mlp"]``), a predicate ``(name, module) -> bool``, the modules themselves (one
+    or a list), or ``None`` (default) for every ``nn.Linear``. A substring that matches nothing, a module that is
+    not an ``nn.Linear`` of ``model`` and a layer smaller than the rank are errors naming them.
+
+    The other arguments are the optimizer path's param-group keys, checked by :func:`golore_lab.spec.check_subspace`
+    with the same messages: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``projection`` (``"svd"``,
+    ``"random"`` or a projector callable), ``switch_step`` (GoLore@x%; or ``switch_fraction`` with
+    ``total_steps``), ``state_on_refresh`` and ``seed``. ``positions`` maps a wrapped layer's name to the index
+    its weight would have in the optimizer path's parameter list (it seeds GoLore's bases); by default layer i
+    (in ``named_modules()`` order) gets i, which is what :func:`golore_lab.spec.subspace_param_groups` gives.
 
     The wrapped ``model`` is modified in place and held as ``self.model``; the buffers W and P are
     registered with DDP as ignored, so ``DistributedDataParallel(SubspaceModel(...))`` neither broadcasts
     them nor reserves bucket space for them.
     """
 
-    def __init__(self, model: nn.Module, rank: int, target_modules: Sequence[str] = ("attn", "attention", "mlp"),
+    def __init__(self, model: nn.Module, rank: int, target_modules: spec.Targets | None = None,
                  scale: float = 1.0, update_proj_gap: int = 200, proj_type: str = "std",
                  projection: Any = "svd", switch_step: int | None = None, state_on_refresh: str = "project",
-                 seed: int = 0, positions: dict[str, int] | None = None) -> None:
+                 seed: int = 0, positions: dict[str, int] | None = None, *, switch_fraction: float | None = None,
+                 total_steps: int | None = None) -> None:
         super().__init__()
-        if isinstance(target_modules, str):
-            target_modules = [target_modules]
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"Invalid rank: {rank!r} (must be an integer >= 1)")
-        if not isinstance(update_proj_gap, int) or update_proj_gap < 1:
-            raise ValueError(f"Invalid update_proj_gap: {update_proj_gap!r} (must be an integer >= 1)")
-        if not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"Invalid scale: {scale!r} (must be a number > 0)")
-        if proj_type not in proj.PROJ_TYPES:
-            choices = ", ".join(map(repr, proj.PROJ_TYPES))
-            raise ValueError(f"Invalid proj_type: {proj_type!r} (must be one of {choices})")
-        proj.resolve(projection)
-        if switch_step is not None and (not isinstance(switch_step, int) or switch_step < 0):
-            raise ValueError(f"Invalid switch_step: {switch_step!r} (must be None or an integer >= 0)")
-        if state_on_refresh not in rules.STATE_ON_REFRESH:
-            raise ValueError(f"Invalid state_on_refresh: {state_on_refresh!r} (must be 'project', 'keep' or 'reset')")
-        self.update_proj_gap, self.projection, self.switch_step = update_proj_gap, projection, switch_step
-        self.state_on_refresh, self.seed = state_on_refresh, seed
+        settings = spec.check_subspace(dict(
+            rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projection=projection,
+            switch_step=switch_step, switch_fraction=switch_fraction, total_steps=total_steps,
+            state_on_refresh=state_on_refresh, seed=seed))
+        if settings["rank"] is None:
+            raise ValueError("Invalid rank: None (SubspaceModel needs an integer rank >= 1)")
+        self.update_proj_gap, self.projection, self.switch_step = (settings["update_proj_gap"],
+                                                                   settings["projection"], settings["switch_step"])
+        self.state_on_refresh, self.seed = settings["state_on_refresh"], settings["seed"]
 
-        targets = [(name, mod) for name, mod in model.named_modules()
-                   if isinstance(mod, nn.Linear) and _matches(name, target_modules)]
-        linears = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-        for pattern in target_modules:
-            if not any(pattern in name for name, _ in targets):
-                more = " ..." if len(linears) > 8 else ""
-                raise ValueError(f"Target module pattern {pattern!r} matches no nn.Linear of "
-                                 f"{type(model).__name__} (its linears: {linears[:8]}{more})")
+        targets = spec.select_linears(model, target_modules)
+        if not targets:
+            raise ValueError(f"target_modules={target_modules!r} selects no nn.Linear of {type(model).__name__}")
         for name, mod in targets:
-            if rank > min(mod.weight.shape):
-                raise ValueError(f"Invalid rank: {rank} exceeds min(m, n) = {min(mod.weight.shape)} of layer "
-                                 f"{name!r} with weight shape {tuple(mod.weight.shape)}")
+            spec.check_rank_fits(settings["rank"], tuple(mod.weight.shape), repr(f"{name}.weight"))
         positions = dict(positions or {})
         unknown = sorted(set(positions) - {name for name, _ in targets})
         if unknown:
             raise ValueError(f"positions names layer(s) {unknown} that are not wrapped")
+        for name, position in positions.items():
+            if not (spec.is_int(position) and position >= 0):
+                raise ValueError(f"Invalid position of layer {name!r}: {position!r} (must be an integer >= 0)")
         self.layers: dict[str, SubspaceLinear] = {}
         for i, (name, mod) in enumerate(targets):
-            side = proj.projected_side(tuple(mod.weight.shape), proj_type)
-            layer = SubspaceLinear(mod, name, rank, scale, side, positions.get(name, i), update_proj_gap)
+            side = proj.projected_side(tuple(mod.weight.shape), settings["proj_type"])
+            layer = SubspaceLinear(mod, name, settings["rank"], settings["scale"], side, int(positions.get(name, i)),
+                                   settings["update_proj_gap"])
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
             self.layers[name] = layer
@@ -363,8 +356,7 @@ class SubspaceModel(nn.Module):
                                "check model.refresh_due()")
         before_forward = all(layer.full_grad is None and layer.factor.grad is None for layer in due)
         if before_forward and not self.refresh_needs_gradient(projection):
-            for layer in due:
-                self._refresh_layer(layer, None, optimizer, projection)
+            self._refresh_all(due, [None] * len(due), optimizer, projection)
             return 0
         for layer in due:
             if layer.full_grad is None:
@@ -385,18 +377,42 @@ class SubspaceModel(nn.Module):
             if not bool(torch.isfinite(grad).all()):
                 raise FloatingPointError(f"Non-finite full gradient in layer {layer.name!r} at step {layer.step}; "
                                          "refresh skipped, nothing was changed")
-        for layer, grad in zip(due, grads):
-            self._refresh_layer(layer, grad, optimizer, projection)
+        self._refresh_all(due, grads, optimizer, projection)
         return sent
 
-    def _refresh_layer(self, layer: SubspaceLinear, grad: Tensor | None, optimizer: torch.optim.Optimizer,
-                       projection: Any) -> None:
-        count = layer.step
-        _, projector = self._kind(count, projection)
-        generator = proj.refresh_generator(self.seed, layer.position, count)
+    def _refresh_all(self, due: list[SubspaceLinear], grads: list[Tensor | None], optimizer: torch.optim.Optimizer,
+                     projection: Any) -> None:
+        """Every new basis and every check first, then the changes: a refused refresh changes nothing."""
+        bases = [self._new_basis(layer, grad, projection) for layer, grad in zip(due, grads)]
+        for layer in due:
+            # torch.optim documents no API naming what a state entry means, so rules.py holds the one table of
+            # torch's names; an entry it does not know (a future torch) is refused, not left in the old basis.
+            unknown = sorted(set(optimizer.state.get(layer.factor, ())) -
+                             {"step", *rules.FIRST_MOMENTS, *rules.SECOND_MOMENTS})
+            if unknown:
+                raise RuntimeError(f"The optimizer's state of layer {layer.name!r}'s factor has entries {unknown} "
+                                   "that the wrapper cannot carry to a new basis (known: step, "
+                                   f"{', '.join(rules.FIRST_MOMENTS + rules.SECOND_MOMENTS)}); nothing was changed")
+        for layer, grad, new in zip(due, grads, bases):
+            self._refresh_layer(layer, grad, new, optimizer)
+
+    def _new_basis(self, layer: SubspaceLinear, grad: Tensor | None, projection: Any) -> Tensor:
+        kind, projector = self._kind(layer.step, projection)
+        generator = proj.refresh_generator(self.seed, layer.position, layer.step)
         shape_only = torch.empty_like(layer.weight, device="meta")           # random bases read only the shape
         new = projector(shape_only if grad is None else grad, layer.rank, layer.side, generator)
-        new = new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        if kind == "custom":
+            dim = layer.weight.shape[0] if layer.side == "left" else layer.weight.shape[1]
+            try:
+                proj.check_basis(new, dim, layer.rank)
+            except ValueError as error:
+                raise ValueError(f"The projector {spec.describe_setting(projector)} for layer {layer.name!r} "
+                                 f"({layer.side} side, rank {layer.rank}) {error}; nothing was changed") from None
+        return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+    def _refresh_layer(self, layer: SubspaceLinear, grad: Tensor | None, new: Tensor,
+                       optimizer: torch.optim.Optimizer) -> None:
+        count = layer.step
         state = optimizer.state.get(layer.factor)
         if count > 0:
             layer.weight.add_(layer.delta())                                    # exact merge: W ← W + scale·P B
@@ -414,22 +430,9 @@ class SubspaceModel(nn.Module):
         layer._refreshed_at = count
 
     def _carry(self, state: dict[str, Any], side: str, transport: Tensor) -> None:
-        mode = self.state_on_refresh
-        if mode == "keep":
-            return
-        if mode == "reset":
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key].zero_()
-            if "step" in state and torch.is_tensor(state["step"]):
-                state["step"].zero_()
-            state.pop("momentum_buffer", None)
-            return
-        for key in ("exp_avg", "momentum_buffer"):
-            if state.get(key) is not None:
-                state[key].copy_(rules.carry_first_moment(state[key], side, transport))
-        if "exp_avg_sq" in state:
-            state["exp_avg_sq"].copy_(rules.carry_second_moment(state["exp_avg_sq"], side, transport))
+        rules.refresh_state(state, self.state_on_refresh, side, transport)
+        if self.state_on_refresh == "reset" and torch.is_tensor(state.get("step")):
+            state["step"].zero_()           # torch.optim.Adam(W)'s bias correction restarts with the moments
 
     # ---------------------------------------------------------------- checkpoints
     def merged_state_dict(self) -> dict[str, Tensor]:

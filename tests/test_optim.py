@@ -1,6 +1,7 @@
 """The optimizers: exact equivalences, the float64 reference, state, resume, peers and every error message."""
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 
@@ -124,24 +125,61 @@ def test_random_stiefel_is_orthonormal_and_seeded():
     assert not torch.equal(P, random_stiefel(50, 7, torch.Generator().manual_seed(2), torch.float64))
 
 
-def test_random_stiefel_mean_projector_is_r_over_m_identity():
-    """E[PPᵀ] = (r/m) I. Each entry of the Monte Carlo mean has standard deviation <= sqrt(r/m (1-r/m)/N)
-    (a projector's entries are bounded by its diagonal), so 5 of those is a tolerance a wrong sampler fails."""
-    m, r, N = 8, 3, 20000
-    g = torch.Generator().manual_seed(0)
-    mean = torch.zeros(m, m, dtype=torch.float64)
-    for _ in range(N):
-        P = random_stiefel(m, r, g, torch.float64)
-        mean += P @ P.T
-    mean /= N
-    tol = 5 * (r / m * (1 - r / m) / N) ** 0.5
-    assert (mean - r / m * torch.eye(m, dtype=torch.float64)).abs().max() < tol
-    # A sampler without the sign fix is biased (diag(R) > 0 is what makes QR unique): the same test catches it.
-    biased = torch.zeros(m, m, dtype=torch.float64)
-    for _ in range(2000):
-        q, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
-        biased += q @ q.T
-    assert torch.allclose(torch.diagonal(biased / 2000).sum(), torch.tensor(float(r), dtype=torch.float64))
+def haar_deviations(sampler, m=8, r=3, n=10000, seed=0):
+    """Monte Carlo means of P and PPᵀ over ``n`` draws, in units of their standard errors under the Haar law.
+
+    For P uniform on St(m, r): E[P] = 0 with Var P_ij = 1/m (each column is uniform on the sphere), and
+    E[PPᵀ] = (r/m) I, where (PPᵀ)_ii ~ Beta(r/2, (m − r)/2) has variance 2r(m − r)/(m²(m + 2)) and, since
+    PPᵀ is idempotent (Σ_j (PPᵀ)_ij² = (PPᵀ)_ii), an off-diagonal entry has variance r(m − r)/(m(m − 1)(m + 2)).
+    Returns the largest |mean − expectation| / standard error of each, over all entries.
+    """
+    g = torch.Generator().manual_seed(seed)
+    first = torch.zeros(m, r, dtype=torch.float64)
+    second = torch.zeros(m, m, dtype=torch.float64)
+    for _ in range(n):
+        P = sampler(m, r, g)
+        first += P
+        second += P @ P.T
+    first, second = first / n, second / n
+    var_diag = 2 * r * (m - r) / (m**2 * (m + 2))
+    var_off = r * (m - r) / (m * (m - 1) * (m + 2))
+    var = torch.full((m, m), var_off, dtype=torch.float64).fill_diagonal_(var_diag)
+    z_second = (second - r / m * torch.eye(m, dtype=torch.float64)).abs() / (var / n).sqrt()
+    z_first = first.abs() / (1 / (m * n)) ** 0.5
+    return float(z_first.max()), float(z_second.max())
+
+
+def test_random_stiefel_is_haar():
+    """E[P] = 0 and E[PPᵀ] = (r/m) I within 5 Monte Carlo standard errors (24 and 64 entries: a false alarm
+    has probability < 1e-4). Two biased samplers fail the same check with fewer draws: QR without the sign fix
+    (diag(R) > 0 is what makes QR unique, and Q then Haar; LAPACK's Householder QR puts E[P_ii] near −0.28),
+    and Gaussian entries replaced by uniform ones (a subspace biased towards the all-ones direction)."""
+    z_first, z_second = haar_deviations(lambda m, r, g: random_stiefel(m, r, g, torch.float64))
+    assert z_first < 5 and z_second < 5
+
+    def qr_without_sign_fix(m, r, g):
+        return torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
+
+    z_first, _ = haar_deviations(qr_without_sign_fix, n=2000)
+    assert z_first > 5
+
+    def uniform_entries(m, r, g):
+        return torch.linalg.qr(torch.rand(m, r, generator=g, dtype=torch.float64))[0]
+
+    _, z_second = haar_deviations(uniform_entries, n=2000)
+    assert z_second > 5
+
+
+def test_random_bases_differ_between_parameters():
+    """Two parameters of the same shape in one group draw independent bases (the seed mixes the position)."""
+    W1, W2 = (torch.nn.Parameter(torch.randn(6, 9)) for _ in range(2))
+    opt = SubspaceSGD([W1, W2], lr=0.1, rank=2, projection="random", seed=4)
+    W1.grad, W2.grad = torch.randn(6, 9), torch.randn(6, 9)
+    opt.step()
+    P1, P2 = opt.state[W1]["proj"], opt.state[W2]["proj"]
+    assert not torch.allclose(P1 @ P1.T, P2 @ P2.T, atol=1e-3)
+    expected = random_stiefel(6, 2, refresh_generator(4, 1, 0))
+    assert torch.equal(P2, expected)
 
 
 def test_random_projection_is_a_function_of_seed_position_step_only():
@@ -450,3 +488,276 @@ def test_stored_basis_owns_only_its_own_memory():
         opt.step()
         basis = opt.state[W]["proj"]
         assert basis.is_contiguous() and basis.untyped_storage().nbytes() == basis.numel() * basis.element_size()
+
+
+# ------------------------------------------------------------------ load_state_dict: validated before anything changes
+def snapshot(opt):
+    """The optimizer's state dict with every tensor cloned, to compare before and after a refused load."""
+    state = opt.state_dict()
+    return {"param_groups": copy.deepcopy(state["param_groups"]),
+            "state": {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+                      for k, s in state["state"].items()}}
+
+
+def assert_same(a, b):
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert a["state"][k].keys() == b["state"][k].keys()
+        for n, v in a["state"][k].items():
+            assert torch.equal(v, b["state"][k][n]) if torch.is_tensor(v) else v == b["state"][k][n]
+
+
+def trained(cls=SubspaceAdamW, shape=(10, 6), steps=3, **kw):
+    """An optimizer over one (10, 6) matrix (rank 2, group keys ``kw``) and a vector, after ``steps`` steps."""
+    g = torch.Generator().manual_seed(0)
+    W, v = torch.nn.Parameter(torch.randn(*shape, generator=g)), torch.nn.Parameter(torch.randn(3, generator=g))
+    extra = {"momentum": 0.9} if cls is SubspaceSGD else {}
+    opt = cls([{"params": [W], "rank": 2, "update_proj_gap": 2, **kw}, {"params": [v]}], lr=0.01, **extra)
+    for _ in range(steps):
+        W.grad, v.grad = torch.randn(*shape, generator=g), torch.randn(3, generator=g)
+        opt.step()
+    return opt, W, v
+
+
+def refused(opt, W, v, state_dict, message, **kw):
+    """Loading ``state_dict`` raises a ValueError matching ``message``; the optimizer is exactly as before and steps."""
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(state_dict, **kw)
+    assert_same(before, snapshot(opt))
+    W.grad, v.grad = torch.ones_like(W), torch.ones_like(v)
+    opt.step()
+
+
+def test_load_refuses_a_torch_adamw_state_dict():
+    opt, W, v = trained()
+    sd = torch.optim.AdamW([{"params": [torch.nn.Parameter(W.detach().clone())]},
+                            {"params": [torch.nn.Parameter(v.detach().clone())]}]).state_dict()
+    refused(opt, W, v, sd, r"Not a subspace optimizer's state dict .* cannot be loaded into SubspaceAdamW")
+
+
+def test_load_refuses_another_subspace_rule():
+    opt, W, v = trained()
+    sgd, _, _ = trained(SubspaceSGD)
+    refused(opt, W, v, sgd.state_dict(), r"A SubspaceSGD state dict cannot be loaded into SubspaceAdamW")
+    opt, W, v = trained(SubspaceSGD)
+    adamw, _, _ = trained(SubspaceAdamW)
+    refused(opt, W, v, adamw.state_dict(), r"A SubspaceAdamW state dict cannot be loaded into SubspaceSGD")
+
+
+def test_load_refuses_state_of_another_shape():
+    """State for an (8, 6) parameter does not load for a (10, 6) one: the basis (rank 2, right side) would fit,
+    the moments (8, 2) do not. Then a basis, a vector's moment, an unknown entry, a bad counter."""
+    opt, W, v = trained()
+    other, _, _ = trained(shape=(8, 6))
+    refused(opt, W, v, other.state_dict(), r"State 'exp_avg' of parameter param_groups\[0\]\['params'\]\[0\] "
+                                           r"with shape \(10, 6\) is \(8, 2\); rank 2 implies \(10, 2\)")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["proj"] = torch.zeros(6, 3)
+    refused(opt, W, v, sd, r"State 'proj' .* is \(6, 3\); rank 2 implies \(6, 2\)")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["exp_avg_sq"] = torch.zeros(4)
+    refused(opt, W, v, sd, r"State 'exp_avg_sq' of parameter param_groups\[1\]\['params'\]\[0\] with shape \(3,\)")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["projector"] = torch.zeros(1)
+    refused(opt, W, v, sd, r"unknown entry 'projector'")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["step"] = -1
+    refused(opt, W, v, sd, r"State 'step' of parameter .* is -1")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rank", 0, r"Param group 0 of the state dict: Invalid rank: 0"),
+    ("lr", float("nan"), r"Param group 0 of the state dict: Invalid learning rate: nan"),
+    ("betas", (0.9, 1.5), r"Invalid beta parameter at index 1: 1.5"),
+    ("update_proj_gap", True, r"Invalid update_proj_gap: True"),
+    ("rank", 7, r"Invalid rank: 7 exceeds min\(m, n\) = 6"),
+])
+def test_load_refuses_what_the_constructor_refuses(key, value, message):
+    opt, W, v = trained()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0][key] = value
+    refused(opt, W, v, sd, message)
+
+
+def test_load_refuses_other_groups():
+    opt, W, v = trained()
+    sd = copy.deepcopy(opt.state_dict())
+    refused(opt, W, v, {**sd, "param_groups": sd["param_groups"][:1]}, r"state dict has 1 param group\(s\), .* has 2")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][1]["params"] = [1, 2]
+    refused(opt, W, v, sd, r"Param group 1 of the state dict has 2 parameter\(s\), this SubspaceAdamW's has 1")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["amsgrad"] = False
+    refused(opt, W, v, sd, r"Not a SubspaceAdamW state dict: .* has keys \['amsgrad'\]")
+    refused(opt, W, v, [1, 2], r"Not an optimizer state dict")
+
+
+@pytest.mark.parametrize("key, value", [("switch_step", 4), ("seed", 1), ("rank", 1), ("projection", "random"),
+                                        ("state_on_refresh", "keep"), ("scale", 0.5)])
+def test_load_refuses_other_subspace_settings_unless_kept(key, value):
+    """A saved setting never silently replaces the constructor's; keep_settings=True keeps the constructor's."""
+    opt, W, v = trained()
+    saved, _, _ = trained(**{key: value})
+    mine = opt.param_groups[0][key]
+    refused(opt, W, v, saved.state_dict(), rf"Param group 0: the state dict's {key}={value!r} differs from this "
+                                           rf"SubspaceAdamW's {key}={mine!r} \(load_state_dict\(\.\.\., keep_settings")
+    if key == "rank":  # the saved (10, 1) state cannot serve rank 2: refused even when keeping the settings
+        refused(opt, W, v, saved.state_dict(), r"State 'proj' .* is \(6, 1\); rank 2 implies \(6, 2\)",
+                keep_settings=True)
+        return
+    opt.load_state_dict(saved.state_dict(), keep_settings=True)
+    assert opt.param_groups[0][key] == mine and opt.param_groups[0]["lr"] == saved.param_groups[0]["lr"]
+    assert opt.state[W]["step"] == 3
+
+
+def test_load_keeps_the_constructor_switch_and_the_scheduled_lr():
+    """Resuming with a later switch (longer run): refused by default, kept with keep_settings; the saved lr (what a
+    scheduler set) is loaded as torch does."""
+    opt, W, v = trained(switch_fraction=0.5, total_steps=10)
+    assert opt.param_groups[0]["switch_step"] == 5
+    for group in opt.param_groups:
+        group["lr"] = 0.004
+    longer, W2, v2 = trained(switch_fraction=0.5, total_steps=20, steps=0)
+    refused(longer, W2, v2, opt.state_dict(), r"the state dict's switch_step=5 differs from this SubspaceAdamW's "
+                                              r"switch_step=10")
+    longer, W2, v2 = trained(switch_fraction=0.5, total_steps=20, steps=0)
+    longer.load_state_dict(opt.state_dict(), keep_settings=True)
+    group = longer.param_groups[0]
+    assert (group["switch_step"], group["total_steps"], group["lr"]) == (10, 20, 0.004)
+
+
+def test_load_keeps_the_projector_object_and_checks_its_name():
+    opt, W, v = trained(projection=identity_projection)
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups[0]["projection"] is identity_projection
+
+    def other_projection(grad, rank, side, generator):
+        return identity_projection(grad, rank, side, generator)
+
+    mine, W2, v2 = trained(projection=other_projection)
+    refused(mine, W2, v2, opt.state_dict(), r"projection=<callable identity_projection> differs from .*"
+                                            r"projection=<callable .*other_projection>")
+
+
+# ------------------------------------------------------------------ a user's projector is checked at refresh steps
+@pytest.mark.parametrize("bad, message", [
+    (lambda g, r, s, gen: torch.linalg.qr(torch.randn(g.shape[1], r + 1, generator=gen))[0],
+     r"returned shape \(6, 3\), torch.float32; a basis must be a floating \(6, 2\) tensor"),
+    (lambda g, r, s, gen: 2 * torch.eye(g.shape[1])[:, :r],
+     r"returned a basis without orthonormal columns: max \|PᵀP − I\| = 3 > "),
+    (lambda g, r, s, gen: torch.randn(g.shape[1], r, generator=gen), r"returned a basis without orthonormal columns"),
+    (lambda g, r, s, gen: torch.eye(g.shape[1], dtype=torch.int64)[:, :r], r"returned shape \(6, 2\), torch.int64"),
+    (lambda g, r, s, gen: torch.full((g.shape[1], r), float("nan")),
+     r"returned a basis without orthonormal columns: .* = nan"),
+    (lambda g, r, s, gen: [[1.0, 0.0]] * 6, r"returned list"),
+])
+def test_bad_projector_result_is_refused_naming_the_parameter(bad, message):
+    W = torch.nn.Parameter(torch.randn(10, 6))
+    opt = SubspaceAdamW([{"params": [W], "param_names": ["block.fc.weight"], "rank": 2}], projection=bad)
+    W.grad = torch.randn(10, 6)
+    before = W.detach().clone()
+    with pytest.raises(ValueError, match=r"The projector <callable .*> for parameter 'block.fc.weight' "
+                                         r"\(right side, rank 2\) " + message):
+        opt.step()
+    assert torch.equal(W.detach(), before) and not opt.state[W]
+
+
+def test_projector_tolerance_accepts_rounding():
+    """A float32 QR of a 4096 × 32 Gaussian is orthonormal to rounding (about 1e-6): accepted."""
+    def qr(grad, rank, side, generator):
+        return torch.linalg.qr(torch.randn(grad.shape[0], rank, generator=generator))[0]
+
+    W = torch.nn.Parameter(torch.zeros(4096, 40))
+    opt = SubspaceSGD([W], lr=0.1, rank=32, proj_type="left", projection=qr)
+    W.grad = torch.randn(4096, 40)
+    opt.step()
+    assert opt.state[W]["proj"].shape == (4096, 32)
+
+
+# ------------------------------------------------------------------ numbers, tensors, the switch given as a fraction
+def test_numpy_numbers_are_accepted_and_saved_as_python_numbers():
+    W = torch.nn.Parameter(torch.randn(10, 6))
+    opt = SubspaceAdamW([{"params": [W], "rank": np.int64(2), "scale": np.float32(0.5)}], lr=np.float64(0.01),
+                        betas=(np.float32(0.9), 0.99), update_proj_gap=np.int32(3), seed=np.uint8(7))
+    group = opt.param_groups[0]
+    assert [type(group[k]) for k in ("rank", "scale", "lr", "update_proj_gap", "seed")] == [int, float, float, int, int]
+    assert group["betas"] == (pytest.approx(0.9), 0.99) and type(group["betas"][0]) is float
+    W.grad = torch.randn(10, 6)
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    opt.load_state_dict(torch.load(buffer, weights_only=True))
+
+
+def test_tensor_learning_rate():
+    """A 0-dim float tensor lr (schedulers, torch.compile) trains like the same float; other tensors are refused."""
+    w0, grad = make_problem(dtype=torch.float32)
+    a, _ = run_torch(SubspaceAdamW, w0, grad, 10, rank=2, update_proj_gap=3, lr=0.01)
+    b, opt = run_torch(SubspaceAdamW, w0, grad, 10, rank=2, update_proj_gap=3, lr=torch.tensor(0.01))
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    torch.testing.assert_close(a[-1], b[-1])
+    for bad in (torch.tensor([0.01]), torch.tensor(1), torch.tensor(float("inf")), torch.tensor(-0.1)):
+        with pytest.raises(ValueError, match=r"Invalid learning rate: tensor"):
+            SubspaceSGD([_matrix()], lr=bad)
+
+
+def test_switch_fraction_is_switch_step():
+    """switch_fraction=x, total_steps=T is switch_step=round((1 − x)·T), the method name golore@{100x}'s switch."""
+    from golore_lab.methods import parse
+
+    for fraction, total in [(0.2, 1000), (0.5, 7), (0.25, 10), (1.0, 30)]:
+        opt = SubspaceSGD([_matrix()], lr=0.1, rank=2, switch_fraction=fraction, total_steps=total)
+        assert opt.param_groups[0]["switch_step"] == parse(f"golore@{100 * fraction:g}").switch_step(total)
+    w0, grad = make_problem()
+    a, _ = run_torch(SubspaceSGD, w0, grad, 30, rank=2, update_proj_gap=5, lr=0.02, switch_step=20)
+    b, _ = run_torch(SubspaceSGD, w0, grad, 30, {"switch_fraction": 1 / 3, "total_steps": 30}, rank=2,
+                     update_proj_gap=5, lr=0.02)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_switch_given_two_ways_must_agree():
+    with pytest.raises(ValueError, match=r"Conflicting switch: switch_step=500 but switch_fraction=0.2 with "
+                                         r"total_steps=1000 gives switch_step=800; give one of the two"):
+        SubspaceAdamW([{"params": [_matrix()], "rank": 2, "switch_step": 500}], switch_fraction=0.2, total_steps=1000)
+    opt = SubspaceAdamW([_matrix()], rank=2, switch_step=800, switch_fraction=0.2, total_steps=1000)
+    assert opt.param_groups[0]["switch_step"] == 800
+    with pytest.raises(ValueError, match=r"switch_fraction=0.2 needs total_steps"):
+        SubspaceAdamW([_matrix()], rank=2, switch_fraction=0.2)
+    with pytest.raises(ValueError, match=r"Invalid total_steps: 100 without switch_fraction"):
+        SubspaceAdamW([_matrix()], rank=2, total_steps=100)
+    with pytest.raises(ValueError, match=r"Invalid switch_fraction: 0 \(must be a number 0 < x <= 1"):
+        SubspaceAdamW([_matrix()], rank=2, switch_fraction=0, total_steps=100)
+
+
+def test_bad_group_added_later_is_not_added():
+    opt = SubspaceAdamW([_matrix()], rank=2)
+    with pytest.raises(ValueError, match=r"Invalid scale: -1"):
+        opt.add_param_group({"params": [_matrix()], "scale": -1})
+    assert len(opt.param_groups) == 1
+    extra = _matrix()
+    opt.add_param_group({"params": [extra], "rank": 1})   # the refused group's tensor set did not stick either
+    assert len(opt.param_groups) == 2
+
+
+def test_mutation_check_is_current():
+    """Every mutant of bench/mutations.py still applies to the source exactly once and compiles (the full check,
+    ``python bench/mutations.py``, takes minutes; this keeps it from going stale when the code moves)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = importlib.util.spec_from_file_location("bench_mutations", root / "bench" / "mutations.py")
+    mutations = importlib.util.module_from_spec(found)
+    sys.modules[found.name] = mutations    # dataclasses look their module up there
+    try:
+        found.loader.exec_module(mutations)
+    finally:
+        del sys.modules[found.name]
+    assert len(mutations.MUTANTS) >= 14 and len({m.name for m in mutations.MUTANTS}) == len(mutations.MUTANTS)
+    for mutant in mutations.MUTANTS:
+        source = (root / "golore_lab" / mutant.file).read_text()
+        assert source.count(mutant.old) == 1, mutant.name
+        compile(source.replace(mutant.old, mutant.new), mutant.file, "exec")

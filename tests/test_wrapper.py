@@ -74,6 +74,11 @@ def train_step(wrapped, opt, g, k=1):
     opt.zero_grad()
 
 
+def same_state(a: dict, b: dict) -> bool:
+    """Two wrapper state dicts hold equal tensors and equal layer steps (``_extra_state``)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -237,7 +242,8 @@ def test_pattern_matching_nothing():
 
 
 def test_rank_above_layer_size():
-    with pytest.raises(ValueError, match=r"rank: 7 exceeds min\(m, n\) = 6 of layer 'mlp.0' with weight shape \(6, 12\)"):
+    with pytest.raises(ValueError,
+                       match=r"rank: 7 exceeds min\(m, n\) = 6 of parameter 'mlp.0.weight' with shape \(6, 12\)"):
         SubspaceModel(Net(), rank=7, target_modules=["mlp"])
 
 
@@ -245,10 +251,95 @@ def test_rank_above_layer_size():
     ({"rank": 0}, "Invalid rank: 0"), ({"update_proj_gap": 0}, "Invalid update_proj_gap: 0"),
     ({"scale": 0}, "Invalid scale: 0"), ({"proj_type": "up"}, "Invalid proj_type: 'up'"),
     ({"projection": "pca"}, "Invalid projection: 'pca'"), ({"state_on_refresh": "drop"}, "Invalid state_on_refresh"),
+    ({"update_proj_gap": True}, "Invalid update_proj_gap: True"), ({"seed": 1.5}, "Invalid seed: 1.5"),
+    ({"seed": "a"}, "Invalid seed: 'a'"), ({"rank": None}, "Invalid rank: None"),
+    ({"switch_step": 3, "switch_fraction": 0.5, "total_steps": 10}, "Conflicting switch: switch_step=3 but"),
+    ({"positions": {"attn": -1}}, "Invalid position of layer 'attn': -1"),
 ])
 def test_invalid_arguments(bad, message):
+    """The optimizer path's checks and messages (golore_lab.spec), including what the wrapper used to let through."""
     with pytest.raises(ValueError, match=message):
-        SubspaceModel(Net(), **{"rank": 2, **bad})
+        SubspaceModel(Net(), **{"rank": 2, "target_modules": ["attn"], **bad})
+
+
+def test_numpy_numbers_and_switch_fraction():
+    np = pytest.importorskip("numpy")
+    wrapped = SubspaceModel(Net(), rank=np.int64(2), target_modules=["attn"], scale=np.float32(0.5),
+                            update_proj_gap=np.int64(4), switch_fraction=0.25, total_steps=40)
+    layer = wrapped.layers["attn"]
+    assert (type(layer.rank), type(layer.scale), type(wrapped.update_proj_gap)) == (int, float, int)
+    assert wrapped.switch_step == 30 and layer.scale == 0.5
+
+
+@pytest.mark.parametrize("targets", [
+    ["attn", "mlp.0"],
+    lambda name, module: name in ("attn", "mlp.0"),
+    "targets_as_modules",
+])
+def test_target_modules_as_substrings_predicate_or_modules(targets):
+    net = Net()
+    if targets == "targets_as_modules":
+        targets = [net.mlp[0], net.attn]                     # any order: layers follow the model's module order
+    wrapped = SubspaceModel(net, rank=2, target_modules=targets)
+    assert list(wrapped.layers) == ["attn", "mlp.0"]
+    assert [layer.position for layer in wrapped.layers.values()] == [0, 1]
+
+
+def test_default_targets_are_every_linear():
+    assert list(SubspaceModel(Net(), rank=2).layers) == ["embed", "attn", "mlp.0", "mlp.2", "head"]
+
+
+def test_target_modules_errors():
+    net = Net()
+    with pytest.raises(ValueError, match=r"Target module Tanh Tanh\(\) is not an nn.Linear of Net"):
+        SubspaceModel(net, rank=2, target_modules=[net.mlp[1]])
+    with pytest.raises(ValueError, match=r"Target module Linear .* is not an nn.Linear of Net"):
+        SubspaceModel(net, rank=2, target_modules=nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"selects no nn.Linear of Net"):
+        SubspaceModel(net, rank=2, target_modules=lambda name, module: False)
+    with pytest.raises(ValueError, match=r"Invalid target_modules: \[1\]"):
+        SubspaceModel(net, rank=2, target_modules=[1])
+
+
+def test_unknown_optimizer_state_is_refused_not_skipped():
+    """The carry knows torch.optim's state entries by name (rules.FIRST_MOMENTS / SECOND_MOMENTS); an entry it
+    does not know is an error at the refresh, not a state silently left in the old basis."""
+    wrapped = SubspaceModel(Net().double(), rank=2, target_modules=["attn"], update_proj_gap=1)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    wrapped.attach(opt)
+    g = torch.Generator().manual_seed(1)
+    train_step(wrapped, opt, g)
+    opt.state[wrapped.layers["attn"].factor]["velocity"] = torch.zeros(1)
+    x, y = batch(g)
+    loss_fn(wrapped, x, y).backward()
+    before = copy.deepcopy(wrapped.state_dict())  # tensors and each layer's step
+    with pytest.raises(RuntimeError, match=r"layer 'attn'.s factor has entries \['velocity'\] that the wrapper "
+                                           r"cannot carry .* nothing was changed"):
+        wrapped.refresh(opt)
+    assert same_state(before, wrapped.state_dict())
+
+
+def test_bad_projector_result_is_refused_before_any_layer_changes():
+    """A user projector returning r + 1 columns: refused naming the layer, no layer merged or re-based."""
+    def too_wide(grad, rank, side, generator):
+        dim = grad.shape[0] if side == "left" else grad.shape[1]
+        return torch.eye(dim, dtype=torch.float64)[:, :rank + 1]
+
+    def narrow_on_mlp(grad, rank, side, generator):   # fine for attn (8 columns), too wide for mlp.0
+        return too_wide(grad, rank if grad.shape == (6, 12) else rank - 1, side, generator)
+
+    wrapped = SubspaceModel(Net().double(), rank=2, target_modules=["attn", "mlp.0"], update_proj_gap=2,
+                            projection=narrow_on_mlp)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    wrapped.attach(opt)
+    x, y = batch(torch.Generator().manual_seed(1))
+    before = copy.deepcopy(wrapped.state_dict())  # tensors and each layer's step
+    loss_fn(wrapped, x, y).backward()
+    with pytest.raises(ValueError, match=r"The projector <callable .*narrow_on_mlp> for layer 'mlp.0' \(left side, "
+                                         r"rank 2\) returned shape \(6, 3\), torch.float64; a basis must be a floating "
+                                         r"\(6, 2\) tensor; nothing was changed"):
+        wrapped.refresh(opt)
+    assert same_state(before, wrapped.state_dict()) and wrapped.refresh_due()
 
 
 def test_refresh_without_full_gradient():

@@ -1,0 +1,353 @@
+"""One specification of a subspace method: its settings, the rules' hyper-parameters, and what gets a rank.
+
+Every API of the package that takes these values checks them here, with the same messages:
+:class:`golore_lab.optim.SubspaceAdamW` / :class:`~golore_lab.optim.SubspaceSGD` (constructor,
+``add_param_group``, ``load_state_dict``) and :class:`golore_lab.wrapper.SubspaceModel`.
+
+Subspace settings (:data:`SUBSPACE_DEFAULTS`, one value per param group or per wrapped model):
+
+=====================  ==============================================================================
+``rank``               r, an integer >= 1 (``None``: a full-space group)
+``update_proj_gap``    refresh the basis at steps t with t % gap == 0; an integer >= 1
+``scale``              α in W ← W − lr·α·P N; a finite number > 0
+``proj_type``          which side is projected: ``"std"``, ``"reverse_std"``, ``"left"``, ``"right"``
+``projection``         ``"svd"`` (GaLore), ``"random"`` (GoLore) or a projector callable
+``switch_step``        GoLore@x%: refreshes at t >= switch_step are random; ``None``, an integer >= 0, or
+                       ``"auto"`` (GoLore@auto: each parameter switches when its SVD subspace is noise-dominated)
+``switch_fraction``    the same switch given as x/100 with ``total_steps`` T: switch_step =
+``total_steps``        round((1 − x/100)·T), exactly :meth:`golore_lab.methods.Method.switch_step`
+``state_on_refresh``   ``"project"``, ``"keep"`` or ``"reset"`` (see :func:`golore_lab.rules.refresh_state`)
+``seed``               an integer; random bases are a pure function of (seed, parameter position, step)
+=====================  ==============================================================================
+
+Numbers may be Python or numpy scalars (``np.int64``, ``np.float32``); they are stored as Python ``int`` /
+``float`` so that a state dict stays loadable with ``torch.load(..., weights_only=True)``. ``bool`` is not an
+integer here (``update_proj_gap=True`` is refused). A learning rate may also be a 0-dim floating tensor, which
+LR schedulers and ``torch.compile`` use; it is kept as given.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from torch import Tensor, nn
+
+from . import projection as proj
+from . import rules
+from . import switching
+from .methods import Method
+
+SUBSPACE_DEFAULTS: dict[str, Any] = {
+    "rank": None,
+    "update_proj_gap": 200,
+    "scale": 1.0,
+    "proj_type": "std",
+    "projection": "svd",
+    "switch_step": None,
+    "switch_fraction": None,
+    "total_steps": None,
+    "state_on_refresh": "project",
+    "seed": 0,
+}
+
+
+def is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A finite real number (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(key: str, value: Any, minimum: int | None, optional: bool = False) -> int | None:
+    if optional and value is None:
+        return None
+    if is_int(value) and (minimum is None or value >= minimum):
+        return int(value)
+    need = "an integer" if minimum is None else f"an integer >= {minimum}"
+    raise ValueError(f"Invalid {key}: {value!r} (must be {'None or ' if optional else ''}{need})")
+
+
+def _number(label: str, value: Any, minimum: float = 0.0, strict: bool = False) -> float:
+    if is_real(value) and (value > minimum if strict else value >= minimum):
+        return float(value)
+    raise ValueError(f"Invalid {label}: {value!r} (must be a finite number {'>' if strict else '>='} {minimum:g})")
+
+
+def _choice(key: str, value: Any, choices: Sequence[str]) -> str:
+    if isinstance(value, str) and value in choices:
+        return value
+    raise ValueError(f"Invalid {key}: {value!r} (must be one of {', '.join(map(repr, choices))})")
+
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value == "auto"
+
+
+def check_subspace(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The validated subspace settings of ``settings`` (a param group or the wrapper's arguments).
+
+    Keys absent from ``settings`` take :data:`SUBSPACE_DEFAULTS`; keys that are not subspace settings are
+    ignored. Returns a new dict of all the subspace keys with numbers as Python ``int`` / ``float`` and, when
+    ``switch_fraction`` and ``total_steps`` are given, ``switch_step`` resolved from them. A bad value is a
+    ``ValueError`` naming the key and the value.
+    """
+    s = {**SUBSPACE_DEFAULTS, **{k: v for k, v in settings.items() if k in SUBSPACE_DEFAULTS}}
+    out = {
+        "rank": None if s["rank"] is None else _integer("rank", s["rank"], 1),  # None: a full-space group
+        "update_proj_gap": _integer("update_proj_gap", s["update_proj_gap"], 1),
+        "scale": _number("scale", s["scale"], strict=True),
+        "proj_type": _choice("proj_type", s["proj_type"], proj.PROJ_TYPES),
+        "projection": s["projection"],
+        "switch_step": "auto" if _is_auto(s["switch_step"]) else _integer("switch_step", s["switch_step"], 0,
+                                                                              optional=True),
+        "switch_fraction": s["switch_fraction"],
+        "total_steps": _integer("total_steps", s["total_steps"], 1, optional=True),
+        "state_on_refresh": _choice("state_on_refresh", s["state_on_refresh"], rules.STATE_ON_REFRESH),
+        "seed": _integer("seed", s["seed"], None),
+    }
+    proj.resolve(out["projection"])
+    if out["switch_step"] == "auto":
+        if out["switch_fraction"] is not None:
+            raise ValueError(f"Conflicting switch: switch_step='auto' but switch_fraction={out['switch_fraction']!r}; "
+                             "give one of the two")
+        if out["update_proj_gap"] <= switching.MIN_STEPS:
+            raise ValueError(f"Invalid update_proj_gap: {out['update_proj_gap']!r} (switch_step='auto' needs >= "
+                             f"{switching.MIN_STEPS + 1}: the test uses the steps of a period after its refresh step)")
+        return out
+    out.update(resolve_switch(out["switch_step"], out["switch_fraction"], out["total_steps"]))
+    return out
+
+
+def resolve_switch(switch_step: int | None, switch_fraction: Any, total_steps: int | None) -> dict[str, Any]:
+    """GoLore@x% given either way: ``switch_step`` K, or ``switch_fraction`` x/100 with ``total_steps`` T.
+
+    K = round((1 − x/100)·T) as :meth:`golore_lab.methods.Method.switch_step` (``golore@X`` of the method
+    names), so ``switch_fraction=0.2, total_steps=1000`` is ``switch_step=800``. Giving both ways is allowed
+    only when they agree (a group whose step was resolved from its fraction, or a state dict of one); a
+    conflict is a ``ValueError`` naming both.
+    """
+    if switch_fraction is None:
+        if total_steps is not None:
+            raise ValueError(f"Invalid total_steps: {total_steps!r} without switch_fraction (total_steps only "
+                             "serves to resolve switch_fraction into switch_step)")
+        return {"switch_step": switch_step, "switch_fraction": None, "total_steps": None}
+    if not (is_real(switch_fraction) and 0 < switch_fraction <= 1):
+        raise ValueError(f"Invalid switch_fraction: {switch_fraction!r} (must be a number 0 < x <= 1: the share "
+                         "of the steps, at the end of the run, that use random subspaces)")
+    if total_steps is None:
+        raise ValueError(f"switch_fraction={switch_fraction!r} needs total_steps (the run's number of steps)")
+    fraction = float(switch_fraction)
+    resolved = Method(f"golore@{100 * fraction:g}", random_fraction=fraction).switch_step(total_steps)
+    if switch_step is not None and switch_step != resolved:
+        raise ValueError(f"Conflicting switch: switch_step={switch_step} but switch_fraction={fraction:g} with "
+                         f"total_steps={total_steps} gives switch_step={resolved}; give one of the two")
+    return {"switch_step": resolved, "switch_fraction": fraction, "total_steps": total_steps}
+
+
+def check_rank_fits(rank: int, shape: tuple[int, ...], name: str) -> None:
+    """A rank-r group holds matrices with min(m, n) >= r; ``name`` names the parameter in the error."""
+    if len(shape) != 2:
+        raise ValueError(f"Parameter {name} has shape {tuple(shape)}: a group with a rank must hold matrices only "
+                         "(put vectors and conv kernels in a group without 'rank')")
+    if rank > min(shape):
+        raise ValueError(f"Invalid rank: {rank} exceeds min(m, n) = {min(shape)} of parameter {name} "
+                         f"with shape {tuple(shape)}")
+
+
+def describe_setting(value: Any) -> str:
+    """How a setting is shown in messages and saved in a state dict: a projector callable by its name."""
+    if callable(value):
+        return f"<callable {getattr(value, '__qualname__', type(value).__qualname__)}>"
+    return repr(value)
+
+
+# ---------------------------------------------------------------------------------------------- rule hyper-parameters
+def check_lr(lr: Any) -> float | Tensor:
+    """A finite learning rate >= 0: a number, or a 0-dim floating tensor (kept as the same tensor)."""
+    if isinstance(lr, Tensor):
+        if lr.dim() == 0 and lr.is_floating_point() and math.isfinite(float(lr)) and float(lr) >= 0:
+            return lr
+    elif is_real(lr) and lr >= 0:
+        return float(lr)
+    raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite number >= 0 or a 0-dim floating tensor)")
+
+
+def check_adamw(hyper: Mapping[str, Any]) -> dict[str, Any]:
+    """``lr``, ``betas`` (each in [0, 1)), ``eps`` >= 0 and ``weight_decay`` >= 0 of the AdamW rule, validated."""
+    betas = hyper["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r} (must be a pair)")
+    for i, beta in enumerate(betas):
+        if not (is_real(beta) and 0.0 <= beta < 1.0):
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
+    return {"lr": check_lr(hyper["lr"]), "betas": (float(betas[0]), float(betas[1])),
+            "eps": _number("epsilon value", hyper["eps"]),
+            "weight_decay": _number("weight_decay", hyper["weight_decay"])}
+
+
+def check_sgd(hyper: Mapping[str, Any]) -> dict[str, Any]:
+    """``lr``, ``momentum`` >= 0, ``dampening``, ``weight_decay`` >= 0 and ``nesterov`` of the SGD rule, validated.
+
+    As ``torch.optim.SGD``: Nesterov needs a momentum > 0 and zero dampening.
+    """
+    momentum = _number("momentum value", hyper["momentum"])
+    dampening = hyper["dampening"]
+    if not is_real(dampening):
+        raise ValueError(f"Invalid dampening value: {dampening!r} (must be a finite number)")
+    nesterov = hyper["nesterov"]
+    if not isinstance(nesterov, (bool, np.bool_)):
+        raise ValueError(f"Invalid nesterov: {nesterov!r} (must be True or False)")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening "
+                         f"(got momentum={hyper['momentum']!r}, dampening={dampening!r})")
+    return {"lr": check_lr(hyper["lr"]), "momentum": momentum, "dampening": float(dampening),
+            "weight_decay": _number("weight_decay", hyper["weight_decay"]), "nesterov": bool(nesterov)}
+
+
+# ---------------------------------------------------------------------------------------------- what gets a rank
+Targets = Sequence[str] | Callable[[str, nn.Module], bool] | nn.Module | Sequence[nn.Module] | str
+
+
+def select_linears(model: nn.Module, target_modules: Targets | None) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` modules of ``model`` named by ``target_modules``, as (qualified name, module), in
+    ``named_modules()`` order.
+
+    ``target_modules`` is one of: substrings of the qualified module name (a str or a list of them, as the
+    authors' README: ``["attn", "mlp"]``); a predicate ``(name, module) -> bool``; modules of ``model`` (one or
+    a list); or ``None`` for every ``nn.Linear``. A substring that matches no ``nn.Linear``, or a module that
+    is not an ``nn.Linear`` of ``model``, is a ``ValueError`` naming it (a typo would otherwise train nothing
+    in the subspace).
+    """
+    linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    if target_modules is None:
+        return linears
+    if isinstance(target_modules, (str, nn.Module)):
+        target_modules = [target_modules]
+    if callable(target_modules):
+        return [(name, mod) for name, mod in linears if target_modules(name, mod)]
+    items = list(target_modules)
+    if all(isinstance(item, nn.Module) for item in items):
+        wanted = {id(item) for item in items}
+        for item in items:
+            if not any(item is mod for _, mod in linears):
+                raise ValueError(f"Target module {type(item).__name__} {_short(item)} is not an nn.Linear of "
+                                 f"{type(model).__name__}")
+        return [(name, mod) for name, mod in linears if id(mod) in wanted]
+    if not all(isinstance(item, str) for item in items):
+        raise ValueError(f"Invalid target_modules: {target_modules!r} (must be substrings of module names, a "
+                         "predicate (name, module) -> bool, or modules of the model)")
+    for pattern in items:
+        if not any(pattern in name for name, _ in linears):
+            names = [name for name, _ in linears]
+            more = " ..." if len(names) > 8 else ""
+            raise ValueError(f"Target module pattern {pattern!r} matches no nn.Linear of {type(model).__name__} "
+                             f"(its linears: {names[:8]}{more})")
+    return [(name, mod) for name, mod in linears if any(pattern in name for pattern in items)]
+
+
+def _short(module: nn.Module) -> str:
+    text = repr(module).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Where :func:`subspace_param_groups` put one parameter, and why."""
+
+    name: str
+    shape: tuple[int, ...]
+    rank: int | None
+    reason: str
+
+
+def subspace_param_groups(model: nn.Module, rank: int, target_modules: Targets | None = None, min_dim: int = 0,
+                          **group_keys: Any) -> list[dict[str, Any]]:
+    """galore-style param groups: ``[{"params": matrices, "rank": rank, **group_keys}, {"params": the rest}]``.
+
+    A parameter gets the rank when it is the weight of an ``nn.Linear`` chosen by ``target_modules`` (see
+    :func:`select_linears`; ``None``: every ``nn.Linear``) with min(m, n) >= max(rank, min_dim). Everything
+    else -- embeddings, heads smaller than the rank, norms, biases, linears not targeted -- goes to a
+    full-space group (plain AdamW / SGD). Both groups carry ``param_names``; :func:`describe_param_groups`
+    lists the choice by name. The rank group comes first and keeps ``named_parameters()`` order, which is the
+    order :class:`golore_lab.wrapper.SubspaceModel` gives its layers' default positions (the random bases then
+    agree). A parameter shared by several modules (tied weights) is listed once, under its first name; frozen
+    parameters (``requires_grad=False``) are left out.
+    ``group_keys`` (``update_proj_gap``, ``scale``, ``switch_fraction`` ...) go to the rank group and are
+    validated like the optimizer's. The full-space group is left out when empty; no matrix qualifying is a
+    ``ValueError``.
+
+    Example::
+
+        groups = subspace_param_groups(model, rank=128, target_modules=["attn", "mlp"], update_proj_gap=200)
+        print(describe_param_groups(groups))
+        opt = SubspaceAdamW(groups, lr=1e-3, weight_decay=0.01)
+    """
+    settings = check_subspace({"rank": rank, **group_keys})
+    rank = settings["rank"]
+    if rank is None:
+        raise ValueError("Invalid rank: None (subspace_param_groups needs an integer rank >= 1)")
+    min_dim = _integer("min_dim", min_dim, 0)
+    targeted = {id(mod.weight) for _, mod in select_linears(model, target_modules)}
+    matrices: list[tuple[str, nn.Parameter]] = []
+    others: list[tuple[str, nn.Parameter]] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in targeted and p.dim() == 2 and min(p.shape) >= max(rank, min_dim):
+            matrices.append((name, p))
+        else:
+            others.append((name, p))
+    if not matrices:
+        raise ValueError(f"No matrix qualifies for rank {rank}: no targeted nn.Linear weight has "
+                         f"min(m, n) >= max(rank, min_dim) = {max(rank, min_dim)}")
+    groups = [{"params": [p for _, p in matrices], "param_names": [n for n, _ in matrices], "rank": rank,
+               **group_keys}]
+    if others:
+        groups.append({"params": [p for _, p in others], "param_names": [n for n, _ in others]})
+    return groups
+
+
+def param_group_choices(groups: Iterable[Mapping[str, Any]]) -> list[Choice]:
+    """One :class:`Choice` per parameter of ``groups`` (as :func:`subspace_param_groups` builds them), in order.
+
+    The reason a matrix stayed in the full space is read from its shape: below the largest rank of the
+    groups, or else not a targeted ``nn.Linear`` weight (or below ``min_dim``).
+    """
+    groups = list(groups)
+    out = []
+    ranks = [g["rank"] for g in groups if g.get("rank") is not None]
+    for index, group in enumerate(groups):
+        names = group.get("param_names") or [f"param_groups[{index}]['params'][{i}]"
+                                             for i in range(len(group["params"]))]
+        rank = group.get("rank")
+        for name, p in zip(names, group["params"]):
+            shape = tuple(p.shape)
+            if rank is not None:
+                reason = f"subspace, rank {rank}"
+            elif p.dim() != 2:
+                reason = f"full space ({p.dim()}-d)"
+            elif ranks and min(shape) < max(ranks):
+                reason = f"full space (min(m, n) = {min(shape)} < rank {max(ranks)})"
+            else:
+                reason = "full space (not a targeted nn.Linear weight, or below min_dim)"
+            out.append(Choice(name, shape, rank, reason))
+    return out
+
+
+def describe_param_groups(groups: Iterable[Mapping[str, Any]]) -> str:
+    """A printable table of :func:`param_group_choices`: name, shape, where it is trained and why."""
+    choices = param_group_choices(groups)
+    width = max((len(c.name) for c in choices), default=4)
+    lines = [f"{'name':<{width}}  {'shape':<14} trained in"]
+    lines += [f"{c.name:<{width}}  {str(c.shape):<14} {c.reason}" for c in choices]
+    in_subspace = sum(math.prod(c.shape) for c in choices if c.rank is not None)
+    total = sum(math.prod(c.shape) for c in choices)
+    lines.append(f"{sum(c.rank is not None for c in choices)} of {len(choices)} parameters "
+                 f"({in_subspace} of {total} numbers) in a subspace")
+    return "\n".join(lines)
