@@ -371,7 +371,7 @@ class SubspaceOptimizer(Optimizer):
     @staticmethod
     def _kind(group: dict[str, Any], count: int, random: bool = False) -> str:
         switch = group["switch_step"]
-        if random or (_is_int(switch) and count >= switch):
+        if random or (spec.is_int(switch) and count >= switch):
             return "random"
         return group["projection"] if isinstance(group["projection"], str) else "custom"
 
