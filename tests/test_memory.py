@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from golore_lab.lm import memory
-from golore_lab.lm.model import LlamaConfig, build_model, subspace_param_groups
+from golore_lab.lm.model import LlamaConfig, build_model, llama_param_groups
 from golore_lab.lm.pretrain import recipe
 from golore_lab.lm.train import RunError, train
 
@@ -115,7 +115,7 @@ def need_60m():
     """The step memory of the paper's LLaMA-60M recipe (seq 256, GaLore rank 128 with AdamW), by micro-batch."""
     cfg = LlamaConfig.preset("60m", vocab_size=4096)
     model = build_model(cfg, 0)
-    fixed = memory.model_bytes(model, subspace_param_groups(model, rank=128), optimizer="adamw", momentum=0.9,
+    fixed = memory.model_bytes(model, llama_param_groups(model, rank=128), optimizer="adamw", momentum=0.9,
                                subspace=True)
     return lambda m: memory.StepMemory.of(fixed, memory.llama_activation_bytes(
         cfg.dim, cfg.n_layers, cfg.hidden_dim, cfg.vocab_size, m, 256, eval_batch=16))

@@ -13,7 +13,7 @@ Linear layers have no bias; weights are N(0, 0.02^2).
 
 Module names are stable and identify the layers the paper trains in a subspace: ``layers.{i}.attn.{q,k,v,o}_proj``
 and ``layers.{i}.mlp.{gate,up,down}_proj``; ``embed``, ``lm_head`` and the ``*norm`` gains stay full
-(:func:`subspace_param_groups`).
+(:func:`llama_param_groups`).
 
 Example::
 
@@ -186,7 +186,7 @@ def is_subspace_weight(name: str, param: torch.Tensor) -> bool:
     return param.ndim == 2 and (".attn." in f".{name}" or ".mlp." in f".{name}") and name.endswith("_proj.weight")
 
 
-def subspace_param_groups(model: nn.Module, **subspace) -> list[dict]:
+def llama_param_groups(model: nn.Module, **subspace) -> list[dict]:
     """Split parameters into ``[{"params": matrices, **subspace}, {"params": others}]``.
 
     ``subspace`` holds the subspace keys of the first group (``rank``, ``update_proj_gap``, ``scale``,

@@ -47,7 +47,7 @@ from torch import nn
 
 from .data import DEFAULT_VOCAB, Corpus, ensure_corpus
 from .memory import llama_activation_bytes
-from .model import LlamaConfig, build_model, subspace_param_groups
+from .model import LlamaConfig, build_model, llama_param_groups
 from .train import RunError, TrainConfig, add_train_arguments, stream_indices, train
 
 #: Learning rates of the CPU preset: the best of {1e-3, 3e-3, 1e-2} (AdamW) and {0.1, 0.3, 1, 3} (SGD) for
@@ -112,7 +112,7 @@ class LMTask:
                                       eval_batch=min(self.eval_batch, self.eval_windows))
 
     def param_groups(self, model: nn.Module, **subspace) -> list[dict]:
-        return subspace_param_groups(model, **subspace)
+        return llama_param_groups(model, **subspace)
 
     def batch(self, start: int, count: int, seed: int) -> torch.Tensor:
         """(count, T + 1) token windows at stream positions start .. start + count - 1."""
