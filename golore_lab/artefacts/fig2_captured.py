@@ -72,7 +72,7 @@ def plot(frame: pd.DataFrame) -> plt.Figure:
         top.legend(fontsize=8, loc="center right")
         top.set_title(f"What the subspace captures, counterexample, {optimizer}", fontsize=10)
         band_plot(bottom, _quantity(data, "top_sv"), x_scale=100.0)
-        bottom.axhline(problem.sigma, color=GREY, ls=":", lw=1.2, label="σ")
+        bottom.axhline(problem.noise_sigma, color=GREY, ls=":", lw=1.2, label="σ")
         bottom.set_ylabel("largest sᵢ(M)")
         bottom.set_xlabel("iterations (×100)")
         bottom.legend(fontsize=8)

@@ -43,8 +43,8 @@ def run(config: Config) -> pd.DataFrame:
 
     problem = ce.Counterexample()
     snrs = np.geomspace(*config.snr_range, config.points)
-    return snr_sweep(problem.grad(problem.x0), problem.sigma * problem.C, problem.r, snrs, config.batches,
-                     config.trials, config.seed, noise_scale=problem.sigma)
+    return snr_sweep(problem.grad(problem.x0), problem.noise_sigma * problem.C, problem.r, snrs, config.batches,
+                     config.trials, config.seed, noise_scale=problem.noise_sigma)
 
 
 def plot(frame: pd.DataFrame) -> plt.Figure:
