@@ -49,7 +49,11 @@ class Counterexample:
     (σ/2)[I 0]. ``linear_term=False`` sets B = 0: the "no B" instance of the non-convergence theorem, where
     ‖∇f(X₀)‖₂ = σ/2 < σ and GaLore never moves. ``noise="isotropic"`` replaces ±σC by i.i.d. Gaussian noise of
     the same total variance σ²r (the v2 claim: GaLore converges then); ``noise="none"`` gives exact gradients
-    (deterministic GaLore; σ still scales D and X₀). Tensors are float64.
+    (deterministic GaLore; σ still scales D and X₀). ``noise_sigma`` sets the noise level on its own (default:
+    σ): D and X₀ keep their scale σ while the oracle's ±``noise_sigma``·C, the plateau and the noise variance
+    follow ``noise_sigma``, so the plateau f* + ½Σmin(sᵢ(M₀), noise_sigma)² moves while f* does not. (With
+    the default, the whole problem is σ times the σ = 1 problem and (plateau − f*)/f* is the same for every σ.)
+    Tensors are float64.
 
     >>> p = Counterexample()
     >>> round(p.f(p.x0).item(), 4), round(p.f_star, 4), round(p.galore_plateau, 3)
@@ -57,19 +61,25 @@ class Counterexample:
     """
 
     def __init__(self, n: int = 10, r: int = 4, sigma: float = 1.0, seed: int = 42, linear_term: bool = True,
-                 noise: str = "anisotropic") -> None:
+                 noise: str = "anisotropic", noise_sigma: float | None = None) -> None:
         if not _is_int(n) or n < 2:
             raise ValueError(f"Invalid n: {n!r} (must be an integer >= 2)")
         if not _is_int(r) or not 1 <= r < n:
             raise ValueError(f"Invalid r: {r!r} (must be an integer with 1 <= r < n = {n})")
         if not isinstance(sigma, numbers.Real) or isinstance(sigma, bool) or not math.isfinite(sigma) or sigma < 0:
             raise ValueError(f"Invalid sigma: {sigma!r} (must be a finite number >= 0)")
+        noise_sigma = sigma if noise_sigma is None else noise_sigma
+        if (not isinstance(noise_sigma, numbers.Real) or isinstance(noise_sigma, bool) or not math.isfinite(noise_sigma)
+                or noise_sigma < 0):
+            raise ValueError(f"Invalid noise_sigma: {noise_sigma!r} (must be a finite number >= 0, or None for sigma)")
         if not _is_int(seed):
             raise ValueError(f"Invalid seed: {seed!r} (must be an integer)")
         if noise not in NOISES:
             raise ValueError(f"Invalid noise: {noise!r} (must be 'anisotropic', 'isotropic' or 'none')")
         self.n, self.r, self.sigma, self.seed = n, r, float(sigma), seed
         self.linear_term, self.noise = bool(linear_term), noise
+        #: the oracle's noise level: one noise entry is ±noise_sigma (σ unless set apart)
+        self.noise_sigma = float(noise_sigma)
         k = n - r
         generator = torch.Generator().manual_seed(seed)
         D = sigma * torch.randn(k, k, generator=generator)  # float32 draws, as in the authors' script
@@ -86,7 +96,7 @@ class Counterexample:
 
     def __repr__(self) -> str:
         return (f"Counterexample(n={self.n}, r={self.r}, sigma={self.sigma}, seed={self.seed}, "
-                f"linear_term={self.linear_term}, noise={self.noise!r})")
+                f"linear_term={self.linear_term}, noise={self.noise!r}, noise_sigma={self.noise_sigma})")
 
     # ------------------------------------------------------------------ the function
     def f(self, X: Tensor) -> Tensor:
@@ -107,8 +117,8 @@ class Counterexample:
 
     @property
     def noise_variance(self) -> float:
-        """E‖noise‖²_F of one sample: σ² r for both noise models (0 for exact gradients)."""
-        return 0.0 if self.noise == "none" else self.sigma**2 * self.r
+        """E‖noise‖²_F of one sample: noise_sigma² r for both noise models (0 for exact gradients)."""
+        return 0.0 if self.noise == "none" else self.noise_sigma**2 * self.r
 
     @property
     def f_star(self) -> float:
@@ -117,28 +127,28 @@ class Counterexample:
 
     @property
     def m0_singular_values(self) -> Tensor:
-        """Singular values of M₀ = X₀[:n−r, :n−r] + D, the quantities the SVD compares with σ."""
+        """Singular values of M₀ = X₀[:n−r, :n−r] + D, the quantities the SVD compares with the noise level."""
         k = self.n - self.r
         return torch.linalg.svdvals(self.x0[:k, :k] + self.B[:k, :k])
 
     @property
     def galore_plateau(self) -> float:
-        """Closed-form value where GaLore stalls: f* + ½ Σᵢ min(sᵢ(M₀), σ)² (f* for exact gradients)."""
-        s = self.m0_singular_values.clamp(max=0.0 if self.noise == "none" else self.sigma)
+        """Closed-form value where GaLore stalls: f* + ½Σᵢ min(sᵢ(M₀), noise_sigma)² (f* for exact gradients)."""
+        s = self.m0_singular_values.clamp(max=0.0 if self.noise == "none" else self.noise_sigma)
         return self.f_star + 0.5 * float((s * s).sum())
 
     # ------------------------------------------------------------------ the stochastic oracle
     @property
     def noise_scale(self) -> float:
-        """Standard deviation of one isotropic noise entry: σ√r / n (total variance σ²r)."""
-        return self.sigma * math.sqrt(self.r) / self.n
+        """Standard deviation of one isotropic noise entry: noise_sigma·√r / n (total variance noise_sigma²·r)."""
+        return self.noise_sigma * math.sqrt(self.r) / self.n
 
     def noise_periods(self, generator: torch.Generator, period: int, refresh_batch: int = 1) -> Iterator[Tensor]:
         """Noise of one run, one block of ``period`` steps at a time; the first step of each block has a batch.
 
         Anisotropic: a (period,) tensor of ξ, where ξ₀ is the mean of ``refresh_batch`` independent signs and
-        the others single signs; the noise matrix at that step is ξσC. Isotropic: a (period, n, n) tensor of
-        noise matrices, the first scaled by 1/√refresh_batch (the exact law of a mean of that many).
+        the others single signs; the noise matrix at that step is ξ·noise_sigma·C. Isotropic: a (period, n, n)
+        tensor of noise matrices, the first scaled by 1/√refresh_batch (the exact law of a mean of that many).
         Blocks are drawn from ``generator`` a chunk of periods at a time (the chunk size is a fixed function
         of the shapes), so the stream is a pure function of the generator's seed; both engines of :func:`run`
         read the same stream. Exact gradients (``noise="none"``): blocks of ξ = 0, drawing nothing.
@@ -162,7 +172,7 @@ class Counterexample:
 
     def noise_matrix(self, noise: Tensor) -> Tensor:
         """The (n, n) noise matrix of one step from one entry of a :meth:`noise_periods` block."""
-        return noise * self.sigma * self.C if noise.dim() == 0 else noise
+        return noise * self.noise_sigma * self.C if noise.dim() == 0 else noise
 
     def stochastic_grad(self, X: Tensor, noise: Tensor) -> Tensor:
         """∇f(X) plus the noise of one step (``noise`` is one entry of a :meth:`noise_periods` block)."""
@@ -348,7 +358,7 @@ def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):
     H = np.diag(np.r_[np.ones(k), np.zeros(r)])  # AᵀA
     B = problem.B.numpy()
     iso = problem.noise == "isotropic"
-    sigC = problem.sigma * problem.C.numpy()
+    sigC = problem.noise_sigma * problem.C.numpy()
     full = np.array([m.full for m, _ in runs])
     svd_runs = [i for i, (m, _) in enumerate(runs) if not m.full]
 

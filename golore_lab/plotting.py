@@ -65,6 +65,12 @@ def band_plot(ax, summary: pd.DataFrame, x: str = "step", y: str = "mean", low: 
             ax.fill_between(xs, rows[low], rows[high], color=method_color(method), alpha=0.2, lw=0)
 
 
+def legend_below(ax, ncol: int = 2, y: float = -0.2, **kwargs):
+    """The axes' legend under its x-axis label (its top at ``y`` in axes coordinates), outside the data;
+    ``fig.tight_layout`` makes room for it."""
+    return ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, y), ncol=ncol, frameon=False, **kwargs)
+
+
 def png_bytes(fig: plt.Figure) -> bytes:
     """The figure as PNG bytes without volatile metadata (no software version), then closed.
 

@@ -112,7 +112,7 @@ def assumptions(problem: ce.Counterexample, batch: int = 1) -> Assumptions:
     X0 = problem.x0
     L = float(torch.linalg.eigvalsh(hessian(problem.grad, X0)).abs().max())
     values, probs = noise_law(problem, batch)
-    noise = torch.as_tensor(values)[:, None, None] * problem.sigma * problem.C  # (outcomes, n, n)
+    noise = torch.as_tensor(values)[:, None, None] * problem.noise_sigma * problem.C  # (outcomes, n, n)
     weights = torch.as_tensor(probs)
     mean = (weights[:, None, None] * noise).sum(0)
     variance = float((weights * noise.square().sum((-2, -1))).sum())
@@ -380,11 +380,11 @@ def counterexample_trials(problem: ce.Counterexample, levels: Iterable[float] | 
     """
     G = problem.grad(problem.x0)
     if levels is None:
-        switch = float(torch.linalg.matrix_norm(G, 2)) * (1 - problem.r / problem.n if cancel else 1) / problem.sigma
+        switch = float(torch.linalg.matrix_norm(G, 2)) * (1 - problem.r / problem.n if cancel else 1) / problem.noise_sigma
         levels = np.r_[np.linspace(0.02, 1.0, 25), switch * (1 + 1e-6)]
     rows = []
     for level in levels:
-        E = level * problem.sigma * problem.C
+        E = level * problem.noise_sigma * problem.C
         if cancel:
             E = E - problem.r / problem.n * G
         out = perturbation_bound(G, E, problem.r)
@@ -411,7 +411,7 @@ def large_batch_capture(problem: ce.Counterexample, batches: Iterable[int], X: T
         values, probs = noise_law(problem, batch)
         captured = pointwise = 0.0
         for xi, p in zip(values, probs):
-            out = perturbation_bound(G, float(xi) * problem.sigma * problem.C, problem.r)
+            out = perturbation_bound(G, float(xi) * problem.noise_sigma * problem.C, problem.r)
             captured += p * out["lhs"] ** 2
             pointwise += p * max(out["bound"], 0.0) ** 2
         variance = problem.noise_variance / batch
@@ -438,7 +438,7 @@ def refresh_threshold(problem: ce.Counterexample, batch: int) -> RefreshThreshol
     values, probs = noise_law(problem, batch)
     magnitudes = np.abs(values)
     smallest = magnitudes.min()
-    return RefreshThreshold(level=problem.sigma * float(smallest),
+    return RefreshThreshold(level=problem.noise_sigma * float(smallest),
                             probability=float(probs[np.isclose(magnitudes, smallest)].sum()))
 
 

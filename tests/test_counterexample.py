@@ -69,6 +69,53 @@ def test_noise_models_have_the_same_total_variance(problem):
     assert problem.noise_matrix(aniso[1]).square().sum().item() == pytest.approx(problem.noise_variance)
 
 
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_noise_sigma_defaults_to_sigma(sigma):
+    """Without ``noise_sigma`` the problem is the σ-scaled one: same D, X₀, oracle, plateau as noise_sigma = σ."""
+    a, b = Counterexample(sigma=sigma), Counterexample(sigma=sigma, noise_sigma=sigma)
+    assert a.noise_sigma == sigma
+    assert torch.equal(a.D, b.D) and torch.equal(a.x0, b.x0)
+    assert (a.galore_plateau, a.noise_variance, a.noise_scale) == (b.galore_plateau, b.noise_variance, b.noise_scale)
+    xi = torch.tensor(-1.0, dtype=torch.float64)
+    assert torch.equal(a.noise_matrix(xi), -sigma * a.C)
+    # with the default, the whole problem scales with σ: (plateau − f*)/f* does not move
+    base = Counterexample()
+    assert (a.galore_plateau - a.f_star) / a.f_star == pytest.approx((base.galore_plateau - base.f_star) / base.f_star)
+
+
+@pytest.mark.parametrize("level", [0.0, 0.5, 2.0])
+def test_noise_sigma_moves_the_plateau_and_leaves_the_problem(problem, level):
+    """D and X₀ stay those of σ = 1; the oracle's noise, its variance and GaLore's plateau follow noise_sigma.
+
+    The plateau is f* + ½Σmin(sᵢ(M₀), ν)² (ν = noise_sigma), and a plain-SGD GaLore run ends in its bracket:
+    each value above ν is shrunk by q = (1 − η)^τ per refresh until it is ≤ ν, so it ends in (qν, ν]; the run
+    is long enough for Σᵢkᵢ refreshes, kᵢ = ⌈log(sᵢ/ν)/log(1/q)⌉, which surely finishes (every refresh of a
+    one-sample oracle has threshold ν). ν = 0: the SVD sees M alone and GaLore goes to f*.
+    """
+    p = Counterexample(noise_sigma=level)
+    assert torch.equal(p.D, problem.D) and torch.equal(p.x0, problem.x0) and p.f_star == problem.f_star
+    assert p.noise_variance == pytest.approx(level**2 * p.r)
+    assert torch.equal(p.noise_matrix(torch.tensor(1.0, dtype=torch.float64)), level * p.C)
+    s = p.m0_singular_values.numpy()
+    plateau = p.f_star + 0.5 * float(np.sum(np.minimum(s, level) ** 2))
+    assert p.galore_plateau == pytest.approx(plateau, abs=1e-12)
+    assert p.galore_plateau != pytest.approx(problem.galore_plateau, abs=0.1)
+    eta, gap = 1e-2, 10
+    q = (1 - eta) ** gap
+    if level > 0:
+        refreshes = int(np.maximum(0, np.ceil(np.log(s / level) / -np.log(q))).sum())
+    else:  # every refresh keeps the top r values of M: they reach 1e-6, then the next ones do
+        refreshes = int(np.ceil(np.log(s / 1e-6) / -np.log(q)).sum())
+    frame = run(p, methods=["galore"], optimizer="sgd", steps=refreshes * gap, lr=eta, update_proj_gap=gap,
+                seeds=[0, 1], log_every=gap * refreshes)
+    end = frame[frame.step == refreshes * gap].loss.to_numpy()
+    if level > 0:
+        low = p.f_star + 0.5 * float(np.sum(np.minimum(s, q * level) ** 2))
+        assert (end >= low - 1e-9).all() and (end <= p.galore_plateau + 1e-9).all()
+    else:
+        assert (end - p.f_star <= 0.5 * (p.n - p.r) * 1e-12).all()
+
+
 def test_noise_stream_is_seeded(problem):
     a = [next(s) for s in [problem.noise_periods(torch.Generator().manual_seed(3), 50)] for _ in range(5)]
     b = [next(s) for s in [problem.noise_periods(torch.Generator().manual_seed(3), 50)] for _ in range(5)]
@@ -84,6 +131,8 @@ def test_noise_stream_is_seeded(problem):
     (dict(n=1), r"Invalid n: 1"),
     (dict(noise="gaussian"), r"Invalid noise: 'gaussian'"),
     (dict(seed=1.5), r"Invalid seed: 1.5"),
+    (dict(noise_sigma=-0.5), r"Invalid noise_sigma: -0.5"),
+    (dict(noise_sigma=True), r"Invalid noise_sigma: True"),
 ])
 def test_bad_problem_input(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .. import counterexample as ce
-from ..plotting import GREY, band_plot
+from ..plotting import GREY, band_plot, legend_below
 
 NAME = "fig1_counterexample"
 
@@ -87,7 +87,7 @@ def draw(frame: pd.DataFrame, problem: ce.Counterexample, title: str, ylim=None)
         if ylim:
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="center right")
+        legend_below(ax)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

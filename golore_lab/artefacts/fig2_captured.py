@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .. import counterexample as ce
-from ..plotting import GREY, band_plot
+from ..plotting import GREY, band_plot, legend_below
 from .fig1_counterexample import ADAMW, SGD, Panel, thin
 
 NAME = "fig2_captured"
@@ -69,13 +69,13 @@ def plot(frame: pd.DataFrame) -> plt.Figure:
         top.axhline(problem.r / problem.n, color="k", ls="--", lw=0.9, label=f"r/m = {problem.r / problem.n:g}")
         top.set_ylabel("captured fraction ‖Pᵀ∇f‖² / ‖∇f‖²")
         top.set_ylim(-0.03, 1.03)
-        top.legend(fontsize=8, loc="center right")
         top.set_title(f"What the subspace captures, counterexample, {optimizer}", fontsize=10)
         band_plot(bottom, _quantity(data, "top_sv"), x_scale=100.0)
-        bottom.axhline(problem.sigma, color=GREY, ls=":", lw=1.2, label="σ")
+        bottom.axhline(problem.noise_sigma, color=GREY, ls=":", lw=1.2, label="σ")
         bottom.set_ylabel("largest sᵢ(M)")
         bottom.set_xlabel("iterations (×100)")
-        bottom.legend(fontsize=8)
+        handles = {label: h for ax in (top, bottom) for h, label in zip(*ax.get_legend_handles_labels())}
+        legend_below(bottom, ncol=3, y=-0.33, handles=list(handles.values()), labels=list(handles))
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .. import counterexample as ce
-from ..plotting import band_plot
+from ..plotting import band_plot, legend_below
 from .fig1_counterexample import SGD, Panel, thin
 from .fig2_captured import METHODS, QUANTITIES, summarize_columns
 
@@ -50,15 +50,16 @@ def plot(frame: pd.DataFrame) -> plt.Figure:
     for col, noise in enumerate(noises):
         part = frame[frame["noise"] == noise]
         band_plot(axes[0, col], part[part["quantity"] == "loss"], x_scale=100.0)
-        axes[0, col].axhline(problem.f_star, color="k", ls="--", lw=0.9)
+        axes[0, col].axhline(problem.f_star, color="k", ls="--", lw=0.9, label="f*")
         axes[0, col].set_title(f"{noise} noise (total variance σ²r)", fontsize=10)
         band_plot(axes[1, col], part[part["quantity"] == "captured"], x_scale=100.0)
-        axes[1, col].axhline(problem.r / problem.n, color="k", ls="--", lw=0.8)
+        axes[1, col].axhline(problem.r / problem.n, color="k", ls=(0, (1, 2)), lw=0.9, label="r/m")
         axes[1, col].set_ylim(-0.03, 1.03)
         axes[1, col].set_xlabel("iterations (×100)")
     axes[0, 0].set_ylabel("loss f(X)")
     axes[1, 0].set_ylabel("captured fraction")
-    axes[0, 0].legend(fontsize=8)
+    handles = {label: h for ax in axes[:, 0] for h, label in zip(*ax.get_legend_handles_labels())}
+    legend_below(axes[1, 0], ncol=5, handles=list(handles.values()), labels=list(handles))
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.tight_layout()

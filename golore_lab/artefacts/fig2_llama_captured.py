@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..plotting import GREY, method_style, no_minor_labels
+from ..plotting import GREY, legend_below, method_style, no_minor_labels
 
 NAME = "fig2_llama_captured"
 
@@ -70,7 +70,7 @@ def plot(frame: pd.DataFrame) -> plt.Figure:
     left.set_ylabel("captured fraction of the true gradient")
     left.set_ylim(-0.02, 1.02)
     left.set_title(f"LLaMA ({frame['model'].iloc[0]} preset), attention and MLP weights, full AdamW", fontsize=10)
-    left.legend(fontsize=8, loc="center right")
+    legend_below(left, y=-0.17)
     right.set_xscale("log")
     no_minor_labels(right.xaxis)
     right.set_xlabel("layer gradient-to-noise ratio ‖G‖₂ / ‖Ĝ − G‖₂")

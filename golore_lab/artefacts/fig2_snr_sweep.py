@@ -43,8 +43,8 @@ def run(config: Config) -> pd.DataFrame:
 
     problem = ce.Counterexample()
     snrs = np.geomspace(*config.snr_range, config.points)
-    return snr_sweep(problem.grad(problem.x0), problem.sigma * problem.C, problem.r, snrs, config.batches,
-                     config.trials, config.seed, noise_scale=problem.sigma)
+    return snr_sweep(problem.grad(problem.x0), problem.noise_sigma * problem.C, problem.r, snrs, config.batches,
+                     config.trials, config.seed, noise_scale=problem.noise_sigma)
 
 
 def plot(frame: pd.DataFrame) -> plt.Figure:
@@ -65,6 +65,6 @@ def plot(frame: pd.DataFrame) -> plt.Figure:
     ax.set_ylabel("captured fraction (mean over trials)")
     ax.set_title("SVD captures the gradient only above the noise; random captures r/m", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
