@@ -9,7 +9,7 @@ attention and MLP matrices dominate) on the same random tokens, interleaved step
 machine slows each alike:
 
 * ``full``: ``torch.optim.AdamW`` on the plain model;
-* ``optimizer``: ``SubspaceAdamW`` over ``subspace_param_groups`` (the GaLore / GoLore optimizer path);
+* ``optimizer``: ``SubspaceAdamW`` over ``llama_param_groups`` (the GaLore / GoLore optimizer path);
 * ``wrapper``: ``SubspaceModel`` + ``torch.optim.AdamW``.
 
 Bytes are counted by a DDP communication hook (the size of every gradient bucket it all-reduces, and the part
@@ -40,7 +40,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from golore_lab import SubspaceAdamW  # noqa: E402
-from golore_lab.lm.model import LlamaConfig, build_model, is_subspace_weight, subspace_param_groups  # noqa: E402
+from golore_lab.lm.model import LlamaConfig, build_model, is_subspace_weight, llama_param_groups  # noqa: E402
 from golore_lab.wrapper import SubspaceModel  # noqa: E402
 
 PATHS = ("full", "optimizer", "wrapper")
@@ -72,9 +72,9 @@ def build(path: str, cfg: LlamaConfig, rank: int, gap: int, projection: str, lr:
         model.attach(opt)
         matrices = {id(p) for p in model.factor_parameters()}
     else:
-        groups = subspace_param_groups(model, rank=rank, update_proj_gap=gap, projection=projection) \
+        groups = llama_param_groups(model, rank=rank, update_proj_gap=gap, projection=projection) \
             if path == "optimizer" else \
-            subspace_param_groups(model)
+            llama_param_groups(model)
         opt = SubspaceAdamW(groups, lr=lr) if path == "optimizer" else torch.optim.AdamW(model.parameters(), lr=lr,
                                                                                          weight_decay=0.0)
         matrices = {id(p) for n, p in model.named_parameters() if is_subspace_weight(n, p)}

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from golore_lab.lm.data import ensure_corpus  # noqa: E402
-from golore_lab.lm.model import LlamaConfig, build_model, subspace_param_groups  # noqa: E402
+from golore_lab.lm.model import LlamaConfig, build_model, llama_param_groups  # noqa: E402
 from golore_lab.lm.pretrain import LMTask, recipe  # noqa: E402
 from golore_lab.lm.train import make_optimizer, train  # noqa: E402
 
@@ -76,7 +76,7 @@ def state_bytes(model_name: str, method: str, vocab_size: int) -> int:
     cfg = recipe(model_name, method=method, **METHODS[method])
     model = build_model(LlamaConfig.preset(model_name, vocab_size=vocab_size))
     subspace = {} if method == "full" else dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap)
-    opt = make_optimizer(subspace_param_groups(model, **subspace), cfg)
+    opt = make_optimizer(llama_param_groups(model, **subspace), cfg)
     generator = torch.Generator().manual_seed(0)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=generator) * 1e-3

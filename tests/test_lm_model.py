@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from golore_lab.lm.model import (Llama, LlamaConfig, apply_rope, build_model, count_parameters, rope_tables,
-                                 subspace_param_groups)
+                                 llama_param_groups)
 
 
 def test_shapes_and_presets():
@@ -63,7 +63,7 @@ def test_seeded_init_uses_no_global_rng():
 
 def test_param_split_matches_the_paper():
     model = build_model(LlamaConfig.preset("tiny", vocab_size=64))
-    sub, full = subspace_param_groups(model, rank=4, update_proj_gap=10)
+    sub, full = llama_param_groups(model, rank=4, update_proj_gap=10)
     names = {id(p): n for n, p in model.named_parameters()}
     sub_names = sorted(names[id(p)] for p in sub["params"])
     full_names = sorted(names[id(p)] for p in full["params"])

@@ -407,15 +407,15 @@ def test_torchrun_two_ranks_hold_identical_weights(tmp_path):
 
 
 def test_llama_follows_optimizer_path_with_default_positions():
-    """On the pre-training model, ``subspace_param_groups`` order == the wrapper's default positions (GoLore@50%)."""
-    from golore_lab.lm.model import LlamaConfig, build_model, subspace_param_groups
+    """On the pre-training model, ``llama_param_groups`` order == the wrapper's default positions (GoLore@50%)."""
+    from golore_lab.lm.model import LlamaConfig, build_model, llama_param_groups
 
     cfg = LlamaConfig.preset("tiny", vocab_size=64, max_seq_len=16)
     reference, base = build_model(cfg, seed=0), build_model(cfg, seed=0)
     subspace = {"rank": 4, "update_proj_gap": 2, "scale": 0.25, "switch_step": 4}
     wrapped = SubspaceModel(base, target_modules=["attn", "mlp"], **subspace)
     assert len(wrapped.layers) == 7 * cfg.n_layers
-    ref_opt = SubspaceAdamW(subspace_param_groups(reference, **subspace), lr=1e-2, weight_decay=0.1)
+    ref_opt = SubspaceAdamW(llama_param_groups(reference, **subspace), lr=1e-2, weight_decay=0.1)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2, weight_decay=0.1)
     wrapped.attach(opt)
     g = torch.Generator().manual_seed(0)
