@@ -354,6 +354,7 @@ class SubspaceOptimizer(Optimizer):
         kind = self._kind(group, count)
         projector = proj.resolve(group["projection"]) if kind == "custom" else proj.BUILTIN[kind]
         generator = proj.refresh_generator(group["seed"], position, count)
+        device = grad.device
         if shard is not None:
             if kind == "random":
                 grad = torch.empty(shard.shape, dtype=grad.dtype, device="meta")
@@ -367,8 +368,7 @@ class SubspaceOptimizer(Optimizer):
                 grad = shard.wrap(grad).full_tensor()  # (m, n): one all-gather at this refresh
         if kind != "random":
             self._check_finite([grad], [name])
-        return projector(grad, group["rank"], side, generator).to(grad.device if shard is None
-                                                                   else distributed.local(grad).device)
+        return projector(grad, group["rank"], side, generator).to(device)
 
     def _refresh_state(self, group: dict[str, Any], state: dict[str, Any], side: str, transport: Tensor,
                        count: int) -> None:
@@ -480,7 +480,7 @@ class SubspaceOptimizer(Optimizer):
 
     @staticmethod
     def _process_group(plans: list["_Plan"]):
-        meshes = {id(plan.shard.mesh): plan.shard for plan in plans if plan.shard is not None}
+        meshes = {plan.shard.mesh: plan.shard for plan in plans if plan.shard is not None}  # equal meshes hash equal
         if len(meshes) > 1:
             raise ValueError("Parameters sharded over different device meshes in one optimizer are not supported")
         return next(iter(meshes.values())).group if meshes else None
