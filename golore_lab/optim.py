@@ -513,7 +513,10 @@ class SubspaceOptimizer(Optimizer):
             if flags is None or flags.device != device:
                 flags = self.__dict__["_nonfinite"] = torch.zeros(sum(len(g["params"]) for g in self.param_groups),
                                                                   dtype=torch.bool, device=device)
-            index = torch.tensor(positions, device=device)
+            cached = self.__dict__.get("_positions")
+            if cached is None or cached[0] != positions or cached[1].device != device:  # a host-to-device copy
+                cached = self.__dict__["_positions"] = (positions, torch.tensor(positions, device=device))
+            index = cached[1]
             flags[index] = flags[index] | bad
             return
         if bool(bad.any()):
