@@ -126,10 +126,23 @@ class SubspaceOptimizer(Optimizer):
     is no generator state to lose and all DDP ranks draw the same basis.
 
     Non-finite gradients: ``step()`` raises ``FloatingPointError`` naming the parameter, before any parameter
-    or state is modified (the check is one fused 2-norm over the projected gradients).
+    or state is modified (the check is one fused 2-norm over the projected gradients, read on the host once per
+    step: the step's only host synchronisation). On a GPU that one read stalls the host's queue; set
+    ``optimizer.finite_check = "deferred"`` to keep the flags on the device instead (a step then never waits)
+    and call :meth:`raise_if_nonfinite` where the loop synchronises anyway (e.g. when it logs the loss); the
+    price is that the steps are applied before the error, as ``torch.optim`` applies them. Refresh steps still
+    check before their SVD.
+
+    Batched path: a group with ``foreach=True`` (default None: True on CUDA, like ``torch.optim``) takes its
+    matrices of equal shape, side, dtype and step count together (batched SVD / QR / matmul and ``foreach``
+    rules, :mod:`golore_lab.batched`); same results as the per-tensor loop up to rounding. ``lr`` may be a
+    0-dim tensor.
+
+    FSDP2: row-sharded DTensor parameters (``fully_shard``) are trained on their local rows, with the state
+    sharded like them; see :mod:`golore_lab.distributed` for the sides, the collectives and the caveats.
     """
 
-    finite_check = "sync"  # or "deferred": see _check_finite and raise_if_nonfinite
+    finite_check = "sync"  # "sync" or "deferred" (see above)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._refresh_hooks: OrderedDict[int, Callable[["SubspaceOptimizer", Refresh], None]] = OrderedDict()
