@@ -255,7 +255,8 @@ class SubspaceOptimizer(Optimizer):
 
         Phase 1 projects every gradient (refreshing the bases that are due); the non-finite check then looks at
         all projected gradients at once; phase 2 updates the states and the parameters. Parameters of a
-        ``foreach`` group whose matrices share shape, side and dtype take phase 2 together (:mod:`golore_lab.batched`).
+        ``foreach`` group that share shape, side, dtype and step are refreshed, projected and updated together
+        (:mod:`golore_lab.batched`).
         """
         loss = None
         if closure is not None:
