@@ -108,8 +108,9 @@ def report(rows: dict[str, dict[str, int]], args) -> None:
         print(f"{name:<36}" + "".join(f"{mib(row[k]):>11}" for k in keys))
     golore = rows["GoLore + FSDP2"]
     single = rows["GoLore single process, right side"]
+    exact = 2 * golore["moments"] == single["moments"]
     print(f"GoLore + FSDP2 moments per rank / single-process moments (same sides): "
-          f"{golore['moments'] / single['moments']:.4f} (goal 0.5 exactly; exact: {2 * golore['moments'] == single['moments']})")
+          f"{golore['moments'] / single['moments']:.4f} (goal 0.5 exactly; exact: {exact})")
     print(f"GoLore + FSDP2 moments per rank / GoLore + DDP moments (proj_type='std'): "
           f"{golore['moments'] / rows['GoLore + DDP']['moments']:.4f}")
     for name, row in rows.items():

@@ -5,9 +5,9 @@
 Parameters: 8 layers of q, k, v, o (512 × 512), gate, up (1376 × 512) and down (512 × 1376) in the subspace
 (rank 128, update_proj_gap 200), embeddings and LM head (vocab × 512) and norms in the full space, as the
 paper trains it. For torch.optim.AdamW (foreach), SubspaceAdamW with SVD (GaLore) and random (GoLore)
-projections, per-tensor and batched (``foreach=True``: equal-shape matrices stacked), and galore_torch.GaLoreAdamW, it measures the median time of a regular step and of a refresh
-step, the step time amortized over one refresh every 200 steps, and the optimizer-state bytes (with the
-analytic count). Also the cost of one SVD refresh against one random refresh of all projected matrices.
+projections, per-tensor and batched (``foreach=True``: equal-shape matrices stacked), and
+galore_torch.GaLoreAdamW, it measures the median time of a regular step and of a refresh step, the step time
+amortized over one refresh every 200 steps, and the optimizer-state bytes (with the analytic count). Also the cost of one SVD refresh against one random refresh of all projected matrices.
 All ratios are against numbers measured in the same run.
 """
 from __future__ import annotations

@@ -25,8 +25,9 @@ def torchrun(nproc: int, *args: str) -> None:
     launcher = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([launcher, "--standalone", "--nproc-per-node", str(nproc), str(ROOT / "tests" / "fsdp_worker.py"),
-                           *args], env=env, timeout=300, capture_output=True, text=True)
+    worker = str(ROOT / "tests" / "fsdp_worker.py")
+    done = subprocess.run([launcher, "--standalone", "--nproc-per-node", str(nproc), worker, *args], env=env,
+                          timeout=300, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
