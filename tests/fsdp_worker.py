@@ -29,11 +29,12 @@ from golore_lab.optim import microbatches
 from golore_lab.projection import svd_projection
 
 RUNS = [(method, rule) for method in ("galore", "golore@100", "golore@50", "lb-galore") for rule in ("adamw", "sgd")]
-RESUME_RUN = ("golore@50", "adamw")  # SVD refreshes before the checkpoint, a random one after
+RESUME_RUN = ("golore@50", "adamw")
+LEFT_RUN = ("golore@50", "sgd")  # proj_type="left": the sharded side projected, R all-reduced at every step  # SVD refreshes before the checkpoint, a random one after
 STEPS, CKPT_STEP, GAP, RANK, BATCH, SEQ, VOCAB = 6, 3, 2, 4, 4, 16, 64
-COLLECTIVES = {(dist, "all_reduce"), (dist, "all_gather"), (dist, "all_gather_into_tensor"), (dist, "broadcast"),
-               (dist, "reduce_scatter_tensor"), (funcol, "all_reduce"), (funcol, "all_gather_tensor"),
-               (funcol, "reduce_scatter_tensor")}
+COLLECTIVES = {(mod, name) for mod in (dist, funcol) for name in dir(mod)  # every collective of either API
+               if name.startswith(("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"))
+               and callable(getattr(mod, name))}
 
 
 def batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,12 +48,12 @@ def svd64(grad, rank, side, generator):
     return svd_projection(grad.double(), rank, side)
 
 
-def build(method: str, rule: str, sharded: bool, projection="svd"):
+def build(method: str, rule: str, sharded: bool, projection="svd", proj_type: str | None = None):
     model = build_model(LlamaConfig.preset("tiny", vocab_size=VOCAB), seed=0)
     if sharded:
         shard_model(model)
     groups = subspace_param_groups(model, rank=RANK, update_proj_gap=GAP, scale=0.5,
-                                   proj_type="std" if sharded else "right")
+                                   proj_type=proj_type or ("std" if sharded else "right"))
     spec = parse(method)
     subspace = dict(projection=projection, switch_step=spec.switch_step(STEPS), seed=3)
     if rule == "adamw":
@@ -83,7 +84,7 @@ def counting(counter: Counter):
 
 
 def run(method: str, rule: str, start: int = 0, stop: int = STEPS, sharded: bool = True, split: int = 1,
-        projection="svd", checkpoint: str | None = None, save_at: int | None = None):
+        projection="svd", proj_type: str | None = None, checkpoint: str | None = None, save_at: int | None = None):
     """Train steps [start, stop); returns (model, optimizer, refreshes, collectives per step).
 
     Each rank takes its rows of the global batch (``split`` > 1 in one process: the same rows as micro-batches,
@@ -94,7 +95,7 @@ def run(method: str, rule: str, start: int = 0, stop: int = STEPS, sharded: bool
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     import torch.distributed.checkpoint as dcp
 
-    model, opt, spec = build(method, rule, sharded, projection)
+    model, opt, spec = build(method, rule, sharded, projection, proj_type)
     refreshes = []
     opt.register_refresh_hook(lambda o, r: refreshes.append((r.name, r.step, r.kind, r.basis.clone())))
     if checkpoint is not None:
@@ -176,6 +177,8 @@ def main(mode: str, out: str, checkpoint: str | None = None) -> None:
             model, opt, refreshes, collectives = run(method, rule,
                                                      save_at=CKPT_STEP if (method, rule) == RESUME_RUN else None)
             result[(method, rule)] = dict(params=full_params(model), refreshes=refreshes, collectives=collectives)
+        model, opt, refreshes, collectives = run(*LEFT_RUN, proj_type="left")
+        result["left"] = dict(params=full_params(model), refreshes=refreshes, collectives=collectives)
         dist.barrier()
         model, *_ = run(*RESUME_RUN, start=CKPT_STEP, checkpoint=checkpoint_out(CKPT_STEP))
         result["resumed"] = full_params(model)

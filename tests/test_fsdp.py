@@ -49,13 +49,13 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def reference(run):
+def reference(run, **kw):
     """One process: the parameters, the refreshes, the tolerance from two perturbed one-process runs, and the
     refreshes of the float64-SVD one."""
-    model, _, refreshes, _ = w.run(*run, sharded=False)
+    model, _, refreshes, _ = w.run(*run, sharded=False, **kw)
     params = w.full_params(model)
-    split = w.run(*run, sharded=False, split=2)
-    svd64 = w.run(*run, sharded=False, projection=w.svd64)
+    split = w.run(*run, sharded=False, split=2, **kw)
+    svd64 = w.run(*run, sharded=False, projection=w.svd64, **kw)
     tolerance = 10 * max(max_diff(w.full_params(other[0]), params) for other in (split, svd64))
     return params, refreshes, tolerance, svd64[2]
 
@@ -88,6 +88,21 @@ def test_fsdp_matches_one_process(runs, run):
     # refresh of each matrix (its Gram matrix); nothing else
     svd_per_step = Counter(step for _, step, kind, _ in refreshes if kind == "svd")
     assert rank0["collectives"] == [{"all_reduce": 1 + svd_per_step[s]} for s in range(w.STEPS)]
+
+
+def test_fsdp_left_side_all_reduces_the_projected_gradient(runs):
+    """proj_type="left" on a row-sharded matrix: R = Σ_k P_kᵀ G_k is all-reduced at every step (one per matrix),
+    an SVD refresh all-gathers G; same parameters as one process."""
+    left0, left1 = (result["left"] for result in runs["train"])
+    assert all(torch.equal(left0["params"][k], left1["params"][k]) for k in left0["params"])
+    params, refreshes, tolerance, _ = reference(w.LEFT_RUN, proj_type="left")
+    assert max_diff(left0["params"], params) <= tolerance
+    assert [r[:3] for r in left0["refreshes"]] == [r[:3] for r in refreshes]
+    matrices = len({r[0] for r in refreshes})
+    svd_per_step = Counter(step for _, step, kind, _ in refreshes if kind == "svd")
+    expected = [{"all_reduce": 1 + matrices, **({"all_gather_single": svd_per_step[s]} if svd_per_step[s] else {})}
+                for s in range(w.STEPS)]
+    assert left0["collectives"] == expected
 
 
 def test_fsdp_nonfinite_on_one_rank_raises_on_every_rank(runs):
