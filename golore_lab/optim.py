@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from . import batched, distributed
 from . import projection as proj
 from . import rules
 from . import spec
@@ -77,6 +78,43 @@ def _subclasses(cls: type) -> list[type]:
     return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
+@dataclass
+class _Plan:
+    """One parameter's step, between phase 1 (projection) and phase 2 (update). ``weight``, ``raw`` (the
+    regularized gradient) and ``grad`` (projected) are local rows for a sharded parameter."""
+
+    group: dict[str, Any]
+    name: str
+    position: int
+    param: Tensor
+    weight: Tensor
+    state: dict[str, Any]
+    count: int
+    side: str | None
+    basis: Tensor | None
+    new_basis: Tensor | None
+    grad: Tensor
+    shard: Any
+    raw: Tensor
+    auto: tuple | None = None           # GoLore@auto's phase-1 plan (see SubspaceOptimizer._auto_plan)
+    random: bool = False                # GoLore@auto switched this parameter at this refresh (or before)
+    test: Any = None                    # the switching test of this refresh, for the refresh hooks
+
+    @property
+    def due(self) -> bool:
+        return self.basis is None or self.new_basis is not None or self.count % self.group["update_proj_gap"] == 0
+
+
+def _bucket_key(plan: _Plan) -> tuple:
+    return (id(plan.group), tuple(plan.weight.shape), plan.side, plan.weight.dtype, plan.weight.device, plan.count,
+            plan.state.get("proj") is None)
+
+
+def _local_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The state with local shards for DTensors (views sharing storage) and without the basis."""
+    return {key: distributed.local(value) for key, value in state.items() if key != "proj"}
+
+
 class SubspaceOptimizer(Optimizer):
     """Base class: projection, refresh schedule, state transport and the update ``W ← W − lr·scale·P N``.
 
@@ -94,9 +132,24 @@ class SubspaceOptimizer(Optimizer):
     :meth:`add_param_group` and in :meth:`load_state_dict`, naming the bad value.
 
     Non-finite gradients: ``step()`` raises ``FloatingPointError`` naming the parameter, before any parameter
-    or state is modified (the check is one fused 2-norm over the projected gradients). A user's projector
-    whose basis is not (dim, r) with orthonormal columns is refused the same way (``ValueError``).
+    or state is modified (the check is one fused 2-norm over the projected gradients, read on the host once per
+    step: the step's only host synchronisation). On a GPU that one read stalls the host's queue; set
+    ``optimizer.finite_check = "deferred"`` to keep the flags on the device instead (a step then never waits)
+    and call :meth:`raise_if_nonfinite` where the loop synchronises anyway (e.g. when it logs the loss); the
+    price is that the steps are applied before the error, as ``torch.optim`` applies them. Refresh steps still
+    check before their SVD.
+
+    Batched path: a group with ``foreach=True`` (default None: True on CUDA, like ``torch.optim``) takes its
+    matrices of equal shape, side, dtype and step count together (batched SVD / QR / matmul and ``foreach``
+    rules, :mod:`golore_lab.batched`); same results as the per-tensor loop up to rounding. ``lr`` may be a
+    0-dim tensor.
+
+    FSDP2: row-sharded DTensor parameters (``fully_shard``) are trained on their local rows, with the state
+    sharded like them; see :mod:`golore_lab.distributed` for the sides, the collectives and the caveats.
+    A user's projector whose basis is not (dim, r) with orthonormal columns is refused (``ValueError``).
     """
+
+    finite_check = "sync"  # "sync" or "deferred" (see above)
 
     rule_keys: tuple[str, ...] = ()     # the rule's hyper-parameters (param-group keys besides the subspace ones)
     rule_state: tuple[str, ...] = ()    # the rule's per-parameter state tensors, shaped like the projected gradient
@@ -301,72 +354,113 @@ class SubspaceOptimizer(Optimizer):
     # ---------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Perform one optimization step (see the module docstring for the algorithm)."""
+        """Perform one optimization step (see the module docstring for the algorithm).
+
+        Phase 1 projects every gradient (refreshing the bases that are due); the non-finite check then looks at
+        all projected gradients at once; phase 2 updates the states and the parameters. Parameters of a
+        ``foreach`` group that share shape, side, dtype and step are refreshed, projected and updated together
+        (:mod:`golore_lab.batched`).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plans, refreshes = self._plan()
+        self._check_finite([plan.grad for plan in plans], [plan.name for plan in plans],
+                           self._process_group(plans), [plan.position for plan in plans])
+        for refresh in refreshes:
+            for hook in list(self._refresh_hooks.values()):
+                hook(self, refresh)
+        for bucket in self._buckets(plans):
+            if len(bucket) > 1:
+                self._update_batched(bucket)
+            else:
+                self._update(bucket[0])
+        return loss
 
-        plans = []  # phase 1: projected gradients; nothing is modified until all are known to be finite
-        auto_plans: dict[int, tuple] = {}  # GoLore@auto, by id(p): see _auto_plan
-        refreshes: list[Refresh] = []
+    def _plan(self) -> tuple[list["_Plan"], list[Refresh]]:
+        """Phase 1: regularized, projected local gradients; new bases where a refresh is due. Modifies nothing."""
+        plans: list[_Plan] = []
+        pending: dict[tuple, list[_Plan]] = {}  # foreach buckets, refreshed and projected together below
         position = -1
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 position += 1
                 if p.grad is None:
                     continue
+                name = self._param_name(group, gi, pi)
                 if p.grad.is_sparse:
-                    raise RuntimeError(f"Parameter {self._param_name(group, gi, pi)} has a sparse gradient, "
-                                       "which subspace optimizers do not support")
-                grad = self._regularize(group, p, p.grad)
+                    raise RuntimeError(f"Parameter {name} has a sparse gradient, which subspace optimizers do not "
+                                       "support")
+                shard = distributed.sharding(p, name)
+                weight = distributed.local(p)
+                grad = self._regularize(group, weight, distributed.local(p.grad))  # local rows when sharded
                 state = self.state[p]
-                count = state.get("step", 0)
-                side = basis = new_basis = None
-                if group["rank"] is not None:
-                    side = proj.projected_side(tuple(p.shape), group["proj_type"])
-                    basis = state.get("proj")
-                    refresh = basis is None or count % group["update_proj_gap"] == 0
-                    if refresh:
-                        self._check_finite([grad], [(group, gi, pi)])
-                    auto = auto_plans[id(p)] = self._auto_plan(group, state, grad, side, position, count, refresh)
-                    if refresh:
-                        test = auto[1] if auto else None
-                        random = switching.switched(state) or (test is not None and test.switch)
-                        new_basis = self._new_basis(group, grad, side, position, count, random).to(p.dtype)
-                        basis = new_basis
-                        if self._refresh_hooks:
-                            refreshes.append(Refresh(p, self._param_name(group, gi, pi), position, count, side,
-                                                     self._kind(group, count, random), new_basis, state.get("proj"),
-                                                     grad, test))
-                    grad = basis.T @ grad if side == "left" else grad @ basis  # (r, n) or (m, r)
-                plans.append((group, gi, pi, p, state, count, side, basis, new_basis, grad))
+                plan = _Plan(group, name, position, p, weight, state, state.get("step", 0), None, state.get("proj"),
+                             None, grad, shard, grad)
+                plans.append(plan)
+                if group["rank"] is None:
+                    continue
+                plan.side = (proj.projected_side(tuple(p.shape), group["proj_type"]) if shard is None
+                             else distributed.sharded_side(group["proj_type"]))
+                if self._foreach(plan):
+                    pending.setdefault(_bucket_key(plan), []).append(plan)
+                    continue
+                plan.auto = self._auto_plan(group, state, grad, plan.side, position, plan.count, plan.due, shard)
+                if plan.due:
+                    plan.test = plan.auto[1] if plan.auto else None
+                    plan.random = switching.switched(state) or (plan.test is not None and plan.test.switch)
+                    plan.new_basis = plan.basis = self._new_basis(group, grad, plan.side, position, plan.count,
+                                                                  shard, name, plan.random).to(p.dtype)
+                plan.grad = self._project(grad, plan.basis, plan.side, shard)
+        for bucket in pending.values():
+            self._plan_batched(bucket)
+        refreshes = [Refresh(plan.param, plan.name, plan.position, plan.count, plan.side,
+                             self._kind(plan.group, plan.count, plan.random), plan.new_basis, plan.state.get("proj"),
+                             plan.raw if plan.shard is None else plan.shard.wrap(plan.raw), plan.test)
+                     for plan in plans if plan.new_basis is not None] if self._refresh_hooks else []
+        return plans, refreshes
 
-        self._check_finite([plan[-1] for plan in plans], [plan[:3] for plan in plans])
-        for refresh in refreshes:
-            for hook in list(self._refresh_hooks.values()):
-                hook(self, refresh)
-
-        for group, _, _, p, state, count, side, basis, new_basis, grad in plans:  # phase 2: update
-            if new_basis is not None:
-                if "proj" in state:
-                    self._refresh_state(group, state, side, proj.transport(side, state["proj"], new_basis), count)
-                state["proj"] = new_basis
-            self._auto_update(state, auto_plans.get(id(p)), grad, count)
-            state["step"] = count + 1
-            numerator, denominator, factor = self._direction(group, state, grad,
-                                                             count + 1 - state.get("moment_start", 0))
-            self._decay(group, p)
-            if side is None:  # full space: one fused update, no temporary the size of p
-                if denominator is None:
-                    p.add_(numerator, alpha=-group["lr"] * factor)
-                else:
-                    p.addcdiv_(numerator, denominator, value=-group["lr"] * factor)
+    def _plan_batched(self, bucket: list["_Plan"]) -> None:
+        """Phase 1 for a bucket of equal-shape matrices: one batched SVD or QR at a refresh, one bmm projection."""
+        first = bucket[0]
+        group, side, count = first.group, first.side, first.count
+        if first.due:
+            kind = self._kind(group, count)
+            grads = [plan.grad for plan in bucket]
+            if kind == "random":
+                generators = [proj.refresh_generator(group["seed"], plan.position, count) for plan in bucket]
+                bases = batched.random_bases(tuple(first.weight.shape), group["rank"], side, generators,
+                                             first.weight.dtype)
             else:
-                direction = numerator if denominator is None else numerator / denominator  # (r, n) or (m, r)
-                update = basis @ direction if side == "left" else direction @ basis.T  # (m, n)
-                p.add_(update, alpha=-group["lr"] * group["scale"] * factor)
-        return loss
+                self._check_finite(grads, [plan.name for plan in bucket])
+                bases = (batched.svd_bases(grads, group["rank"], side) if kind == "svd" else
+                         [proj.resolve(group["projection"])(g, group["rank"], side,
+                                                            proj.refresh_generator(group["seed"], plan.position, count))
+                          for plan, g in zip(bucket, grads)])
+            for plan, basis in zip(bucket, bases):
+                plan.new_basis = plan.basis = basis.to(first.weight.device, first.weight.dtype)
+        for plan, projected in zip(bucket, batched.project([plan.grad for plan in bucket],
+                                                           [plan.basis for plan in bucket], side)):
+            plan.grad = projected
+
+    @staticmethod
+    def _foreach(plan: "_Plan") -> bool:
+        """The batched path: for a group's unsharded matrices when its ``foreach`` is True (None: on CUDA)."""
+        foreach = plan.group.get("foreach")
+        if plan.shard is not None or plan.group["switch_step"] == "auto":  # GoLore@auto: per-parameter decisions
+            return False
+        return plan.weight.is_cuda if foreach is None else bool(foreach)
+
+    @staticmethod
+    def _project(grad: Tensor, basis: Tensor, side: str, shard: "distributed.Sharding | None") -> Tensor:
+        """R = Pᵀ G (r, n) or G Q (m, r); for a row-sharded G, G_k Q is local and Pᵀ G = Σ_k P_kᵀ G_k is summed."""
+        if side == "right":
+            return grad @ basis  # (m_k, r): local rows of G Q
+        if shard is None:
+            return basis.T @ grad  # (r, n)
+        rows = basis[shard.offset:shard.offset + shard.rows]  # (m_k, r)
+        return distributed.all_reduce_sum(rows.T @ grad, shard.group)  # (r, n), one collective per step
 
     @staticmethod
     def _kind(group: dict[str, Any], count: int, random: bool = False) -> str:
@@ -376,14 +470,31 @@ class SubspaceOptimizer(Optimizer):
         return group["projection"] if isinstance(group["projection"], str) else "custom"
 
     def _new_basis(self, group: dict[str, Any], grad: Tensor, side: str, position: int, count: int,
-                   random: bool = False) -> Tensor:
+                   shard: "distributed.Sharding | None", name: str, random: bool = False) -> Tensor:
+        """The refreshed basis, identical on every rank. A sharded matrix's random basis needs only its shape;
+        its SVD basis comes from the all-reduced Gram matrix (right side) or the all-gathered gradient (left).
+        ``random``: GoLore@auto has switched this parameter. A user's projector's result is checked."""
         kind = self._kind(group, count, random)
         projector = proj.resolve(group["projection"]) if kind == "custom" else proj.BUILTIN[kind]
         generator = proj.refresh_generator(group["seed"], position, count)
+        device = grad.device
+        if shard is not None:
+            if kind == "random":
+                grad = torch.empty(shard.shape, dtype=grad.dtype, device="meta")
+            elif kind == "svd" and side == "right":
+                try:
+                    return distributed.gram_right_basis(grad, group["rank"], shard.group).to(grad.device)
+                except FloatingPointError:
+                    raise FloatingPointError(f"Non-finite gradient in parameter {name}; step skipped, no parameter "
+                                             "or optimizer state was changed") from None
+            else:
+                grad = shard.wrap(grad).full_tensor()  # (m, n): one all-gather at this refresh
+        if kind != "random":
+            self._check_finite([grad], [name])
         basis = projector(grad, group["rank"], side, generator)
         if kind == "custom":
             self._check_basis(basis, group, grad, side, position)
-        return basis.to(grad.device)
+        return basis.to(device)
 
     def _check_basis(self, basis: Any, group: dict[str, Any], grad: Tensor, side: str, position: int) -> None:
         dim = grad.shape[0] if side == "left" else grad.shape[1]
@@ -395,7 +506,7 @@ class SubspaceOptimizer(Optimizer):
 
     # ---------------------------------------------------------------- GoLore@auto (see golore_lab.switching)
     def _auto_plan(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str, position: int,
-                   count: int, refresh: bool) -> tuple | None:
+                   count: int, refresh: bool, shard: "distributed.Sharding | None" = None) -> tuple | None:
         """Phase 1 of GoLore@auto, changing nothing: ``(refresh, test, value, side)`` or None (not auto, or switched).
 
         At a refresh: ``test`` from the period that just ended (None for the first one) and ``value`` the
@@ -404,6 +515,9 @@ class SubspaceOptimizer(Optimizer):
         """
         if group["switch_step"] != "auto" or switching.switched(state):
             return None
+        if shard is not None:  # the test's sums would need an all-reduce of three numbers per refresh
+            raise ValueError(f"switch_step='auto' is not supported for the sharded (FSDP2) parameter "
+                             f"{self._name_at(position)}; use an integer switch_step or switch_fraction")
         if not refresh:
             probe = state.get("auto_probe")
             if probe is None:  # no probe: switch_step set to "auto" mid-period, or rank = the projected side
@@ -456,9 +570,122 @@ class SubspaceOptimizer(Optimizer):
         if group["state_on_refresh"] == "reset":
             state["moment_start"] = count  # the bias correction restarts with the moments
 
-    def _check_finite(self, tensors: list[Tensor], where: list[tuple]) -> None:
-        # One fused 2-norm per tensor, accumulated in float32 for half types (an inf-norm is 8x slower on CPU).
-        # A gradient whose norm overflows float32 counts as non-finite too.
+    def _update(self, plan: "_Plan") -> None:
+        """Phase 2 for one parameter: carry the state at a refresh, apply the rule, update W (its local rows)."""
+        group, state, side, basis = plan.group, plan.state, plan.side, plan.basis
+        tensors = _local_state(state)
+        if plan.new_basis is not None:
+            if "proj" in state:
+                self._refresh_state(group, tensors, side, proj.transport(side, state["proj"], plan.new_basis),
+                                    plan.count)
+            state["proj"] = plan.new_basis
+        tensors["step"] = plan.count + 1
+        numerator, denominator, factor = self._direction(group, tensors, plan.grad,
+                                                         plan.count + 1 - tensors.get("moment_start", 0))
+        self._store_state(state, tensors, plan)
+        self._auto_update(state, plan.auto, plan.grad, plan.count)
+        p, lr = plan.weight, group["lr"]
+        self._decay(group, p)
+        if side is None:  # full space: one fused update, no temporary the size of p
+            if torch.is_tensor(lr):
+                direction = numerator if denominator is None else numerator / denominator
+                p.add_(direction * (lr * -factor))
+            elif denominator is None:
+                p.add_(numerator, alpha=-lr * factor)
+            else:
+                p.addcdiv_(numerator, denominator, value=-lr * factor)
+            return
+        direction = numerator if denominator is None else numerator / denominator  # (r, n) or (m, r)
+        alpha = -group["scale"] * factor
+        if torch.is_tensor(lr):
+            direction = direction * lr  # low-rank: cheap, and addmm_ needs a number for alpha
+        else:
+            alpha *= lr
+        if side == "left":
+            rows = basis if plan.shard is None else basis[plan.shard.offset:plan.shard.offset + plan.shard.rows]
+            p.addmm_(rows, direction, alpha=alpha)  # W += α P N, (m, r) @ (r, n), no (m, n) temporary
+        else:
+            p.addmm_(direction, basis.T, alpha=alpha)  # W += α N Qᵀ, (m, r) @ (r, n)
+
+    def _update_batched(self, plans: list["_Plan"]) -> None:
+        """Phase 2 for matrices of one group with equal shape, side, dtype and step count, stacked: one batched
+        transport, one ``foreach`` rule and one batched matmul instead of a loop (see :mod:`golore_lab.batched`)."""
+        group, side = plans[0].group, plans[0].side
+        states = [_local_state(plan.state) for plan in plans]
+        if plans[0].new_basis is not None and "proj" in plans[0].state:
+            transports = batched.transports(side, [plan.state["proj"] for plan in plans],
+                                            [plan.new_basis for plan in plans])
+            for tensors, transport in zip(states, transports):
+                self._refresh_state(group, tensors, side, transport, plans[0].count)
+        for plan, tensors in zip(plans, states):
+            if plan.new_basis is not None:
+                plan.state["proj"] = plan.new_basis
+            tensors["step"] = plan.count + 1
+        count = plans[0].count + 1 - states[0].get("moment_start", 0)
+        directions, factor = self._directions(group, states, [plan.grad for plan in plans], count)
+        for plan, tensors in zip(plans, states):
+            self._store_state(plan.state, tensors, plan)
+            self._decay(group, plan.weight)
+        lr, alpha = group["lr"], -group["scale"] * factor
+        if torch.is_tensor(lr):
+            torch._foreach_mul_(directions, lr)
+        else:
+            alpha *= lr
+        batched.add_back_projection([plan.weight for plan in plans], [plan.basis for plan in plans], directions,
+                                    side, alpha)
+
+    def _directions(self, group: dict[str, Any], states: list[dict[str, Any]], grads: list[Tensor],
+                    count: int) -> tuple[list[Tensor], float]:
+        """The rule's directions N for a bucket (one ``foreach`` pass where the rule has one)."""
+        out, factor = [], 1.0
+        for tensors, grad in zip(states, grads):
+            numerator, denominator, factor = self._direction(group, tensors, grad, count)
+            out.append(numerator.clone() if denominator is None else numerator / denominator)
+        return out, factor
+
+    def _buckets(self, plans: list["_Plan"]) -> list[list["_Plan"]]:
+        """Phase-2 order: single plans, then the ``foreach`` buckets of phase 1."""
+        buckets: dict[tuple, list[_Plan]] = {}
+        singles = []
+        for plan in plans:
+            if plan.side is None or not self._foreach(plan):
+                singles.append([plan])
+            else:
+                buckets.setdefault(_bucket_key(plan), []).append(plan)
+        return singles + list(buckets.values())
+
+    @staticmethod
+    def _store_state(state: dict[str, Any], tensors: dict[str, Any], plan: "_Plan") -> None:
+        """Write the rule's local state back; a sharded parameter's row-sharded moments become DTensors again."""
+        sharded_rows = plan.shard is not None and plan.side != "left"
+        for key, value in tensors.items():
+            if sharded_rows and torch.is_tensor(value) and key != "proj":
+                old = state.get(key)
+                if old is None or distributed.local(old).data_ptr() != value.data_ptr():
+                    state[key] = plan.shard.wrap(value)
+            else:
+                state[key] = value
+        for key in set(state) - set(tensors) - {"proj"}:
+            del state[key]
+
+    @staticmethod
+    def _process_group(plans: list["_Plan"]):
+        meshes = {plan.shard.mesh: plan.shard for plan in plans if plan.shard is not None}  # equal meshes hash equal
+        if len(meshes) > 1:
+            raise ValueError("Parameters sharded over different device meshes in one optimizer are not supported")
+        return next(iter(meshes.values())).group if meshes else None
+
+    def _check_finite(self, tensors: list[Tensor], names: list[str], group=None,
+                      positions: list[int] | None = None) -> None:
+        """Raise ``FloatingPointError`` naming the first parameter whose tensor is not finite.
+
+        One fused 2-norm per tensor (accumulated in float32 for half types; an inf-norm is 8x slower on CPU; a
+        norm that overflows float32 counts as non-finite), then ONE host read of the result: the only host
+        synchronisation of a regular step. Sharded: the squared local norms are summed over ``group`` (one
+        all-reduce of one number per parameter), so all ranks see the same flags. With
+        ``finite_check = "deferred"`` and ``positions`` given, the flags are accumulated on the device instead
+        and read by :meth:`raise_if_nonfinite`.
+        """
         if not tensors:
             return
         halves = {torch.float16, torch.bfloat16}
@@ -467,14 +694,45 @@ class SubspaceOptimizer(Optimizer):
         fused = iter(torch._foreach_norm(rest, 2) if rest else [])
         norms = [next(fused) if n is None else n for n in norms]
         device = norms[0].device
-        if bool(torch.stack([n.to(device, torch.float32) for n in norms]).isfinite().all()):
+        norms = torch.stack([n.to(device, torch.float32) for n in norms])
+        if group is not None:
+            norms = distributed.all_reduce_sum(norms.double().square(), group)
+        bad = ~torch.isfinite(norms)
+        if self.finite_check == "deferred" and positions is not None:
+            flags = self.__dict__.get("_nonfinite")
+            if flags is None or flags.device != device:
+                flags = self.__dict__["_nonfinite"] = torch.zeros(sum(len(g["params"]) for g in self.param_groups),
+                                                                  dtype=torch.bool, device=device)
+            cached = self.__dict__.get("_positions")
+            if cached is None or cached[0] != positions or cached[1].device != device:  # a host-to-device copy
+                cached = self.__dict__["_positions"] = (positions, torch.tensor(positions, device=device))
+            index = cached[1]
+            flags[index] = flags[index] | bad
             return
-        for norm, (group, gi, pi) in zip(norms, where):
-            if not math.isfinite(float(norm)):
-                raise FloatingPointError(
-                    f"Non-finite gradient in parameter {self._param_name(group, gi, pi)}; "
-                    "step skipped, no parameter or optimizer state was changed"
-                )
+        if bool(bad.any()):
+            raise FloatingPointError(
+                f"Non-finite gradient in parameter {names[int(bad.to(torch.uint8).argmax())]}; "
+                "step skipped, no parameter or optimizer state was changed"
+            )
+
+    def raise_if_nonfinite(self) -> None:
+        """With ``finite_check = "deferred"``: raise ``FloatingPointError`` naming every parameter that had a
+        non-finite gradient since the last call (one host read), and clear the record.
+
+        Unlike the default ``"sync"`` check, the steps have already been applied by then (as ``torch.optim``
+        would), so parameters and state may hold non-finite values: reload a checkpoint.
+        """
+        flags = self.__dict__.pop("_nonfinite", None)
+        if flags is None or not bool(flags.any()):
+            return
+        names, position = [], -1
+        for gi, group in enumerate(self.param_groups):
+            for pi in range(len(group["params"])):
+                position += 1
+                if flags[position]:
+                    names.append(self._param_name(group, gi, pi))
+        raise FloatingPointError(f"Non-finite gradient in parameter(s) {', '.join(names)} since the last check; "
+                                 "the steps were applied (finite_check='deferred')")
 
     # ---------------------------------------------------------------- the rule (subclasses)
     def _regularize(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> Tensor:
@@ -538,6 +796,16 @@ class SubspaceAdamW(SubspaceOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(grad)
         beta1, beta2 = group["betas"]
         return rules.adamw_direction(grad, state["exp_avg"], state["exp_avg_sq"], count, beta1, beta2, group["eps"])
+
+    def _directions(self, group: dict[str, Any], states: list[dict[str, Any]], grads: list[Tensor],
+                    count: int) -> tuple[list[Tensor], float]:
+        for tensors, grad in zip(states, grads):
+            if "exp_avg" not in tensors:
+                tensors["exp_avg"] = torch.zeros_like(grad)
+                tensors["exp_avg_sq"] = torch.zeros_like(grad)
+        beta1, beta2 = group["betas"]
+        return batched.adamw_directions(grads, [t["exp_avg"] for t in states], [t["exp_avg_sq"] for t in states],
+                                        count, beta1, beta2, group["eps"])
 
 
 class SubspaceSGD(SubspaceOptimizer):

@@ -18,6 +18,7 @@ Subspace settings (:data:`SUBSPACE_DEFAULTS`, one value per param group or per w
 ``total_steps``        round((1 − x/100)·T), exactly :meth:`golore_lab.methods.Method.switch_step`
 ``state_on_refresh``   ``"project"``, ``"keep"`` or ``"reset"`` (see :func:`golore_lab.rules.refresh_state`)
 ``seed``               an integer; random bases are a pure function of (seed, parameter position, step)
+``foreach``            the batched path (:mod:`golore_lab.batched`): ``None`` (on CUDA), ``True`` or ``False``
 =====================  ==============================================================================
 
 Numbers may be Python or numpy scalars (``np.int64``, ``np.float32``); they are stored as Python ``int`` /
@@ -51,6 +52,7 @@ SUBSPACE_DEFAULTS: dict[str, Any] = {
     "total_steps": None,
     "state_on_refresh": "project",
     "seed": 0,
+    "foreach": None,
 }
 
 
@@ -85,6 +87,12 @@ def _choice(key: str, value: Any, choices: Sequence[str]) -> str:
     raise ValueError(f"Invalid {key}: {value!r} (must be one of {', '.join(map(repr, choices))})")
 
 
+def _foreach(value: Any) -> bool | None:
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None if value is None else bool(value)
+    raise ValueError(f"Invalid foreach: {value!r} (must be None, True or False)")
+
+
 def _is_auto(value: Any) -> bool:
     return isinstance(value, str) and value == "auto"
 
@@ -110,6 +118,7 @@ def check_subspace(settings: Mapping[str, Any]) -> dict[str, Any]:
         "total_steps": _integer("total_steps", s["total_steps"], 1, optional=True),
         "state_on_refresh": _choice("state_on_refresh", s["state_on_refresh"], rules.STATE_ON_REFRESH),
         "seed": _integer("seed", s["seed"], None),
+        "foreach": _foreach(s["foreach"]),
     }
     proj.resolve(out["projection"])
     if out["switch_step"] == "auto":

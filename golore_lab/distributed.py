@@ -1,0 +1,136 @@
+"""Subspace optimizers under FSDP2 (``torch.distributed.fsdp.fully_shard``): the sharded-matrix mathematics.
+
+FSDP2 stores each parameter as a DTensor sharded by rows (placement ``Shard(0)``): rank k holds the rows
+W_k (m_k × n) of W (m × n) and, after backward, the rows G_k of the averaged gradient G. The optimizer works on
+the local rows only:
+
+* **Right projection (the default for a sharded matrix).** The projected side is the unsharded one:
+  R_k = G_k Q (m_k × r) with Q ∈ St(n, r) replicated, and the update W_k ← W_k − lr·scale·N_k Qᵀ is local. The
+  state (``exp_avg``, ...) is (m × r) sharded by rows exactly like the parameter, so each rank keeps 1/world
+  of the moments; the basis Q (n × r) is replicated.
+* **GoLore's basis needs no communication**: Q is a pure function of (seed, parameter position, step)
+  (:func:`golore_lab.projection.derive_seed`), so every rank draws the same Q.
+* **GaLore's basis** is the top-r right singular vectors of G, which are the top-r eigenvectors of the n × n
+  Gram matrix GᵀG = Σ_k G_kᵀ G_k: one all-reduce of n² numbers per matrix at a refresh step
+  (:func:`gram_right_basis`). Numerical caveat: the Gram matrix squares the singular values, hence the
+  condition number; the eigenvectors of σ_i² are as accurate as the SVD's σ_i only when the gap σ_r² − σ_{r+1}²
+  is well above ε·σ_1². The Gram matrix and its eigendecomposition are therefore computed in float64 (error
+  ~1e-16·σ_1²), whatever the parameter's dtype; the basis agrees with the one-process SVD up to the sign of
+  each vector, to which the optimizer's update is invariant.
+* **Left projection of a sharded matrix** (``proj_type="left"``, or ``"reverse_std"``) works too, at a cost: the
+  projected gradient R = Pᵀ G = Σ_k P_kᵀ G_k is all-reduced (r × n numbers) at every step, the state (r × n) is
+  replicated, and an SVD refresh all-gathers G (m × n).
+* **Non-finite gradients** are detected globally: the per-parameter squared norms of the local projected
+  gradients are summed over the ranks in one all-reduce per step, so every rank raises the same
+  ``FloatingPointError`` (or none) and no rank steps or hangs alone.
+
+Every rank takes the same decisions (refresh steps, SVD or random) from its step counters, which are equal on
+all ranks, so nothing else is communicated.
+
+To train a model with FSDP2, shard it with :func:`shard_model` and build the optimizer over its parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # torch without DTensor: every parameter is a plain tensor
+    DTensor = Replicate = Shard = None
+
+__all__ = ["Sharding", "sharding", "shard_model", "gram_right_basis", "all_reduce_sum"]
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a row-sharded (``Shard(0)``) parameter of global ``shape`` is laid out: this rank holds rows
+    ``[offset, offset + rows)``."""
+
+    mesh: object
+    shape: tuple[int, ...]
+    offset: int
+    rows: int
+
+    @property
+    def group(self):
+        return self.mesh.get_group()
+
+    @property
+    def world(self) -> int:
+        return self.mesh.size()
+
+    def wrap(self, local: Tensor) -> Tensor:
+        """A local (rows, ...) tensor as the row-sharded DTensor of global shape (shape[0], ...)."""
+        shape = (self.shape[0], *local.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+
+def sharding(param: Tensor, name: str) -> Sharding | None:
+    """The row sharding of ``param`` (a DTensor on a 1-D mesh with placement ``Shard(0)``), or None for a
+    plain tensor. Any other placement is a ``ValueError`` naming it and the parameter ``name``."""
+    if DTensor is None or not isinstance(param, DTensor):
+        return None
+    placements = tuple(param.placements)
+    if len(placements) != 1 or placements[0] != Shard(0):
+        raise ValueError(f"Parameter {name} is a DTensor with placements {placements}: subspace optimizers support "
+                         "FSDP2's row sharding (Shard(0)) on a 1-D mesh only")
+    shape = tuple(param.shape)
+    rows = param.to_local().shape[0]
+    chunk = -(-shape[0] // param.device_mesh.size())  # torch.chunk's split, which FSDP2 uses
+    offset = min(chunk * param.device_mesh.get_local_rank(), shape[0])
+    return Sharding(param.device_mesh, shape, offset, rows)
+
+
+def sharded_side(proj_type: str) -> str:
+    """The projected side of a row-sharded matrix: the unsharded one (``"right"``) for ``"std"``, the sharded one
+    for ``"reverse_std"``; ``"left"`` and ``"right"`` as given."""
+    return {"std": "right", "reverse_std": "left"}.get(proj_type, proj_type)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view sharing its storage), or the tensor itself."""
+    return tensor.to_local() if DTensor is not None and isinstance(tensor, DTensor) else tensor
+
+
+def all_reduce_sum(tensor: Tensor, group) -> Tensor:
+    """Sum ``tensor`` over ``group`` in place (one collective) and return it."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def gram_right_basis(grad_rows: Tensor, rank: int, group) -> Tensor:
+    """The top-``rank`` right singular vectors (n, r) of G, from the row blocks G_k held by the ranks of ``group``.
+
+    GᵀG = Σ_k G_kᵀ G_k (n × n) is formed in float64 and summed in one all-reduce; its eigenvectors of the
+    ``rank`` largest eigenvalues are the right singular vectors of G (up to sign). Same result on every rank.
+    Raises ``FloatingPointError`` (on every rank alike) when the summed Gram matrix is not finite.
+    """
+    rows = grad_rows.detach().to(torch.float64)
+    gram = all_reduce_sum(rows.mT @ rows, group)  # (n, n)
+    if not bool(torch.isfinite(gram).all()):
+        raise FloatingPointError("non-finite Gram matrix")
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    return vectors[:, -rank:].flip(-1).contiguous()  # (n, r), largest first as the SVD's
+
+
+def shard_model(model: nn.Module, blocks: str = "layers", **fsdp_kwargs) -> nn.Module:
+    """Apply FSDP2 (``fully_shard``) to each module of ``model.<blocks>`` (a ModuleList), then to the root.
+
+    The usual FSDP2 layout: one all-gather per block in the forward and one reduce-scatter per block in the
+    backward. Every parameter becomes a row-sharded DTensor, which :class:`golore_lab.SubspaceAdamW` and
+    :class:`golore_lab.SubspaceSGD` train with local row blocks. Returns ``model`` (sharded in place).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    children = getattr(model, blocks, None)
+    if not isinstance(children, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}.{blocks} is not an nn.ModuleList of blocks to shard")
+    for block in children:
+        fully_shard(block, **fsdp_kwargs)
+    fully_shard(model, **fsdp_kwargs)
+    return model
