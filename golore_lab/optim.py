@@ -266,7 +266,8 @@ class SubspaceOptimizer(Optimizer):
         expected = set(self.defaults) | {"params"}
         out = []
         for index, (live, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            keys = set(saved) - {"param_names"}
+            # keys a learning-rate scheduler added to the live group (e.g. "initial_lr") travel with it
+            keys = set(saved) - {"param_names"} - (set(live) - expected - {"param_names"})
             if keys != expected:
                 raise ValueError(self._foreign_keys(index, keys, expected))
             if len(saved["params"]) != len(live["params"]):
@@ -300,7 +301,7 @@ class SubspaceOptimizer(Optimizer):
         cls = type(self).__name__
         missing, extra = sorted(expected - keys), sorted(keys - expected)
         what = f"param group {index} of the state dict lacks keys {missing} and has keys {extra}"
-        if not keys & set(SUBSPACE_DEFAULTS):
+        if not keys & (set(SUBSPACE_DEFAULTS) - {"foreach"}):  # torch.optim groups have "foreach" too
             return (f"Not a subspace optimizer's state dict (a torch.optim one?): {what}; it cannot be loaded "
                     f"into {cls}")
         for other in _subclasses(SubspaceOptimizer):
