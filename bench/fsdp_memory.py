@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from golore_lab import SubspaceAdamW  # noqa: E402
 from golore_lab.distributed import local, shard_model  # noqa: E402
 from golore_lab.fileio import atomic_write_text  # noqa: E402
-from golore_lab.lm.model import LlamaConfig, build_model, subspace_param_groups  # noqa: E402
+from golore_lab.lm.model import LlamaConfig, build_model, llama_param_groups  # noqa: E402
 
 RANK = 128
 CONFIGS = ["full AdamW + FSDP2", "GaLore + DDP", "GoLore + DDP", "GaLore + FSDP2", "GoLore + FSDP2",
@@ -57,12 +57,12 @@ def measure(name: str, cfg: LlamaConfig) -> dict[str, int]:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
         proj_type = "right" if name.endswith("right side") else "std"
-        groups = subspace_param_groups(model, rank=RANK, update_proj_gap=200, proj_type=proj_type)
+        groups = llama_param_groups(model, rank=RANK, update_proj_gap=200, proj_type=proj_type)
         opt = SubspaceAdamW(groups, lr=1e-3, projection="svd" if name.startswith("GaLore") else "random")
     tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(dist.get_rank()))
     F.cross_entropy(wrapped(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
     opt.step()
-    matrices = {id(p) for p in subspace_param_groups(model)[0]["params"]} if not name.startswith("full") else set()
+    matrices = {id(p) for p in llama_param_groups(model)[0]["params"]} if not name.startswith("full") else set()
     row = dict(params=sum(nbytes(p) for p in model.parameters()),
                grads=sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
                moments=0, bases=0, full_state=0)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from golore_lab import SubspaceAdamW, SubspaceSGD
 from golore_lab.distributed import shard_model
-from golore_lab.lm.model import LlamaConfig, build_model, subspace_param_groups
+from golore_lab.lm.model import LlamaConfig, build_model, llama_param_groups
 from golore_lab.methods import parse
 from golore_lab.optim import microbatches
 from golore_lab.projection import svd_projection
@@ -52,7 +52,7 @@ def build(method: str, rule: str, sharded: bool, projection="svd", proj_type: st
     model = build_model(LlamaConfig.preset("tiny", vocab_size=VOCAB), seed=0)
     if sharded:
         shard_model(model)
-    groups = subspace_param_groups(model, rank=RANK, update_proj_gap=GAP, scale=0.5,
+    groups = llama_param_groups(model, rank=RANK, update_proj_gap=GAP, scale=0.5,
                                    proj_type=proj_type or ("std" if sharded else "right"))
     spec = parse(method)
     subspace = dict(projection=projection, switch_step=spec.switch_step(STEPS), seed=3)
