@@ -10,15 +10,11 @@ import argparse
 
 import torch
 
-from . import SubspaceAdamW, SubspaceSGD, microbatches
+from . import SubspaceAdamW, SubspaceSGD, methods, microbatches
 
-METHODS = {  # name -> (optimizer keywords, micro-batches at refresh steps)
-    "full": ({}, 1),
-    "galore": ({"projection": "svd"}, 1),
-    "golore": ({"projection": "random"}, 1),
-    "golore@20%": ({"projection": "svd", "switch_step": None}, 1),  # switch_step filled in from --steps
-    "lb-galore": ({"projection": "svd"}, 16),
-}
+#: the methods compared (names as everywhere in the package, :mod:`golore_lab.methods`)
+METHODS = ("full", "galore", "golore@100", "golore@20", "lb-galore")
+LARGE_BATCH = 16  # L.B. GaLore's micro-batches at refresh steps
 
 
 def train(method: str, optimizer: str = "adamw", steps: int = 400, seed: int = 0) -> float:
@@ -31,14 +27,13 @@ def train(method: str, optimizer: str = "adamw", steps: int = 400, seed: int = 0
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    keywords, refresh_batches = METHODS[method]
-    keywords = dict(keywords)
-    if method == "golore@20%":
-        keywords["switch_step"] = round(0.8 * steps)
+    parsed = methods.parse(method)
+    keywords = {"switch_step": parsed.switch_step(steps)}
+    refresh_batches = LARGE_BATCH if parsed.large_batch else 1
     matrices = [p for p in model.parameters() if p.dim() == 2]
     vectors = [p for p in model.parameters() if p.dim() == 1]
     groups = [{"params": matrices}, {"params": vectors}]
-    if method != "full":
+    if parsed.subspace:
         groups[0].update(rank=4, update_proj_gap=25)
     if optimizer == "adamw":
         opt = SubspaceAdamW(groups, lr=3e-3, seed=seed, **keywords)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from golore_lab.lm.fetch import FetchError as DataUnavailableError
+from golore_lab.lm.fetch import FetchError
 from golore_lab.lm.tasks import TASKS, accuracy, load_splits, macro_f1
 
 #: Default maximum sequence length per task (tokens, including [CLS]/[SEP]); see ``--max-length``.
@@ -206,7 +206,7 @@ class ClassificationTask:
 DEFAULT_LR = {"adamw": 2e-4, "sgd": 0.03}
 
 #: Run sizes. ``paper``: the paper's GLUE recipe (its Table 2) -- all the data, 30 epochs, batch 16, lr 3e-5 for
-#: AdamW, τ = 500. ``cpu``: what the figures run on two shared CPU cores (:mod:`golore_lab.lm.finetune_experiments`).
+#: AdamW, τ = 500. ``cpu``: what the figures run on two shared CPU cores (:mod:`golore_lab.artefacts.table2_finetune`).
 #: ``fast``: a smoke test for CI. Every preset: rank 4, α = 4, linear decay to 0, clip 1.
 #: ``epochs`` (if given) sets ``steps`` from the size of the training set.
 PRESETS = {
@@ -297,15 +297,15 @@ def main(argv: list[str] | None = None) -> int:
             action.default = None
     args = parser.parse_args(argv)
     if args.prepare:
-        from golore_lab.lm.tasks import cache_root as cache_dir, prepare
+        from golore_lab.lm.tasks import cache_root, prepare
 
         try:
             for task, splits in prepare(split_seed=args.split_seed).items():
                 print(f"{task}: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test, "
                       f"classes {', '.join(splits.classes)}")
-        except DataUnavailableError as err:
+        except FetchError as err:
             parser.error(str(err))
-        print(f"cached under {cache_dir()}")
+        print(f"cached under {cache_root()}")
         return 0
     if args.threads is not None:
         if args.threads < 1:
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         task_cfg, train_cfg = recipe(args.preset, args.task, args.optimizer, epochs=args.epochs,
                                      task_overrides=task_over, **given)
         summary = run(task_cfg, train_cfg)
-    except (ValueError, DataUnavailableError, FileNotFoundError) as err:
+    except (ValueError, FetchError, FileNotFoundError) as err:
         parser.error(str(err))
     except RunError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
