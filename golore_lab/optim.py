@@ -317,7 +317,8 @@ class SubspaceOptimizer(Optimizer):
         if rank is None:
             tensors = {key: shape for key in self.rule_state}
         else:
-            side = proj.projected_side(shape, settings["proj_type"])
+            side = (proj.projected_side(shape, settings["proj_type"]) if distributed.sharding(p, name) is None
+                    else distributed.sharded_side(settings["proj_type"]))  # FSDP2: as step() chooses it
             m, n = shape
             projected = (rank, n) if side == "left" else (m, rank)
             tensors = {key: projected for key in self.rule_state}
