@@ -24,6 +24,12 @@ paper holds fixed across methods lives here, so that methods differ *only* in th
 * DDP through ``torchrun`` (``torch.distributed`` initialised from its environment variables; gloo on CPU).
   Rank k of W takes examples ``[p + (i W + k) m, p + (i W + k + 1) m)`` of micro-step i, so a run on W ranks
   sees exactly the examples a 1-rank run with the same global batch sees;
+* FSDP2 with ``fsdp`` (under ``torchrun``, at any world size; path "optimizer"): the model is sharded with
+  :func:`golore_lab.distributed.shard_model` before the optimizer's groups are built, each rank takes its rows of
+  every batch as under DDP, gradients are reduce-scattered at every micro-batch, clipping takes the global norm
+  of the sharded gradients, every rank evaluates (the forward all-gathers; rank 0 writes), the checkpoint is a
+  ``torch.distributed.checkpoint`` folder ``checkpoint/`` (:func:`save_sharded_checkpoint`), and the returned
+  model is the plain one with the full weights on every rank;
 * data position = number of training examples consumed; a task's example stream is a pure function of
   (seed, index), so a checkpoint (model, optimizer, position, RNG, step) resumes bit-identically;
 * evaluation every ``eval_every`` steps (on rank 0), a progress bar with tokens/s, optional bf16 autocast;
@@ -31,7 +37,7 @@ paper holds fixed across methods lives here, so that methods differ *only* in th
   :class:`RunError`, keeping the last checkpoint.
 
 A run folder (``out_dir``) holds one run (:class:`RunFolder`): ``checkpoint.pt`` (written to a temporary file
-and renamed), ``metrics.jsonl`` and ``metrics.csv`` (one line appended per logged row; on ``resume`` both are
+and renamed; with ``fsdp`` the folder ``checkpoint/``, written under a temporary name and renamed), ``metrics.jsonl`` and ``metrics.csv`` (one line appended per logged row; on ``resume`` both are
 rewritten from the rows up to the checkpoint's step, through a temporary file), and ``.lock``, which one process
 holds while it trains there. A new run into a folder that holds a run is refused unless ``overwrite`` moves that
 run aside; ``resume`` refuses a configuration whose result would differ from the checkpoint's
@@ -75,6 +81,8 @@ OPTIMIZERS = ("adamw", "sgd")
 PATHS = ("optimizer", "wrapper")
 SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_DIR = "checkpoint"          # with fsdp: a torch.distributed.checkpoint folder, holding STATE too
+STATE = "state.pt"
 #: The :class:`TrainConfig` fields a resumed run may change: where it stops, how it is watched and saved, and the
 #: device. Every other field, and every option of the task (:meth:`Task.options`), is part of the run's identity
 #: (:func:`run_identity`) and must match the checkpoint's, because changing it changes the result.
@@ -153,6 +161,7 @@ class TrainConfig:
     overwrite: bool = False            # a new run into a folder that holds one moves the old run aside
     stop_at: int | None = None         # stop after this step (schedule still uses `steps`); resume later
     bf16: bool = False
+    fsdp: bool = False                 # shard the model with FSDP2 under torchrun (path "optimizer" only)
     device: str = "auto"
     progress: bool = True
 
@@ -195,6 +204,9 @@ class TrainConfig:
         if self.path == "wrapper" and self.spec.full:
             raise ValueError("Invalid path: 'wrapper' with method 'full' (the wrapper trains galore, golore@X and "
                              "lb-galore; full training uses path 'optimizer')")
+        if self.path == "wrapper" and self.fsdp:
+            raise ValueError("Invalid path: 'wrapper' with fsdp (FSDP2 shards the task's own matrices, which the "
+                             "subspace optimizers train directly; use path 'optimizer' with fsdp, or drop fsdp)")
         if self.path == "wrapper" and self.optimizer == "sgd" and self.weight_decay:
             raise ValueError(f"Invalid weight_decay: {self.weight_decay} with path 'wrapper' and optimizer 'sgd' "
                              "(torch.optim.SGD's coupled decay would shrink the factors, not the merged weights; "
@@ -363,11 +375,28 @@ def unwrapped_copy(wrapped: nn.Module) -> nn.Module:
     return model
 
 
+def full_copy(task: Task, sharded: nn.Module, seed: int, device: torch.device) -> nn.Module:
+    """The task's plain model holding the full weights of the FSDP2-sharded ``sharded`` (a collective: every rank
+    gets them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    model = task.build_model(seed).to(device)
+    model.load_state_dict(weights)
+    return model
+
+
 # ----------------------------------------------------------------------------------------- plumbing
-def _distributed() -> tuple[int, int]:
-    """(rank, world); initialises the default process group from torchrun's env vars when WORLD_SIZE > 1."""
+def _distributed(fsdp: bool = False) -> tuple[int, int]:
+    """(rank, world); initialises the default process group from torchrun's env vars when WORLD_SIZE > 1, or at
+    any world size with ``fsdp`` (FSDP2 shards over a process group, of one rank too); ``fsdp`` without
+    torchrun is a ``ValueError``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    launched = all(name in os.environ for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"))
+    if fsdp and not dist.is_initialized() and not launched:
+        raise ValueError("Invalid fsdp: True without torchrun (FSDP2 shards over a process group: run under "
+                         "`torchrun --standalone --nproc-per-node N ...`, or drop --fsdp)")
+    if (world > 1 or fsdp) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() and os.environ.get("GOLORE_LAB_DEVICE") != "cpu" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -441,6 +470,65 @@ def save_checkpoint(path: Path, payload: dict, previous_step: int | None = None)
         raise RunError(f"{what}; {kept}") from err
 
 
+def saved_state(out_dir: Path) -> Path | None:
+    """The file holding a run's non-tensor state: ``checkpoint.pt``, or ``checkpoint/state.pt`` of an fsdp run (or
+    of the previous fsdp checkpoint, if a kill came between the two renames of :func:`save_sharded_checkpoint`;
+    :meth:`RunFolder.recover` puts it back). None when the folder holds no checkpoint."""
+    for path in (out_dir / CHECKPOINT, out_dir / CHECKPOINT_DIR / STATE, RunFolder(out_dir).replaced / STATE):
+        if path.exists():
+            return path
+    return None
+
+
+def save_sharded_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, payload: dict,
+                            step: int, previous_step: int | None = None) -> None:
+    """The fsdp checkpoint, a collective: a ``torch.distributed.checkpoint`` folder ``path`` holding the model's
+    and the optimizer's state dicts (``get_state_dict``: each rank writes its shards) and :data:`STATE`, the
+    non-tensor ``payload`` (rank 0's ``torch.save``).
+
+    Written under a temporary name (``.checkpoint.<step>.tmp``, the same on every rank); once every rank's shards
+    are written, rank 0 adds :data:`STATE` and renames: the old folder to ``.checkpoint.old``, the new one into
+    place, then deletes the old. A kill between the two renames leaves the old checkpoint whole under
+    ``.checkpoint.old``, which the next run puts back (:meth:`RunFolder.recover`). A failed write raises
+    :class:`RunError` saying the previous checkpoint is intact.
+    """
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{step}.tmp")
+    model_state, optim_state = get_state_dict(model, opt)
+    try:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+    except Exception as err:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = (f"the previous checkpoint at step {previous_step} is intact ({path})" if previous_step is not None
+                else f"no earlier checkpoint exists in {path.parent}")
+        raise RunError(f"writing the checkpoint failed ({err}); {kept}") from err
+    if dist.get_rank() == 0:
+        save_checkpoint(tmp / STATE, payload, previous_step)
+        old = RunFolder(path.parent).replaced
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_sharded_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Load the model's and the optimizer's state of :func:`save_sharded_checkpoint`'s folder ``path`` (a
+    collective; at another world size the shards are re-cut)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
 class RunFolder:
     """The folder of one run: :data:`RUN_FILES`, and ``.lock``, held (``fcntl.flock``) by the process training there.
 
@@ -449,7 +537,7 @@ class RunFolder:
     to a sibling folder ``<name>.replaced-<time>`` and returns it.
     """
 
-    RUN_FILES = (CHECKPOINT, "metrics.jsonl", "metrics.csv", "test_metrics.json")
+    RUN_FILES = (CHECKPOINT, CHECKPOINT_DIR, "metrics.jsonl", "metrics.csv", "test_metrics.json")
     LOCK = ".lock"
 
     def __init__(self, path: Path | str):
@@ -474,6 +562,24 @@ class RunFolder:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
+
+    @property
+    def replaced(self) -> Path:
+        """Where :func:`save_sharded_checkpoint` keeps the previous checkpoint folder between its two renames."""
+        return self.path / f".{CHECKPOINT_DIR}.old"
+
+    def recover(self) -> bool:
+        """Put back the previous fsdp checkpoint a kill left under :attr:`replaced` (True), or delete it if the new
+        one is in place."""
+        import shutil
+
+        if not self.replaced.is_dir():
+            return False
+        if (self.path / CHECKPOINT_DIR).exists():
+            shutil.rmtree(self.replaced)
+            return False
+        os.replace(self.replaced, self.path / CHECKPOINT_DIR)
+        return True
 
     def existing(self) -> list[str]:
         """The run files present in the folder."""
@@ -576,11 +682,12 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
     :class:`RunError` when the run cannot go on (folder in use or holding another run, too little memory,
     divergence, a failed checkpoint write).
     """
-    rank, world = _distributed()
+    rank, world = _distributed(cfg.fsdp)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     folder = RunFolder(out_dir) if out_dir is not None and rank == 0 else None
-    if cfg.resume and (out_dir is None or not (out_dir / CHECKPOINT).exists()):
-        raise FileNotFoundError(f"--resume: no checkpoint at {out_dir / CHECKPOINT if out_dir else None}")
+    if cfg.resume and (out_dir is None or saved_state(out_dir) is None):
+        expected = CHECKPOINT_DIR if cfg.fsdp else CHECKPOINT
+        raise FileNotFoundError(f"--resume: no checkpoint at {out_dir / expected if out_dir else None}")
     if folder is not None:
         folder.lock()
     try:
@@ -595,9 +702,13 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
 def _prepare_folder(folder: RunFolder, cfg: TrainConfig) -> None:
     """Remove killed writers' temporaries; refuse a run a new run would mix with, or with ``overwrite`` move it
     aside."""
+    import shutil
+
+    if folder.recover():
+        _say(f"put back the checkpoint a killed writer had moved to {folder.replaced}")
     stale = folder.stale_temporaries()
     for path in stale:
-        path.unlink()
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     if stale:
         _say(f"removed {len(stale)} temporary file(s) left by killed writers in {folder.path}")
     held = folder.existing()
@@ -614,8 +725,10 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
     per_rank, remainder = divmod(cfg.batch_size, world)
     if remainder or per_rank < 1:
         raise ValueError(f"Invalid batch_size: {cfg.batch_size} (must be a multiple of world size {world})")
-    ckpt_path = out_dir / CHECKPOINT if out_dir else None
-    state = torch.load(ckpt_path, map_location=device, weights_only=True) if cfg.resume else None
+    if cfg.fsdp and world > 1:
+        dist.barrier()  # rank 0 has prepared the folder (put back an interrupted checkpoint) before anyone reads
+    ckpt_path = out_dir / (CHECKPOINT_DIR if cfg.fsdp else CHECKPOINT) if out_dir else None
+    state = torch.load(saved_state(out_dir), map_location=device, weights_only=True) if cfg.resume else None
     if state is not None and "identity" not in state:
         raise ValueError(f"--resume: {ckpt_path} was written by an earlier version of this program (it records no "
                          "run identity); start a new run with --overwrite")
@@ -625,6 +738,10 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
                          f"micro_batch_size {given})")
 
     model = task.build_model(cfg.seed).to(device)
+    if cfg.fsdp:  # before the groups: fully_shard replaces every parameter by a row-sharded DTensor
+        from golore_lab.distributed import shard_model
+
+        shard_model(model)
     subspace = {} if cfg.spec.full else dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
                                              scale=cfg.scale, proj_type=cfg.proj_type)
     groups = task.param_groups(model, **subspace)
@@ -652,20 +769,25 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
     if wrapped is not None:
         wrapped.attach(opt)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 and not cfg.fsdp else model
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
 
     step, position, tokens, window, metric_names, rows, saved_step = 0, 0, 0, [0.0, 0], None, [], None
     if state is not None:
-        changes = (identity_changes(state["identity"]["train"], identity["train"])
+        # a field added since the checkpoint was written: the run had that field's default behaviour
+        defaults = {k: v for k, v in config_dict(TrainConfig()).items() if k in identity["train"]}
+        changes = (identity_changes({**defaults, **state["identity"]["train"]}, identity["train"])
                    + identity_changes(state["identity"]["task"], identity["task"], "task."))
         if changes:
             allowed = ", ".join("--" + name.replace("_", "-")
                                 for name in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite"}))
             raise ValueError(f"--resume: {ckpt_path} was written with another configuration ({'; '.join(changes)}); "
                              f"a resumed run may change only {allowed}")
-        model.load_state_dict(state["model" if wrapped is None else "wrapper"])
-        opt.load_state_dict(state["optimizer"])
+        if cfg.fsdp:
+            load_sharded_checkpoint(ckpt_path, model, opt)
+        else:
+            model.load_state_dict(state["model" if wrapped is None else "wrapper"])
+            opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         step, position, tokens = state["step"], state["position"], state["tokens"]
         window, metric_names, saved_step = list(state["window"]), list(state["metric_names"]), state["step"]
@@ -684,7 +806,7 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
 
     def evaluate(at: int) -> dict[str, float]:
         metrics = {}
-        if rank == 0:
+        if rank == 0 or cfg.fsdp:  # a sharded model's forward all-gathers: every rank runs it
             model.eval()
             with torch.no_grad(), autocast():
                 metrics = {k: float(v) for k, v in task.evaluate(model).items()}
@@ -711,7 +833,12 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
 
     def checkpoint() -> None:
         nonlocal saved_step
-        if rank == 0 and ckpt_path is not None:
+        if cfg.fsdp and ckpt_path is not None:
+            save_sharded_checkpoint(ckpt_path, model, opt, {
+                "step": step, "position": position, "tokens": tokens, "window": window,
+                "metric_names": metric_names, "rng_cpu": torch.get_rng_state(), "config": config_dict(cfg),
+                "identity": identity}, step, saved_step)
+        elif rank == 0 and ckpt_path is not None:
             weights = {"model": model.state_dict()} if wrapped is None else \
                 {"model": wrapped.merged_state_dict(), "wrapper": wrapped.state_dict()}  # plain weights; exact state
             save_checkpoint(ckpt_path, {
@@ -741,7 +868,7 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
             loss_sum = torch.zeros((), device=device)
             for i in range(n_micro):
                 batch = _to(task.batch(position + (i * world + rank) * micro, micro, cfg.seed), device)
-                sync = net.no_sync() if world > 1 and i < n_micro - 1 else contextlib.nullcontext()
+                sync = net.no_sync() if net is not model and i < n_micro - 1 else contextlib.nullcontext()
                 with sync:
                     with autocast():
                         loss = task.loss(net, batch)
@@ -793,6 +920,8 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
     final = {k: v for k, v in (log.rows[-1] if log.rows else {}).items() if k in metric_names}
     if wrapped is not None:  # hand back the task's own architecture, with the merged weights
         model = unwrapped_copy(wrapped)
+    if cfg.fsdp:  # every rank gets the plain model with the full weights (one all-gather)
+        model = full_copy(task, model, cfg.seed, device)
     return TrainResult(history=log.rows, model=model, final=final, step=step, wrapped=wrapped,
                        micro_batch_size=micro)
 
