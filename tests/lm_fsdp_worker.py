@@ -1,9 +1,12 @@
-"""Run by tests/test_lm_fsdp.py, alone (``--no-fsdp``: the one-process reference) or under torchrun with --fsdp.
+"""Run by tests/test_lm_fsdp.py, alone (``--no-fsdp``: the one-process reference) or under torchrun with FSDP.
 
-``python lm_fsdp_worker.py CORPUS OUT [--no-fsdp]``: trains every run of :data:`RUNS` into ``OUT/<name>`` and
+``lm_fsdp_worker.py CORPUS OUT [--no-fsdp] [--split]``: trains every run of :data:`RUNS` into ``OUT/<name>`` and
 saves each rank's final weights and logged rows to ``OUT/<name>-rank<r>.pt``. With FSDP it also trains
-:data:`RESUMED` up to ``stop_at`` and resumes it (``OUT/<name>-resumed-rank<r>.pt``). ``SPLIT=1`` in the
-environment halves the micro-batch (same examples, another summation order): the tests' perturbation.
+:data:`RESUMED` up to ``STOP_AT`` and resumes it (``OUT/<name>-resumed-rank<r>.pt``). ``--split`` halves the
+micro-batch (the same examples summed in another order): the tests' perturbation.
+
+Every run projects the right side (``proj_type="right"``): what ``"std"`` picks for every row-sharded matrix,
+whereas one process with ``"std"`` projects the smaller side, another algorithm for wide matrices.
 """
 from __future__ import annotations
 
@@ -23,8 +26,12 @@ RESUMED = ("golore@50", "adamw")  # SVD refreshes before the stop, random ones a
 STEPS, STOP_AT, GRAD_CLIP = 6, 3, 0.5  # the clip binds (the gradient norm is above it at every step)
 
 
-def config(method: str, optimizer: str, fsdp: bool, out: Path, **overrides):
-    micro = 1 if os.environ.get("SPLIT") else 2
+def make_task(corpus_path) -> LMTask:
+    return LMTask(load_corpus(corpus_path), LlamaConfig.preset("tiny"), seq_len=32, eval_windows=4)
+
+
+def config(method: str, optimizer: str, fsdp: bool, out: Path, split: bool = False, **overrides):
+    micro = 1 if split else 2
     return recipe("tiny", method=method, optimizer=optimizer, fsdp=fsdp, steps=STEPS, warmup_steps=1,
                   update_proj_gap=2, rank=4, batch_size=8, micro_batch_size=micro, eval_every=3, log_every=1,
                   grad_clip=GRAD_CLIP, proj_type="right", progress=False, out_dir=str(out), **overrides)
@@ -36,13 +43,13 @@ def save(result, path: Path) -> None:
 
 def main(corpus_path: str, out: str, *flags: str) -> None:
     torch.set_num_threads(1)
-    fsdp = "--no-fsdp" not in flags
+    fsdp, split = "--no-fsdp" not in flags, "--split" in flags
     out = Path(out)
-    task = LMTask(load_corpus(corpus_path), LlamaConfig.preset("tiny"), seq_len=32, eval_windows=4)
+    task = make_task(corpus_path)
     rank = int(os.environ.get("RANK", "0"))
     for method, optimizer in RUNS:
         name = f"{method}-{optimizer}"
-        save(train(task, config(method, optimizer, fsdp, out / name)), out / f"{name}-rank{rank}.pt")
+        save(train(task, config(method, optimizer, fsdp, out / name, split)), out / f"{name}-rank{rank}.pt")
     if fsdp:
         name = "-".join(RESUMED) + "-resumed"
         train(task, config(*RESUMED, fsdp, out / name, stop_at=STOP_AT))

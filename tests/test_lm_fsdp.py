@@ -1,0 +1,123 @@
+"""``--fsdp`` in the training loop (gloo, 2 CPU processes under torchrun) against one process, and its resume.
+
+The tolerance comes from a perturbation of the one-process run: the same examples in micro-batches of 1
+instead of 2 (another summation order of the gradient, which is what sharding changes, with the
+reduce-scatter's order). An FSDP run must stay within 10x that perturbation in its weights, and in every logged
+metric within 10x the larger of the perturbation and one float32 rounding of the value (the logged loss is
+itself summed in another order across the ranks). The gradient norm logged is the global norm the clipping
+uses: a norm of the local shard alone would be off by far more.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lm_fsdp_worker as w
+from golore_lab.lm.train import (CHECKPOINT, CHECKPOINT_DIR, STATE, RunFolder, TrainConfig, add_train_arguments,
+                                 saved_state, train)
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("train_loss", "grad_norm", "val_loss", "val_ppl")
+EXACT = ("step", "examples", "tokens", "lr", *METRICS)
+
+
+@pytest.fixture(scope="module")
+def runs(corpus_root, tmp_path_factory):
+    corpus = str(next(corpus_root.glob("corpus-*")))
+    two, one, split = (tmp_path_factory.mktemp(name) for name in ("two", "one", "split"))
+    launcher = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([launcher, "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "lm_fsdp_worker.py"),
+                           corpus, str(two)], env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    w.main(corpus, str(one), "--no-fsdp")
+    w.main(corpus, str(split), "--no-fsdp", "--split")
+    return dict(corpus=corpus, two=two, one=one, split=split)
+
+
+def load(folder: Path, name: str, rank: int = 0) -> dict:
+    return torch.load(folder / f"{name}-rank{rank}.pt", weights_only=True)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def metrics_close(run: list[dict], one: list[dict], split: list[dict]) -> bool:
+    """Every logged metric of ``run`` within 10x its perturbation: the split run's difference from ``one``, or one
+    float32 rounding of the value (the loss itself is summed in another order across the ranks) if larger."""
+    assert [row["step"] for row in run] == [row["step"] for row in one] == [row["step"] for row in split]
+    eps = torch.finfo(torch.float32).eps
+    return all(abs(x[k] - y[k]) <= 10 * max(abs(z[k] - y[k]), eps * abs(y[k]))
+               for x, y, z in zip(run, one, split) for k in METRICS if k in y)
+
+
+@pytest.mark.parametrize("run", w.RUNS, ids=["-".join(r) for r in w.RUNS])
+def test_fsdp_matches_one_process(runs, run):
+    name = "-".join(run)
+    rank0, rank1 = (load(runs["two"], name, r) for r in (0, 1))
+    one, split = load(runs["one"], name), load(runs["split"], name)
+    assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])  # the full weights
+    assert rank0["history"] == rank1["history"] or all(  # every rank logs the same numbers (timings aside)
+        {k: x[k] for k in EXACT if k in x} == {k: y[k] for k in EXACT if k in y}
+        for x, y in zip(rank0["history"], rank1["history"]))
+
+    tolerance = 10 * max_diff(split["weights"], one["weights"])
+    assert max_diff(rank0["weights"], one["weights"]) <= tolerance, (max_diff(rank0["weights"], one["weights"]),
+                                                                       tolerance)
+    assert metrics_close(rank0["history"], one["history"], split["history"])
+    assert all(row["grad_norm"] > w.GRAD_CLIP for row in one["history"][1:])  # the clipping binds at every step
+
+    folder = runs["two"] / name  # the DCP folder, with the small state inside; nothing else, no temporaries
+    assert {p.name for p in folder.iterdir()} == {CHECKPOINT_DIR, "metrics.jsonl", "metrics.csv", ".lock"}
+    assert (folder / CHECKPOINT_DIR / ".metadata").exists() and (folder / CHECKPOINT_DIR / STATE).exists()
+    assert torch.load(folder / CHECKPOINT_DIR / STATE, weights_only=True)["step"] == w.STEPS
+
+
+def test_fsdp_resume_is_bit_identical(runs):
+    name = "-".join(w.RESUMED)
+    whole, resumed = load(runs["two"], name), load(runs["two"], name + "-resumed")
+    assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"])
+    assert [{k: x[k] for k in EXACT if k in x} for x in whole["history"]] == \
+           [{k: x[k] for k in EXACT if k in x} for x in resumed["history"]]
+
+
+def test_resume_cannot_flip_fsdp(runs):
+    task = w.make_task(runs["corpus"])
+    cfg = w.config(*w.RESUMED, False, runs["two"] / ("-".join(w.RESUMED) + "-resumed"), resume=True)
+    with pytest.raises(ValueError, match="fsdp: True -> False"):
+        train(task, cfg)
+
+
+def test_fsdp_refusals_and_flag(task, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="'wrapper' with fsdp"):
+        TrainConfig(method="galore", path="wrapper", fsdp=True)
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="fsdp: True without torchrun"):
+        train(task, TrainConfig(method="galore", fsdp=True, steps=2, out_dir=str(tmp_path), progress=False))
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    assert parser.parse_args(["--fsdp"]).fsdp and not parser.parse_args([]).fsdp
+
+
+def test_interrupted_checkpoint_swap_is_recovered(tmp_path):
+    """A kill between the two renames leaves the previous checkpoint under ``.checkpoint.old``: resume finds it,
+    and the next run puts it back; a stale one beside a complete checkpoint is deleted."""
+    folder = RunFolder(tmp_path)
+    folder.replaced.mkdir()
+    (folder.replaced / STATE).write_bytes(b"old")
+    assert saved_state(tmp_path) == folder.replaced / STATE
+    assert folder.recover() and (tmp_path / CHECKPOINT_DIR / STATE).read_bytes() == b"old"
+    assert not folder.replaced.exists() and saved_state(tmp_path) == tmp_path / CHECKPOINT_DIR / STATE
+    folder.replaced.mkdir()
+    assert not folder.recover() and not folder.replaced.exists()
+    assert folder.existing() == [CHECKPOINT_DIR] and not (tmp_path / CHECKPOINT).exists()
