@@ -119,7 +119,8 @@ def gram_right_basis(grad_rows: Tensor, rank: int, group) -> Tensor:
 
 
 def shard_model(model: nn.Module, blocks: str = "layers", **fsdp_kwargs) -> nn.Module:
-    """Apply FSDP2 (``fully_shard``) to each module of ``model.<blocks>`` (a ModuleList), then to the root.
+    """Apply FSDP2 (``fully_shard``) to each module of ``model.<blocks>`` (a ModuleList; ``blocks`` may be a dotted
+    path, e.g. ``"encoder.encoder.layer"``), then to the root.
 
     The usual FSDP2 layout: one all-gather per block in the forward and one reduce-scatter per block in the
     backward. Every parameter becomes a row-sharded DTensor, which :class:`golore_lab.SubspaceAdamW` and
@@ -127,7 +128,10 @@ def shard_model(model: nn.Module, blocks: str = "layers", **fsdp_kwargs) -> nn.M
     """
     from torch.distributed.fsdp import fully_shard
 
-    children = getattr(model, blocks, None)
+    try:
+        children = model.get_submodule(blocks)
+    except AttributeError:
+        children = None
     if not isinstance(children, nn.ModuleList):
         raise ValueError(f"{type(model).__name__}.{blocks} is not an nn.ModuleList of blocks to shard")
     for block in children:

@@ -37,9 +37,10 @@ paper holds fixed across methods lives here, so that methods differ *only* in th
   :class:`RunError`, keeping the last checkpoint.
 
 A run folder (``out_dir``) holds one run (:class:`RunFolder`): ``checkpoint.pt`` (written to a temporary file
-and renamed; with ``fsdp`` the folder ``checkpoint/``, written under a temporary name and renamed), ``metrics.jsonl`` and ``metrics.csv`` (one line appended per logged row; on ``resume`` both are
-rewritten from the rows up to the checkpoint's step, through a temporary file), and ``.lock``, which one process
-holds while it trains there. A new run into a folder that holds a run is refused unless ``overwrite`` moves that
+and renamed; with ``fsdp`` the folder ``checkpoint/``, written under a temporary name and renamed),
+``metrics.jsonl`` and ``metrics.csv`` (one line appended per logged row; on ``resume`` both are rewritten from the
+rows up to the checkpoint's step, through a temporary file), and ``.lock``, which one process holds while it
+trains there. A new run into a folder that holds a run is refused unless ``overwrite`` moves that
 run aside; ``resume`` refuses a configuration whose result would differ from the checkpoint's
 (:data:`RESUME_MAY_CHANGE` lists the options that may change).
 
@@ -373,6 +374,17 @@ def unwrapped_copy(wrapped: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)
     return model
+
+
+def block_list(model: nn.Module) -> str:
+    """The name of the ``nn.ModuleList`` holding most of ``model``'s parameters: its blocks, which FSDP2 shards one
+    by one (``layers`` of the LLaMA, ``encoder.encoder.layer`` of the MiniLM classifier)."""
+    lists = [(sum(p.numel() for p in module.parameters()), name) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"Invalid fsdp: True for a {type(model).__name__}, which has no nn.ModuleList of blocks to "
+                         "shard")
+    return max(lists)[1]
 
 
 def full_copy(task: Task, sharded: nn.Module, seed: int, device: torch.device) -> nn.Module:
@@ -741,7 +753,7 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
     if cfg.fsdp:  # before the groups: fully_shard replaces every parameter by a row-sharded DTensor
         from golore_lab.distributed import shard_model
 
-        shard_model(model)
+        shard_model(model, blocks=block_list(model))
     subspace = {} if cfg.spec.full else dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap,
                                              scale=cfg.scale, proj_type=cfg.proj_type)
     groups = task.param_groups(model, **subspace)
