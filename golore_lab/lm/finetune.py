@@ -337,4 +337,5 @@ EXAMPLES = """examples:
   python -m golore_lab finetune --task bbc-news --method galore --optimizer sgd --out runs/bbc --resume
   python -m golore_lab finetune --preset paper --task movie-reviews --method full --out runs/paper
   torchrun --standalone --nproc-per-node 2 -m golore_lab finetune --method galore --out runs/ddp
+  torchrun --standalone --nproc-per-node 2 -m golore_lab finetune --method galore --fsdp --out runs/fsdp
 """

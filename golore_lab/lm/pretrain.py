@@ -20,6 +20,10 @@ Runs unchanged under ``torchrun --standalone --nproc-per-node N`` (DDP; ``--batc
     python -m golore_lab pretrain --method lb-galore --optimizer sgd --out runs/lb --resume
     torchrun --standalone --nproc-per-node 2 -m golore_lab pretrain --method galore --out runs/ddp
     torchrun --standalone --nproc-per-node 2 -m golore_lab pretrain --method galore --path wrapper --out runs/w
+    torchrun --standalone --nproc-per-node 2 -m golore_lab pretrain --method golore@20 --fsdp --out runs/fsdp
+
+``--fsdp`` shards the model with FSDP2 instead of DDP (checkpoint: the folder ``checkpoint/``; see
+:mod:`golore_lab.lm.train`).
 
 ``--path wrapper`` trains the same matrices through :class:`golore_lab.wrapper.SubspaceModel` and plain torch
 optimizers (under DDP only the low-rank factors are all-reduced between refreshes); ``checkpoint.pt``'s
