@@ -694,12 +694,17 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
     :class:`RunError` when the run cannot go on (folder in use or holding another run, too little memory,
     divergence, a failed checkpoint write).
     """
-    rank, world = _distributed(cfg.fsdp)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    if cfg.resume:
+        saved = saved_state(out_dir) if out_dir is not None else None
+        if saved is None:
+            expected = CHECKPOINT_DIR if cfg.fsdp else CHECKPOINT
+            raise FileNotFoundError(f"--resume: no checkpoint at {out_dir / expected if out_dir else None}")
+        sharded = saved.name == STATE  # the checkpoint's format says how it was trained: refused before anything
+        if sharded != cfg.fsdp:
+            raise resume_refused(saved.parent if sharded else saved, [f"fsdp: {sharded!r} -> {cfg.fsdp!r}"])
+    rank, world = _distributed(cfg.fsdp)
     folder = RunFolder(out_dir) if out_dir is not None and rank == 0 else None
-    if cfg.resume and (out_dir is None or saved_state(out_dir) is None):
-        expected = CHECKPOINT_DIR if cfg.fsdp else CHECKPOINT
-        raise FileNotFoundError(f"--resume: no checkpoint at {out_dir / expected if out_dir else None}")
     if folder is not None:
         folder.lock()
     try:
@@ -709,6 +714,13 @@ def train(task: Task, cfg: TrainConfig) -> TrainResult:
     finally:
         if folder is not None:
             folder.unlock()
+
+
+def resume_refused(path: Path, changes: list[str]) -> ValueError:
+    """The error of a ``resume`` whose configuration differs from the checkpoint's at ``path`` by ``changes``."""
+    allowed = ", ".join("--" + name.replace("_", "-") for name in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite"}))
+    return ValueError(f"--resume: {path} was written with another configuration ({'; '.join(changes)}); a resumed "
+                      f"run may change only {allowed}")
 
 
 def _prepare_folder(folder: RunFolder, cfg: TrainConfig) -> None:
@@ -791,10 +803,7 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
         changes = (identity_changes({**defaults, **state["identity"]["train"]}, identity["train"])
                    + identity_changes(state["identity"]["task"], identity["task"], "task."))
         if changes:
-            allowed = ", ".join("--" + name.replace("_", "-")
-                                for name in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite"}))
-            raise ValueError(f"--resume: {ckpt_path} was written with another configuration ({'; '.join(changes)}); "
-                             f"a resumed run may change only {allowed}")
+            raise resume_refused(ckpt_path, changes)
         if cfg.fsdp:
             load_sharded_checkpoint(ckpt_path, model, opt)
         else:
