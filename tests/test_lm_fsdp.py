@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import lm_fsdp_worker as w
-from golore_lab.lm.train import (CHECKPOINT, CHECKPOINT_DIR, STATE, RunFolder, TrainConfig, add_train_arguments,
-                                 saved_state, train)
+from golore_lab.lm.train import (CHECKPOINT, CHECKPOINT_DIR, STATE, RunFolder, TrainConfig, _prepare_folder,
+                                 add_train_arguments, saved_state, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("train_loss", "grad_norm", "val_loss", "val_ppl")
@@ -121,6 +121,11 @@ def test_interrupted_checkpoint_swap_is_recovered(tmp_path):
     folder.replaced.mkdir()
     assert not folder.recover() and not folder.replaced.exists()
     assert folder.existing() == [CHECKPOINT_DIR] and not (tmp_path / CHECKPOINT).exists()
+    partial = tmp_path / f".{CHECKPOINT_DIR}.3.tmp"  # a save killed before its rename: removed by the next run
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"partial")
+    _prepare_folder(folder, TrainConfig(resume=True))
+    assert not partial.exists() and (tmp_path / CHECKPOINT_DIR / STATE).read_bytes() == b"old"
 
 
 def test_finetune_cli_with_fsdp_matches_one_process(tmp_path):

@@ -62,6 +62,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -504,24 +505,30 @@ def save_sharded_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optim
     ``.checkpoint.old``, which the next run puts back (:meth:`RunFolder.recover`). A failed write raises
     :class:`RunError` saying the previous checkpoint is intact.
     """
-    import shutil
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{step}.tmp")
-    model_state, optim_state = get_state_dict(model, opt)
-    try:
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
-    except Exception as err:
-        if dist.get_rank() == 0:
+    leader = dist.get_rank() == 0
+
+    def failed(err: BaseException) -> RunError:
+        if leader:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = (f"the previous checkpoint at step {previous_step} is intact ({path})" if previous_step is not None
                 else f"no earlier checkpoint exists in {path.parent}")
-        raise RunError(f"writing the checkpoint failed ({err}); {kept}") from err
-    if dist.get_rank() == 0:
-        save_checkpoint(tmp / STATE, payload, previous_step)
+        return RunError(f"writing the checkpoint failed ({err}); {kept}")
+
+    model_state, optim_state = get_state_dict(model, opt)
+    try:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+    except Exception as err:  # every rank: DCP gathers the ranks' failures
+        raise failed(err) from err
+    if leader:
+        try:
+            save_checkpoint(tmp / STATE, payload)
+        except RunError as err:
+            raise failed(err.__cause__ or err) from err
         old = RunFolder(path.parent).replaced
         if path.exists():
             os.replace(path, old)
@@ -583,8 +590,6 @@ class RunFolder:
     def recover(self) -> bool:
         """Put back the previous fsdp checkpoint a kill left under :attr:`replaced` (True), or delete it if the new
         one is in place."""
-        import shutil
-
         if not self.replaced.is_dir():
             return False
         if (self.path / CHECKPOINT_DIR).exists():
@@ -726,8 +731,6 @@ def resume_refused(path: Path, changes: list[str]) -> ValueError:
 def _prepare_folder(folder: RunFolder, cfg: TrainConfig) -> None:
     """Remove killed writers' temporaries; refuse a run a new run would mix with, or with ``overwrite`` move it
     aside."""
-    import shutil
-
     if folder.recover():
         _say(f"put back the checkpoint a killed writer had moved to {folder.replaced}")
     stale = folder.stale_temporaries()
