@@ -254,7 +254,7 @@ def run(problem: Counterexample, methods: Iterable[str] = ("full", "galore", "lb
     seeds = list(seeds)
     settings = Settings(optimizer, steps, lr, update_proj_gap, momentum, dampening, tuple(betas), eps, scale,
                         state_on_refresh, log_every, weight_decay)
-    _validate(settings, batch, seeds, engine, auto=any(False))
+    _validate(settings, batch, seeds, engine, auto=any(m.auto for m in methods))
     runs = [(m, s) for m in methods for s in seeds]
     if not runs:
         raise ValueError("Nothing to run: methods and seeds must not be empty")
