@@ -1,15 +1,16 @@
 """When to switch, on a language model in its noise-dominated phase: Full, GaLore, GoLore@20%, L.B. GaLore, GoLore@auto.
 
 The ``late`` pre-training recipe of :func:`golore_lab.lm.pretrain.recipe` (a 2-layer, width-64 LLaMA trained
-for 2000 AdamW steps on batches of 2 × 32 tokens) runs long enough, with noisy enough gradients, that the SVD of
-one batch captures clearly less of the true gradient late in training than early on. Three parts, all AdamW:
+for 800 AdamW steps on batches of 2 × 32 tokens, rank 16, τ = 40) runs long enough, with noisy enough gradients,
+that the SVD of one batch captures less of the true gradient late in training than early on. Three parts, all
+AdamW:
 
 * ``kappa``: the real-model κ measurement (:func:`golore_lab.lm.noise_study.run_study`, full AdamW at the
   recipe's default learning rate): every ``kappa_every`` steps, for each attention and MLP matrix, the captured
   fraction of its true gradient (a fixed reference set of training windows) by the top-r SVD of one batch, of
   an 8× batch, by a random basis and by the true gradient's own SVD;
 * ``tune``: each method at each learning rate of ``lrs`` with seed ``tune_seed``; the method's learning rate is
-  the one with the lowest final *validation* loss (:func:`tuned_lrs`);
+  the one with the lowest final *validation* loss (:func:`tuned_lrs`; a run that diverges counts as inf);
 * ``final``: each method at its tuned learning rate with ``seeds`` (fresh seeds: the tuning seed is not
   among them, so the comparison is not biased by the selection).
 
@@ -51,7 +52,7 @@ class Config:
     tune_seed: int = 0
     steps: int | None = None
     eval_windows: int = 256
-    kappa_every: int = 50
+    kappa_every: int = 40
     reference_windows: int = 256
     methods: tuple[str, ...] = METHODS
 
@@ -94,12 +95,18 @@ def _train_job(config: Config, part: str, method: str, lr: float, seed: int) -> 
     import torch
 
     from ..lm.model import is_subspace_weight
-    from ..lm.train import train
+    from ..lm.train import RunError, train
 
     torch.set_num_threads(1)
     task = _task(config)
+    cfg = train_config(config, method, lr, seed)
     start = time.perf_counter()
-    result = train(task, train_config(config, method, lr, seed))
+    try:
+        result = train(task, cfg)
+    except RunError:  # diverged: a final loss of inf, which tuning never selects
+        return pd.DataFrame({"row": ["curve"], "step": [cfg.steps], "val_loss": [math.inf], "val_ppl": [math.inf],
+                             "part": part, "method": method, "seed": seed, "lr": lr,
+                             "run_seconds": time.perf_counter() - start})
     seconds = time.perf_counter() - start
     curve = pd.DataFrame([h for h in result.history if "val_loss" in h])[["step", "train_loss", "val_loss", "val_ppl"]]
     frames = [curve.assign(row="curve")]
