@@ -72,3 +72,36 @@ def test_lm_run_reports_its_switches_in_the_result_and_the_run_folder(task, tmp_
     assert all(e["step"] % 4 == 0 and 4 <= e["step"] < 60 and e["signal"] < e["random_signal"] for e in saved)
     galore = train(task, replace(cfg, method="galore", out_dir=None))
     assert galore.switch_log == []
+
+
+def _grid_frame() -> "pd.DataFrame":
+    """A hand-made fig6 frame: two methods, a tuning part with one diverged run, three paired final seeds."""
+    import pandas as pd
+
+    rows = [dict(part="tune", method=m, seed=0, lr=lr, row="curve", step=10, val_loss=v)
+            for m, lr, v in (("galore", 1e-3, 5.0), ("galore", 1e-2, 4.0), ("full", 1e-3, 4.5),
+                             ("full", 1e-2, float("inf")))]
+    rows += [dict(part="final", method="galore", seed=s, lr=1e-2, row="curve", step=10, val_loss=v, val_ppl=v)
+             for s, v in ((1, 4.0), (2, 4.2), (3, 4.1))]
+    rows += [dict(part="final", method="full", seed=s, lr=1e-3, row="curve", step=10, val_loss=v, val_ppl=v)
+             for s, v in ((1, 4.5), (2, 4.9), (3, 4.3))]
+    rows += [dict(part="final", method="full", seed=1, lr=1e-3, row="curve", step=5, val_loss=9.0, val_ppl=9.0)]
+    return pd.DataFrame(rows)
+
+
+def test_fig6_tunes_on_the_last_validation_loss_and_never_picks_a_diverged_run():
+    from golore_lab.artefacts import fig6_when_to_switch as fig6
+
+    assert fig6.tuned_lrs(_grid_frame()) == {"galore": 1e-2, "full": 1e-3}
+
+
+def test_fig6_paired_differences_and_t_interval():
+    from scipy import stats
+
+    from golore_lab.artefacts import fig6_when_to_switch as fig6
+
+    (row,) = fig6.paired(_grid_frame()).to_dict("records")  # full − galore per seed: 0.5, 0.7, 0.2
+    half = stats.t.ppf(0.975, 2) * np.std([0.5, 0.7, 0.2], ddof=1) / np.sqrt(3)
+    assert row["method"] == "full" and row["seeds"] == 3
+    assert row["mean"] == pytest.approx(0.4666667) and row["high"] - row["mean"] == pytest.approx(half)
+    assert row["mean"] - row["low"] == pytest.approx(half)
