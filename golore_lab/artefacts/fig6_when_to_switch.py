@@ -289,7 +289,7 @@ def plot(frame: pd.DataFrame) -> plt.Figure:
     b.set_xlabel("step")
     b.set_ylabel("captured fraction κ of the true gradient")
     b.set_title("Full AdamW: what the SVD of one batch captures", fontsize=10)
-    b.legend(fontsize=7, loc="lower left")
+    b.legend(fontsize=7, loc="center right")
 
     summary = kappa_summary(frame).set_index("layer")
     records = switches(frame)
