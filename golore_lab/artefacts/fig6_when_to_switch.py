@@ -1,9 +1,9 @@
 """When to switch, on a language model in its noise-dominated phase: Full, GaLore, GoLore@20%, L.B. GaLore, GoLore@auto.
 
 The ``late`` pre-training recipe of :func:`golore_lab.lm.pretrain.recipe` (a 2-layer, width-64 LLaMA trained
-for 800 AdamW steps on batches of 2 × 32 tokens, rank 16, τ = 40) runs long enough, with noisy enough gradients,
-that the SVD of one batch captures less of the true gradient late in training than early on. Three parts, all
-AdamW:
+for 6000 AdamW steps on batches of 2 × 32 tokens, rank 16, τ = 100) runs long enough, with noisy enough
+gradients, that the SVD of one batch captures less of the true gradient late in training than early on. Three
+parts, all AdamW:
 
 * ``kappa``: the real-model κ measurement (:func:`golore_lab.lm.noise_study.run_study`, full AdamW at the
   recipe's default learning rate): every ``kappa_every`` steps, for each attention and MLP matrix, the captured
@@ -21,7 +21,8 @@ GoLore@auto runs also record, per matrix, the step of its switch (the optimizer'
 The frame: one row per logged evaluation (``row = "curve"``), per auto-switch record (``row = "switch"``) and
 per κ measurement (``row = "kappa"``); ``part, method, seed, lr`` identify the run. Presets: ``fast`` (the tiny
 model, 40 steps, 2 lrs, 1 final seed: a smoke test of the path, not a result), ``default`` (the figure and the
-docs' table: 3 lrs, 5 final seeds, about 40 minutes with 2 processes on a 2-core machine), ``full`` (= default).
+docs' table: 3 lrs, 5 final seeds; 41 single-thread runs of 1–2 minutes, about half an hour with 2 processes
+on a shared 2-core machine), ``full`` (= default).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class Config:
     tune_seed: int = 0
     steps: int | None = None
     eval_windows: int = 256
-    kappa_every: int = 40
+    kappa_every: int = 300
     reference_windows: int = 256
     methods: tuple[str, ...] = METHODS
 
