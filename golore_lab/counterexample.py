@@ -18,7 +18,9 @@ Everything here works on batches: X of shape (runs, n, n). :func:`run` produces 
 Figure 1 with either engine: ``"fast"``, a batched numpy kernel for this quadratic (all methods and seeds in
 one array, the subspace iterate kept in r × n coordinates), or ``"optimizer"``, a plain step-by-step loop
 over :class:`golore_lab.SubspaceSGD` / :class:`golore_lab.SubspaceAdamW`. They are one algorithm at two
-speeds: the tests check them step by step against each other.
+speeds: the tests check them step by step against each other. ``golore@auto`` (the optimizers'
+``switch_step="auto"``) always runs on the optimizer engine, whichever engine is asked for: its test needs
+the projected gradient of every step, which the fast engine's closed-form SGD periods never form.
 """
 from __future__ import annotations
 
@@ -190,17 +192,21 @@ class Method:
 
     name: str
     full: bool = False
-    switch_step: int | None = None  # refreshes at t >= switch_step are random (0: GoLore throughout)
-    refresh_batch: int = 1
+    switch_step: int | str | None = None  # refreshes at t >= switch_step are random (0: GoLore throughout);
+    refresh_batch: int = 1                # "auto": decided by the optimizer (GoLore@auto)
+
+    @property
+    def auto(self) -> bool:
+        return self.switch_step == "auto"
 
     def projection_at(self, step: int) -> str:
         return "random" if self.switch_step is not None and step >= self.switch_step else "svd"
 
 
 def run_method(name: str, steps: int, batch: int = 100) -> Method:
-    """A method name of :mod:`golore_lab.methods` (``full``, ``galore``, ``golore@X``, ``lb-galore``) for a run
-    of ``steps`` steps: GoLore@X switches at step round((1 − X/100) · steps), L.B. GaLore refreshes with a
-    batch of ``batch``."""
+    """A method name of :mod:`golore_lab.methods` (``full``, ``galore``, ``golore@X``, ``golore@auto``,
+    ``lb-galore``) for a run of ``steps`` steps: GoLore@X switches at step round((1 − X/100) · steps),
+    GoLore@auto when its optimizer decides, L.B. GaLore refreshes with a batch of ``batch``."""
     method = parse_name(name)
     return Method(name, full=method.full, switch_step=method.switch_step(steps),
                   refresh_batch=batch if method.large_batch else 1)
@@ -250,25 +256,40 @@ def run(problem: Counterexample, methods: Iterable[str] = ("full", "galore", "lb
     matrix is projected on the left (P ∈ St(n, r), the paper's convention). Seed s drives the run's noise
     (a ``torch.Generator`` seeded with s) and its random projections (the optimizer's ``seed=s``); all methods
     with the same seed see the same noise until their batches differ.
+
+    ``frame.attrs["switch_steps"]`` maps ``(method, seed)`` of every ``golore@auto`` run to the step of its
+    switch to random subspaces (None: it never switched), from the optimizer's ``switch_log``.
     """
     methods = [run_method(m, steps, batch) for m in methods]
     seeds = list(seeds)
     settings = Settings(optimizer, steps, lr, update_proj_gap, momentum, dampening, tuple(betas), eps, scale,
                         state_on_refresh, log_every, weight_decay)
-    _validate(settings, batch, seeds, engine)
+    _validate(settings, batch, seeds, engine, auto=any(m.auto for m in methods))
     runs = [(m, s) for m in methods for s in seeds]
     if not runs:
         raise ValueError("Nothing to run: methods and seeds must not be empty")
+    slow = [i for i, (m, _) in enumerate(runs) if engine == "optimizer" or m.auto]
+    fast = [i for i in range(len(runs)) if i not in slow]
+    logs = np.empty((len(LOGGED), len(runs), steps // log_every + 1))
+    switch_steps = {}
     with num_threads(1):  # tiny matrices: OpenMP threads only add overhead (and stall on a busy machine)
-        logs = (_run_fast if engine == "fast" else _run_optimizer)(problem, runs, settings, progress)
+        if fast:
+            logs[:, fast] = _run_fast(problem, [runs[i] for i in fast], settings, progress)
+        if slow:
+            logs[:, slow], switch_logs = _run_optimizer(problem, [runs[i] for i in slow], settings, progress)
+            for i, log in zip(slow, switch_logs):
+                if runs[i][0].auto:
+                    switch_steps[(runs[i][0].name, runs[i][1])] = log[0]["step"] if log else None
     logged = np.arange(logs.shape[2]) * log_every
     frames = [pd.DataFrame({"method": m.name, "optimizer": optimizer, "seed": s, "step": logged,
                             **{column: logs[j, i] for j, column in enumerate(LOGGED)}})
               for i, (m, s) in enumerate(runs)]
-    return pd.concat(frames, ignore_index=True)
+    frame = pd.concat(frames, ignore_index=True)
+    frame.attrs["switch_steps"] = switch_steps
+    return frame
 
 
-def _validate(s: Settings, batch: int, seeds: list, engine: str) -> None:
+def _validate(s: Settings, batch: int, seeds: list, engine: str, auto: bool = False) -> None:
     if s.optimizer not in ("sgd", "adamw"):
         raise ValueError(f"Invalid optimizer: {s.optimizer!r} (must be 'sgd' or 'adamw')")
     if engine not in ("fast", "optimizer"):
@@ -289,6 +310,9 @@ def _validate(s: Settings, batch: int, seeds: list, engine: str) -> None:
         raise ValueError(f"Invalid seeds: {seeds!r} (must be distinct)")
     # the remaining hyper-parameters are validated by the optimizers themselves:
     _make_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], s, Method("galore"), rank=1, seed=0)
+    if auto:  # e.g. update_proj_gap too short for the test, refused before any run is computed
+        _make_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], s, Method("golore@auto", switch_step="auto"),
+                        rank=1, seed=0)
 
 
 def _make_optimizer(params, s: Settings, method: Method, rank: int, seed: int):
@@ -306,11 +330,15 @@ def _make_optimizer(params, s: Settings, method: Method, rank: int, seed: int):
 
 # ---------------------------------------------------------------------------------------------- engines
 def _run_optimizer(problem: Counterexample, runs, s: Settings, progress: bool):
-    """The slow engine: one parameter, one library optimizer, one step at a time, per run."""
+    """The slow engine: one parameter, one library optimizer, one step at a time, per run.
+
+    Returns the logs and each run's ``switch_log`` (empty unless GoLore@auto switched).
+    """
     from tqdm import tqdm
 
     n_logs = s.steps // s.log_every + 1
     logs = np.empty((len(LOGGED), len(runs), n_logs))
+    switch_logs = []
     k = problem.n - problem.r
     for i, (method, seed) in enumerate(tqdm(runs, disable=not progress, desc="runs")):
         X = torch.nn.Parameter(problem.x0.clone())
@@ -336,7 +364,8 @@ def _run_optimizer(problem: Counterexample, runs, s: Settings, progress: bool):
                 block = next(stream)
             X.grad = problem.stochastic_grad(X.detach(), block[t % s.update_proj_gap])
             opt.step()
-    return logs
+        switch_logs.append(opt.switch_log() if not method.full else [])
+    return logs, switch_logs
 
 
 def _run_fast(problem: Counterexample, runs, s: Settings, progress: bool):

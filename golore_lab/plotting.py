@@ -1,6 +1,6 @@
 """One palette, one set of labels and markers for every figure of the package, and the PNG writer.
 
-Methods are styled by family (Full, GaLore, L.B. GaLore, GoLore@X%); the label is
+Methods are styled by family (Full, GaLore, L.B. GaLore, GoLore@X%, GoLore@auto); the label is
 :attr:`golore_lab.methods.Method.label`. Each family has its own colour, marker and line style, so the
 curves stay distinguishable in greyscale and for colour-blind readers.
 """
@@ -20,6 +20,7 @@ STYLE = {
     "galore": ("#D55E00", "s", "-"),
     "lb-galore": ("#009E73", "D", "--"),
     "golore": ("#CC79A7", "o", "-."),
+    "golore@auto": ("#56B4E9", "v", ":"),
 }
 #: the neutral colour of reference data (closed forms, random instances)
 GREY = "#777777"
@@ -31,12 +32,14 @@ RENDERED_WITH = "3.11.2"
 
 
 def family(method: str) -> str:
-    """``full``, ``galore``, ``lb-galore`` or ``golore`` (every ``golore@X``)."""
+    """``full``, ``galore``, ``lb-galore``, ``golore`` (every ``golore@X``) or ``golore@auto``."""
     m = parse(method)
     if m.full:
         return "full"
     if m.large_batch:
         return "lb-galore"
+    if m.auto:
+        return "golore@auto"
     return "golore" if m.random_fraction is not None else "galore"
 
 

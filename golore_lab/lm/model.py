@@ -34,6 +34,7 @@ PRESETS = {
     # name: (dim, n_layers, n_heads, hidden_dim, max_seq_len)
     "tiny": (32, 2, 2, 88, 64),     # tests: ~0.03 M non-embedding parameters
     "cpu": (128, 4, 4, 344, 128),   # figures on a 2-core CPU: ~0.8 M non-embedding parameters
+    "late": (64, 2, 2, 172, 32),    # long small-batch CPU runs that reach the noise-dominated phase: ~0.1 M
     "60m": (512, 8, 8, 1376, 256),  # the paper's LLaMA-60M (with its 32k T5 vocabulary: ~58 M parameters)
 }
 
@@ -61,7 +62,8 @@ class LlamaConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LlamaConfig":
-        """A named size: ``tiny`` (tests), ``cpu`` (figures), ``60m`` (the paper's), with field overrides."""
+        """A named size: ``tiny`` (tests), ``cpu`` (figures), ``late`` (the when-to-switch runs), ``60m`` (the
+        paper's), with field overrides."""
         if name not in PRESETS:
             raise ValueError(f"Unknown model preset: {name!r} (choose from {sorted(PRESETS)})")
         dim, n_layers, n_heads, hidden_dim, max_seq_len = PRESETS[name]

@@ -13,6 +13,11 @@ steps, warm-up         10k, 1k                    160, 16
 rank / dim, tau        128 / 512, 200             32 / 128, 16 (same r/d; T/tau 50 -> 10)
 =====================  =========================  ===========================================
 
+``--model late`` is a smaller model trained much longer with a tiny batch (d 64, 2 layers, 2 heads, MLP 172,
+context 32; batch 2 x 32 tokens, 6000 steps, warm-up 300, rank 16 of 64, tau 100): late in training the SVD of
+one batch captures clearly less of the true gradient than early on, the regime GoLore@auto is about
+(``golore_lab.artefacts.fig6_when_to_switch``).
+
 Runs unchanged under ``torchrun --standalone --nproc-per-node N`` (DDP; ``--batch-size`` is global). Examples::
 
     python -m golore_lab pretrain --method golore@20 --optimizer adamw --seed 1 --out runs/golore
@@ -64,6 +69,8 @@ def recipe(model: str = "cpu", **overrides) -> TrainConfig:
     base = {
         "tiny": dict(steps=40, batch_size=8, warmup_steps=4, rank=8, update_proj_gap=5, eval_every=10, log_every=5),
         "cpu": dict(steps=160, batch_size=8, warmup_steps=16, rank=32, update_proj_gap=16, eval_every=16, log_every=4),
+        "late": dict(steps=6000, batch_size=2, warmup_steps=300, rank=16, update_proj_gap=100, eval_every=500,
+                     log_every=50),
         "60m": dict(steps=10_000, batch_size=512, warmup_steps=1000, rank=128, update_proj_gap=200, eval_every=500,
                     log_every=10),
     }
@@ -145,7 +152,8 @@ class LMTask:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m golore_lab pretrain", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="cpu", choices=["tiny", "cpu", "60m"], help="model preset and recipe")
+    parser.add_argument("--model", default="cpu", choices=["tiny", "cpu", "late", "60m"],
+                        help="model preset and recipe")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: the preset's)")
     parser.add_argument("--eval-windows", type=int, default=48, help="validation windows per evaluation")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help="BPE vocabulary of the corpus")

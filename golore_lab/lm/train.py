@@ -3,9 +3,11 @@
 What differs between experiments is a :class:`Task` (model, data stream, loss, evaluation); everything the
 paper holds fixed across methods lives here, so that methods differ *only* in the optimizer:
 
-* optimizer: ``method`` in {full, galore, golore@X, lb-galore} (:mod:`golore_lab.methods`) x ``optimizer`` in
-  {adamw, sgd (heavy-ball)} (:func:`make_optimizer`). GoLore@X% is SVD projections for steps t < K and random
-  ones from K on, with K = round((1 - X/100) * T); L.B. GaLore is GaLore fed ``refresh_batch_factor`` times
+* optimizer: ``method`` in {full, galore, golore@X, golore@auto, lb-galore} (:mod:`golore_lab.methods`) x
+  ``optimizer`` in {adamw, sgd (heavy-ball)} (:func:`make_optimizer`). GoLore@X% is SVD projections for steps
+  t < K and random ones from K on, with K = round((1 - X/100) * T); GoLore@auto switches each matrix on its
+  own when the optimizer's test finds its SVD subspace noise-dominated (``switch_step="auto"``, optimizer path
+  only); L.B. GaLore is GaLore fed ``refresh_batch_factor`` times
   the batch at refresh steps (``microbatches(opt, base, refresh)``), for both the SVD and that step;
 * learning rate eta_t = lr * s(t): linear warm-up over ``warmup_steps``, then cosine (or linear) decay to
   ``min_lr_ratio * lr`` at step T (:func:`lr_factor`);
@@ -39,7 +41,8 @@ paper holds fixed across methods lives here, so that methods differ *only* in th
 A run folder (``out_dir``) holds one run (:class:`RunFolder`): ``checkpoint.pt`` (written to a temporary file
 and renamed; with ``fsdp`` the folder ``checkpoint/``, written under a temporary name and renamed),
 ``metrics.jsonl`` and ``metrics.csv`` (one line appended per logged row; on ``resume`` both are rewritten from the
-rows up to the checkpoint's step, through a temporary file), and ``.lock``, which one process holds while it
+rows up to the checkpoint's step, through a temporary file), ``switches.json`` (GoLore@auto: the optimizer's
+``switch_log`` at the last checkpoint, rewritten atomically), and ``.lock``, which one process holds while it
 trains there. A new run into a folder that holds a run is refused unless ``overwrite`` moves that
 run aside; ``resume`` refuses a configuration whose result would differ from the checkpoint's
 (:data:`RESUME_MAY_CHANGE` lists the options that may change).
@@ -85,6 +88,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_DIR = "checkpoint"          # with fsdp: a torch.distributed.checkpoint folder, holding STATE too
 STATE = "state.pt"
+#: GoLore@auto's per-matrix switch records (``switch_log`` of the optimizer) in a run folder
+SWITCHES = "switches.json"
 #: The :class:`TrainConfig` fields a resumed run may change: where it stops, how it is watched and saved, and the
 #: device. Every other field, and every option of the task (:meth:`Task.options`), is part of the run's identity
 #: (:func:`run_identity`) and must match the checkpoint's, because changing it changes the result.
@@ -131,7 +136,7 @@ class Task(Protocol):
 class TrainConfig:
     """Everything the loop needs besides the task. Invalid values raise ``ValueError`` naming the value."""
 
-    method: str = "full"               # full, galore, golore@X, lb-galore (golore_lab.methods)
+    method: str = "full"               # full, galore, golore@X, golore@auto, lb-galore (golore_lab.methods)
     optimizer: str = "adamw"
     path: str = "optimizer"            # "wrapper": SubspaceModel + torch.optim (see the module docstring)
     steps: int = 200
@@ -209,6 +214,9 @@ class TrainConfig:
         if self.path == "wrapper" and self.fsdp:
             raise ValueError("Invalid path: 'wrapper' with fsdp (FSDP2 shards the task's own matrices, which the "
                              "subspace optimizers train directly; use path 'optimizer' with fsdp, or drop fsdp)")
+        if self.spec.auto and (self.fsdp or self.path == "wrapper"):
+            raise ValueError(f"Invalid method: 'golore@auto' with {'fsdp' if self.fsdp else 'path wrapper'} (GoLore@auto "
+                             "runs on the optimizer path without sharding; use golore@X there)")
         if self.path == "wrapper" and self.optimizer == "sgd" and self.weight_decay:
             raise ValueError(f"Invalid weight_decay: {self.weight_decay} with path 'wrapper' and optimizer 'sgd' "
                              "(torch.optim.SGD's coupled decay would shrink the factors, not the merged weights; "
@@ -220,8 +228,9 @@ class TrainConfig:
         return parse(self.method)
 
     @property
-    def switch_step(self) -> int | None:
-        """K for GoLore@X%: SVD refreshes before step K, random from K on (None for the other methods)."""
+    def switch_step(self) -> int | str | None:
+        """K for GoLore@X%: SVD refreshes before step K, random from K on; "auto" for GoLore@auto (None for the
+        other methods)."""
         return self.spec.switch_step(self.steps)
 
 
@@ -556,7 +565,7 @@ class RunFolder:
     to a sibling folder ``<name>.replaced-<time>`` and returns it.
     """
 
-    RUN_FILES = (CHECKPOINT, CHECKPOINT_DIR, "metrics.jsonl", "metrics.csv", "test_metrics.json")
+    RUN_FILES = (CHECKPOINT, CHECKPOINT_DIR, "metrics.jsonl", "metrics.csv", SWITCHES, "test_metrics.json")
     LOCK = ".lock"
 
     def __init__(self, path: Path | str):
@@ -689,6 +698,7 @@ class TrainResult:
     step: int = 0
     wrapped: nn.Module | None = None   # path "wrapper": the SubspaceModel (``model`` holds its merged weights)
     micro_batch_size: int = 0          # examples per rank per micro-batch the run trained with
+    switch_log: list[dict] = field(default_factory=list)  # GoLore@auto: the optimizer's ``switch_log()``
 
 
 # --------------------------------------------------------------------------------------------- loop
@@ -870,6 +880,8 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
                 "tokens": tokens, "window": window, "metric_names": metric_names, "rng_cpu": torch.get_rng_state(),
                 "config": config_dict(cfg), "identity": identity,
             }, saved_step)
+            if cfg.spec.auto:
+                atomic_write_text(out_dir / SWITCHES, json.dumps(opt.switch_log(), indent=1) + "\n")
         saved_step = step
         if world > 1:
             dist.barrier()
@@ -944,10 +956,11 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
     final = {k: v for k, v in (log.rows[-1] if log.rows else {}).items() if k in metric_names}
     if wrapped is not None:  # hand back the task's own architecture, with the merged weights
         model = unwrapped_copy(wrapped)
+    switches = opt.switch_log() if cfg.spec.auto else []
     if cfg.fsdp:  # every rank gets the plain model with the full weights (one all-gather)
         model = full_copy(task, model, cfg.seed, device)
     return TrainResult(history=log.rows, model=model, final=final, step=step, wrapped=wrapped,
-                       micro_batch_size=micro)
+                       micro_batch_size=micro, switch_log=switches)
 
 
 def _reconcile_metrics(out_dir: Path, step: int) -> list[dict]:
@@ -989,9 +1002,10 @@ def add_train_arguments(parser, defaults: TrainConfig | None = None) -> None:
             parser.add_argument(flag, type=finite_float, nargs=2, default=default, metavar=("BETA1", "BETA2"),
                                 help=f"(default: {default})")
         elif f.name == "method":
-            parser.add_argument(flag, default=default, metavar="{full,galore,golore@X,lb-galore}",
-                                help="golore@X: GaLore, then random subspaces for the last X%% of the steps "
-                                     "(default: %(default)s)")
+            parser.add_argument(flag, default=default, metavar="{full,galore,golore@X,golore@auto,lb-galore}",
+                                help="golore@X: GaLore, then random subspaces for the last X%% of the steps; "
+                                     "golore@auto: each matrix switches when the optimizer finds its SVD "
+                                     "subspace noise-dominated (default: %(default)s)")
         elif f.name in ("optimizer", "path", "schedule", "device"):
             allowed = {"optimizer": OPTIMIZERS, "path": PATHS, "schedule": SCHEDULES,
                        "device": ("auto", "cpu", "cuda")}[f.name]

@@ -1,10 +1,10 @@
 """The counterexample numbers of docs/when_to_switch.md: GoLore@auto against GaLore and GoLore@x%.
 
-    PYTHONPATH=. python docs/when_to_switch_runs.py [--quick] [--only paper|others]
+    PYTHONPATH=. python bench/when_to_switch.py [--quick] [--only paper|others]
 
-GoLore@auto runs step by step through the library optimizer (the ``"optimizer"`` engine's loop, with the
-optimizer's ``switch_log``); GaLore and GoLore@x% come from :func:`golore_lab.counterexample.run` (fast
-engine, same noise stream per seed). Prints one table per panel: f − f* at the end (mean ± std over seeds),
+Every run comes from :func:`golore_lab.counterexample.run` with the same noise stream per seed: GaLore and
+GoLore@x% on the fast engine, ``golore@auto`` (which always runs step by step through the library optimizer)
+with its switch steps in ``frame.attrs["switch_steps"]``. Prints one table per panel: f − f* at the end (mean ± std over seeds),
 the auto switch step per seed (None: never), the first logged step where GaLore's true captured fraction κ is
 below r/m, and the step where GaLore's loss comes within 1% of f(X₀) − plateau of its closed-form plateau
 (−1: never).
@@ -15,26 +15,9 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
 from golore_lab import counterexample as ce
-from golore_lab.optim import SubspaceAdamW, SubspaceSGD
 from golore_lab.threads import num_threads
-
-
-def drive_auto(problem: ce.Counterexample, optimizer: str, steps: int, lr: float, gap: int, seed: int,
-               betas=(0.9, 0.999), eps: float = 1e-6) -> tuple[float, list[dict]]:
-    """One GoLore@auto run on ``problem``; returns (f(X_T), switch_log). Same noise stream as ``ce.run``."""
-    X = torch.nn.Parameter(problem.x0.clone())
-    kw = dict(rank=problem.r, update_proj_gap=gap, proj_type="left", switch_step="auto", seed=seed, lr=lr)
-    opt = SubspaceSGD([X], **kw) if optimizer == "sgd" else SubspaceAdamW([X], betas=betas, eps=eps, **kw)
-    stream = problem.noise_periods(torch.Generator().manual_seed(seed), gap)
-    for t in range(steps):
-        if t % gap == 0:
-            block = next(stream)
-        X.grad = problem.stochastic_grad(X.detach(), block[t % gap])
-        opt.step()
-    return problem.f(X.detach()).item(), opt.switch_log()
 
 
 def panel(problem, optimizer, steps, lr, gap, seeds, percents):
@@ -51,12 +34,9 @@ def panel(problem, optimizer, steps, lr, gap, seeds, percents):
     plateau_steps = [int(g[g.loss <= near].step.min()) if (g.loss <= near).any() else -1
                      for _, g in galore.groupby("seed")]
     start = time.time()
-    auto, switches = [], []
-    for seed in seeds:
-        f, log = drive_auto(problem, optimizer, steps, lr, gap, seed)
-        auto.append(f - problem.f_star)
-        switches.append(log[0]["step"] if log else None)
-    rows["golore@auto"] = np.array(auto)
+    auto = ce.run(problem, ["golore@auto"], optimizer, steps, lr, gap, seeds, log_every=steps)
+    rows["golore@auto"] = auto[auto.step == steps].loss.to_numpy() - problem.f_star
+    switches = [auto.attrs["switch_steps"][("golore@auto", seed)] for seed in seeds]
     print(f"\n{problem!r}, {optimizer}, {steps} steps, lr {lr}, gap {gap}, seeds {list(seeds)} "
           f"(auto: {time.time() - start:.0f} s)")
     for m, v in rows.items():
