@@ -13,7 +13,7 @@ import torch
 from . import SubspaceAdamW, SubspaceSGD, methods, microbatches
 
 #: the methods compared (names as everywhere in the package, :mod:`golore_lab.methods`)
-METHODS = ("full", "galore", "golore@100", "golore@20", "lb-galore")
+METHODS = ("full", "galore", "golore@100", "golore@20", "golore@auto", "lb-galore")
 LARGE_BATCH = 16  # L.B. GaLore's micro-batches at refresh steps
 
 
