@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from golore_lab import SubspaceAdamW  # noqa: E402
 from golore_lab.fileio import atomic_write_text  # noqa: E402
+from optimizer_step import state_bytes  # noqa: E402  (bench/ is on the path when run as a script)
 
 HIDDEN, MLP, LAYERS, RANK = 512, 1376, 8, 128
 DEVICE = "cuda"
@@ -70,17 +71,6 @@ def build(name: str, matrices, others, gap: int):
     if name.endswith("deferred"):
         opt.finite_check = "deferred"
     return opt
-
-
-def state_bytes(optimizer) -> int:
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                total += value.numel() * value.element_size()
-            elif getattr(value, "ortho_matrix", None) is not None:  # galore-torch keeps its basis in a projector
-                total += value.ortho_matrix.numel() * value.ortho_matrix.element_size()
-    return total
 
 
 def measure(name: str, args) -> dict:
