@@ -550,8 +550,9 @@ class SubspaceOptimizer(Optimizer):
         """GoLore@auto's switches so far, one record per switched parameter in parameter order.
 
         Keys: ``name`` (from ``param_names``, else ``param_groups[g]['params'][i]``), ``position``, ``step`` (the
-        refresh whose basis was the first random one), ``signal`` and ``random_signal`` (the estimates â_P and
-        â_Π of :class:`golore_lab.switching.SwitchTest` that triggered it). ``pandas.DataFrame(opt.switch_log())``
+        refresh whose basis was the first random one), ``signal``, ``random_signal`` and ``t`` (the estimates of
+        ‖Pᵀg‖² and (r/d)‖g‖² and the t-statistic of the :class:`golore_lab.switching.SwitchTest` that triggered
+        it). ``pandas.DataFrame(opt.switch_log())``
         prints or plots it; it is rebuilt from the optimizer state, so it survives a checkpoint.
         """
         log, position = [], -1
@@ -563,7 +564,8 @@ class SubspaceOptimizer(Optimizer):
                 if switching.switched(state):
                     log.append({"name": names[pi] if names else f"param_groups[{gi}]['params'][{pi}]",
                                 "position": position, "step": state["auto_switched_at"],
-                                "signal": state["auto_signal"], "random_signal": state["auto_random_signal"]})
+                                "signal": state["auto_signal"], "random_signal": state["auto_random_signal"],
+                                "t": state["auto_t"]})
         return log
 
     def _refresh_state(self, group: dict[str, Any], state: dict[str, Any], side: str, transport: Tensor,

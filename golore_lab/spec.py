@@ -125,9 +125,10 @@ def check_subspace(settings: Mapping[str, Any]) -> dict[str, Any]:
         if out["switch_fraction"] is not None:
             raise ValueError(f"Conflicting switch: switch_step='auto' but switch_fraction={out['switch_fraction']!r}; "
                              "give one of the two")
-        if out["update_proj_gap"] <= switching.MIN_STEPS:
+        if out["update_proj_gap"] < switching.MIN_PERIOD:
             raise ValueError(f"Invalid update_proj_gap: {out['update_proj_gap']!r} (switch_step='auto' needs >= "
-                             f"{switching.MIN_STEPS + 1}: the test uses the steps of a period after its refresh step)")
+                             f"{switching.MIN_PERIOD}: the test pairs the steps of a period after its refresh step "
+                             f"and needs {switching.MIN_PAIRS} pairs)")
         return out
     out.update(resolve_switch(out["switch_step"], out["switch_fraction"], out["total_steps"]))
     return out
