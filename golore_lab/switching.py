@@ -50,7 +50,7 @@ MIN_PERIOD = MIN_PAIRS + 2
 #: the test's level: the most probability with which one refresh switches a parameter whose SVD basis is at
 #: least as good as a random one (one-sided, per refresh; the decision is permanent, so over N refreshes at
 #: most N · LEVEL)
-LEVEL = 1e-2
+LEVEL = 0.05
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class SwitchTest:
     switch: bool
 
 
-def critical_value(pairs: int, level: float = LEVEL) -> float:
+def critical_value(pairs: int, level: float | None = None) -> float:
     """The one-sided ``level`` quantile (negative) of Student's t with ⌊J/2⌋ − 1 degrees of freedom, J = ``pairs``.
 
     The J overlapping pairs hold ⌊J/2⌋ disjoint ones; counting only those is the conservative choice for a
@@ -81,10 +81,10 @@ def critical_value(pairs: int, level: float = LEVEL) -> float:
 
     if pairs < MIN_PAIRS:
         raise ValueError(f"Invalid pairs: {pairs!r} (the test needs at least {MIN_PAIRS})")
-    return float(stdtrit(max(pairs // 2 - 1, 1), level))
+    return float(stdtrit(max(pairs // 2 - 1, 1), LEVEL if level is None else level))
 
 
-def pair_test(x: Tensor, y: Tensor, rank: int, dim: int, probe_rank: int, level: float = LEVEL) -> SwitchTest:
+def pair_test(x: Tensor, y: Tensor, rank: int, dim: int, probe_rank: int, level: float | None = None) -> SwitchTest:
     """The test from the pair products ``x`` (J,) on the basis and ``y`` (J,) on the probe.
 
     D_j = (1 − r/d) x_j − (r/d)(d − r)/q · y_j for consecutive pairs j = (t, t + 1) is 1-dependent (D_j and

@@ -1,10 +1,12 @@
 """GoLore@auto: the statistic on synthetic streams of known SNR, and the switch inside the optimizers.
 
-The closed forms checked here are derived in docs/when_to_switch.md. For a period of k steps with
-G_t = g + E_t, E_t i.i.d. Gaussian with entry variance s², and D = â_P − â_Π with A = PPᵀ − ΠΠᵀ:
+The closed forms checked here are derived in docs/when_to_switch.md. For a period of gradients G_t = g + E_t,
+E_t i.i.d. Gaussian with entry variance s², the pair statistic of consecutive steps is
+D_j = ⟨G_t, A G_{t+1}⟩ with A = (1 − r/m) PPᵀ − (r/m)(m − r)/q · ΠΠᵀ (m × m, symmetric), and
 
-    E D = ‖Pᵀg‖² − ‖Πᵀg‖²,    Var D = (4/k) s² ‖A g‖² + 2 s⁴ n tr(A²) / (k(k−1))      (exact)
+    E D_j = ⟨g, A g⟩,   Var D_j = γ₀ = 2 s² ‖A g‖² + s⁴ n tr(A²),   Cov(D_j, D_{j+1}) = γ₁ = s² ‖A g‖²,
 
+and D_j, D_{j+2} are independent, so the mean of J pairs has variance (γ₀ + 2γ₁(J − 1)/J)/J (exact).
 Monte-Carlo tolerances are 4 standard errors of the simulated quantity.
 """
 from __future__ import annotations
@@ -35,12 +37,6 @@ def _stream(g: Tensor, s: float, k: int, trials: int, seed: int) -> Tensor:
     return g + s * torch.randn(trials, k, *g.shape, generator=generator, dtype=torch.float64)
 
 
-def _estimates(R: Tensor) -> Tensor:
-    """â of every trial of a (trials, k, ...) stream, through the library's estimator."""
-    k = R.shape[1]
-    return torch.stack([switching.signal_estimate(r.sum(0), r.square().sum(), k) for r in R])
-
-
 def _moments_ok(x: Tensor, mean: float, var: float) -> None:
     """Sample mean and variance of ``x`` agree with ``mean``/``var`` within 4 standard errors."""
     T = len(x)
@@ -52,73 +48,84 @@ def _moments_ok(x: Tensor, mean: float, var: float) -> None:
     assert abs(sample_var - var) < 4 * se_var, (sample_var, var, se_var)
 
 
+def _period(P: Tensor, Pi: Tensor, G: Tensor) -> dict:
+    """The optimizer state after :func:`switching.accumulate` of the (k, m, n) gradients G (left side)."""
+    state = {}
+    switching.start_period(state, Pi, (P.shape[1], G.shape[-1]), "left")
+    for grad in G:
+        switching.accumulate(state, P.T @ grad, Pi.T @ grad)
+    return state
+
+
 @pytest.mark.parametrize("snr", [0.0, 0.3, 3.0])
-def test_signal_estimate_is_unbiased_with_the_derived_variance(snr):
-    # R_t = μ + E_t in r × n with entry noise s: E â = ‖μ‖², Var â = (4/k) s²‖μ‖² + 2 d s⁴ / (k(k−1)), d = r n
-    r, n, k, s, trials = 3, 8, 20, 1.0, 4000
+def test_pair_products_are_unbiased_with_the_derived_variance(snr):
+    # R_t = μ + E_t in r × n (P = I): x_j = ⟨R_t, R_{t+1}⟩ has E x = ‖μ‖², Var x = 2 s²‖μ‖² + r n s⁴, and the
+    # accumulated pairs are the consecutive ones, J = k − 1 of them
+    r, n, k, s, trials = 3, 8, 6, 1.0, 3000
     mu = torch.randn(r, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     mu *= snr * s * math.sqrt(r * n) / mu.norm()  # ‖μ‖² = snr² · E‖E‖²
-    a = _estimates(_stream(mu, s, k, trials, seed=2))
+    R = _stream(mu, s, k, trials, seed=2)
+    eye = torch.eye(r, dtype=torch.float64)
+    x = torch.stack([_period(eye, eye, period)["auto_pairs"][:, 0] for period in R])  # (trials, k − 1)
+    assert x.shape == (trials, k - 1)
+    torch.testing.assert_close(x[0], (R[0, :-1] * R[0, 1:]).sum((1, 2)))
     signal = mu.square().sum().item()
-    _moments_ok(a, signal, 4 / k * s**2 * signal + 2 * r * n * s**4 / (k * (k - 1)))
+    _moments_ok(x[:, 0], signal, 2 * s**2 * signal + r * n * s**4)
 
 
-def test_signal_share_has_no_noise_floor_and_is_one_without_noise():
-    # Under isotropic Gaussian noise E[‖S‖²/Q] = 1 exactly (rotation invariance in time), so E ŝ = 0; the raw
-    # ratio ‖R̄‖²/mean‖R‖² would sit at 1/k. A constant stream is all signal: ŝ = 1.
-    k, trials = 10, 4000
-    R = _stream(torch.zeros(2, 5, dtype=torch.float64), 1.0, k, trials, seed=3)
-    shares = torch.stack([switching.signal_share(x.sum(0), x.square().sum(), k) for x in R])
-    raw = torch.stack([x.mean(0).square().sum() / x.square().sum((1, 2)).mean() for x in R])
-    assert abs(shares.mean().item()) < 4 * shares.std().item() / math.sqrt(trials)
-    assert abs(raw.mean().item() - 1 / k) < 4 * raw.std().item() / math.sqrt(trials)
-    constant = torch.randn(2, 5, dtype=torch.float64).expand(k, 2, 5)
-    assert switching.signal_share(constant.sum(0), constant.square().sum(), k).item() == pytest.approx(1.0)
-
-
-def _decisions(g, P, Pi, s, k, trials, seed):
-    """D = signal − random_signal of :func:`switching.decide` for ``trials`` periods of gradients g + E."""
-    G = _stream(g, s, k, trials, seed)  # (trials, k, m, n)
-    R, Z = P.T @ G, Pi.T @ G  # (trials, k, r, n), (trials, k, q, n)
-    D = []
-    for t in range(trials):
-        state = {"auto_steps": k, "auto_probe": Pi, "auto_sum": R[t].sum(0), "auto_sq": R[t].square().sum(),
-                 "auto_probe_sum": Z[t].sum(0), "auto_probe_sq": Z[t].square().sum()}
-        test = switching.decide(state, P.shape[1])
-        assert test.switch == (test.signal < test.random_signal)
-        D.append(test.signal - test.random_signal)
-    return torch.tensor(D, dtype=torch.float64)
-
-
-def _decision_moments(g, P, Pi, s, k):
-    # D = (1 − r/m) â_P − (r/m)(m − r)/q · â_Π is the estimator with weight matrix A = c_P PPᵀ − c_Π ΠΠᵀ
+def _decision_moments(g, P, Pi, s, pairs):
+    """E D̄ and Var D̄ of the mean of ``pairs`` consecutive-pair statistics (exact, see the module docstring)."""
     (m, r), q = P.shape, Pi.shape[1]
     A = (1 - r / m) * P @ P.T - r / m * (m - r) / q * Pi @ Pi.T
-    mean = (g * (A @ g)).sum()
-    var = 4 / k * s**2 * (A @ g).square().sum() + 2 * s**4 * g.shape[1] * torch.trace(A @ A) / (k * (k - 1))
-    return mean.item(), var.item()
+    Ag = (A @ g).square().sum().item()
+    gamma0 = 2 * s**2 * Ag + s**4 * g.shape[1] * torch.trace(A @ A).item()
+    gamma1 = s**2 * Ag
+    return (g * (A @ g)).sum().item(), (gamma0 + 2 * gamma1 * (pairs - 1) / pairs) / pairs
 
 
-@pytest.mark.parametrize("case", ["signal-in-P", "no-signal-in-P"])
-def test_decision_statistic_mean_variance_and_switch_rate(case):
-    # Left projection, m = 10, r = 3, n = 6; g of rank 4 with singular values 2, 1.5, 1, 0.5. "signal-in-P":
-    # P is g's top-r subspace (the SVD when the gradient dominates); "no-signal-in-P": P ⟂ g (the SVD locked
-    # on noise, as on the counterexample's plateau). The mean and variance of D are exact; the wrong-decision
-    # rate is bounded by Cantelli's inequality from them.
-    m, n, r, k, s, trials = 10, 6, 3, 30, 0.5, 3000
-    gen = torch.Generator().manual_seed(5)
+def _tests(g, P, Pi, s, k, trials, seed):
+    """The :class:`switching.SwitchTest` of ``trials`` periods of k gradients g + E, and their D̄."""
+    tests, means = [], []
+    (m, r), q = P.shape, Pi.shape[1]
+    for period in _stream(g, s, k, trials, seed):
+        state = _period(P, Pi, period)
+        test = switching.decide(state, r)
+        tests.append(test)
+        means.append(test.signal - test.random_signal)
+        assert test.switch == (test.t < test.threshold) and test.pairs == k - 1
+    return tests, torch.tensor(means, dtype=torch.float64)
+
+
+def _geometry(case: str, m: int = 10, n: int = 6, r: int = 3, seed: int = 5):
+    """g of rank 4 (singular values 2, 1.5, 1, 0.5); P its top-r subspace ("signal-in-P", what the SVD finds when
+    the gradient dominates), or orthogonal to it ("no-signal-in-P", the SVD locked on noise as on the
+    counterexample's plateau), or g = 0 ("pure-noise", the null's boundary E D = 0); a complement probe."""
+    gen = torch.Generator().manual_seed(seed)
     U, V = proj.random_stiefel(m, m, gen, torch.float64), proj.random_stiefel(n, 4, gen, torch.float64)
     g = U[:, :4] @ torch.diag(torch.tensor([2.0, 1.5, 1.0, 0.5], dtype=torch.float64)) @ V.T
-    P = U[:, :r] if case == "signal-in-P" else U[:, 4:4 + r]
-    Pi = switching.complement_probe(P, gen)
-    D = _decisions(g, P, Pi, s, k, trials, seed=6)
-    mean, var = _decision_moments(g, P, Pi, s, k)
+    P = U[:, 4:4 + r] if case == "no-signal-in-P" else U[:, :r]
+    return (0 * g if case == "pure-noise" else g), P, switching.complement_probe(P, gen)
+
+
+@pytest.mark.parametrize("case", ["signal-in-P", "no-signal-in-P", "pure-noise"])
+def test_decision_mean_variance_and_switch_rate(case):
+    # The mean of the period's pair statistics has the exact mean and variance above; the t-test switches at
+    # most LEVEL of the time where E D >= 0 ("signal-in-P", and "pure-noise" at the boundary E D = 0), and
+    # where E D < 0 at least as often as the normal approximation of its power says.
+    k, s, trials = 41, 1.0, 3000  # |E D̄| / sd D̄ = 5.6 ("signal-in-P") and 4.6 ("no-signal-in-P"): power 0.98
+    g, P, Pi = _geometry(case)
+    tests, D = _tests(g, P, Pi, s, k, trials, seed=6)
+    mean, var = _decision_moments(g, P, Pi, s, k - 1)
     _moments_ok(D, mean, var)
-    rate = (D < 0).double().mean().item()
-    wrong = rate if mean > 0 else 1 - rate
-    bound = var / (var + mean**2)
-    assert wrong <= bound + 4 * math.sqrt(bound * (1 - bound) / trials)
-    assert (mean > 0) == (case == "signal-in-P")
+    rate = sum(t.switch for t in tests) / trials
+    if case == "no-signal-in-P":
+        assert mean < 0
+        power = 0.5 * math.erfc((tests[0].threshold + abs(mean) / math.sqrt(var)) / math.sqrt(2))
+        assert rate >= power - 4 * math.sqrt(power * (1 - power) / trials), (rate, power)
+    else:
+        assert mean > 0 if case == "signal-in-P" else mean == 0
+        level = switching.LEVEL
+        assert rate <= level + 4 * math.sqrt(level * (1 - level) / trials), rate
 
 
 def test_complement_probe_is_orthonormal_outside_the_basis():
@@ -132,8 +139,9 @@ def test_complement_probe_is_orthonormal_outside_the_basis():
 
 
 def test_no_false_switch_without_noise():
-    # Exact, stationary gradients: â_P = ‖Pᵀg‖² for the top-r subspace P of g, which no r-dimensional
-    # subspace beats, so â_P >= â_Π for every probe Π: the false-switch probability is 0, not just small.
+    # Exact, stationary gradients: every pair gives x = ‖Pᵀg‖² for the top-r subspace P of g, which no
+    # r-dimensional subspace beats, so D > 0 for every probe Π, with no spread: t = +inf, the false-switch
+    # probability is 0, not just small.
     gen = torch.Generator().manual_seed(8)
     for _ in range(200):
         g = torch.randn(9, 7, generator=gen, dtype=torch.float64) * torch.rand(7, generator=gen, dtype=torch.float64)
@@ -144,18 +152,19 @@ def test_no_false_switch_without_noise():
         for _ in range(5):
             switching.accumulate(state, P.T @ g, Pi.T @ g)
         test = switching.decide(state, 3)
-        assert test.steps == 5 and not test.switch
+        assert test.pairs == 4 and not test.switch and test.t == math.inf
         assert test.signal == pytest.approx((P.T @ g).square().sum().item())
 
 
-def test_decide_needs_two_steps_and_estimator_rejects_fewer():
+def test_decide_needs_three_pairs():
     state = {}
     switching.start_period(state, torch.eye(4)[:, :2], (2, 3), "left")
-    assert switching.decide(state, 2) is None
-    switching.accumulate(state, torch.ones(2, 3), torch.ones(2, 3))
-    assert switching.decide(state, 2) is None
-    with pytest.raises(ValueError, match="Invalid steps: 1"):
-        switching.signal_estimate(torch.ones(2), torch.tensor(1.0), 1)
+    gen = torch.Generator().manual_seed(0)
+    for steps in range(1, 5):
+        switching.accumulate(state, torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen))
+        assert (switching.decide(state, 2) is None) == (steps < switching.MIN_PAIRS + 1)
+    with pytest.raises(ValueError, match="Invalid pairs: 2"):
+        switching.critical_value(2)
 
 
 # ------------------------------------------------------------------------------------------ in the optimizers
@@ -201,7 +210,7 @@ def test_bf16_parameter_keeps_float32_sums_and_switches_like_float64():
         X.grad = problem.stochastic_grad(X.detach().double(), block[t % 100]).to(torch.bfloat16)
         opt.step()
         if t == 50:
-            assert opt.state[X]["auto_sum"].dtype == torch.float32 and opt.state[X]["auto_probe"].dtype == X.dtype
+            assert opt.state[X]["auto_pairs"].dtype == torch.float32 and opt.state[X]["auto_probe"].dtype == X.dtype
     (entry,) = opt.switch_log()
     assert entry["step"] == 100
 
@@ -299,6 +308,6 @@ def test_switch_step_auto_validation():
     X = torch.nn.Parameter(torch.zeros(4, 4))
     with pytest.raises(ValueError, match=r"Invalid switch_step: 'automatic'"):
         SubspaceSGD([X], rank=2, switch_step="automatic")
-    with pytest.raises(ValueError, match=r"Invalid update_proj_gap: 2 \(switch_step='auto' needs >= 3"):
-        SubspaceAdamW([X], rank=2, update_proj_gap=2, switch_step="auto")
-    SubspaceAdamW([X], rank=2, update_proj_gap=3, switch_step="auto")
+    with pytest.raises(ValueError, match=r"Invalid update_proj_gap: 4 \(switch_step='auto' needs >= 5"):
+        SubspaceAdamW([X], rank=2, update_proj_gap=4, switch_step="auto")
+    SubspaceAdamW([X], rank=2, update_proj_gap=5, switch_step="auto")

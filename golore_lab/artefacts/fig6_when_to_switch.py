@@ -61,8 +61,8 @@ class Config:
 PRESETS = {
     "fast": Config("fast", "tiny", (3e-3, 1e-2), (1,), steps=40, eval_windows=16, kappa_every=4,
                    reference_windows=64),
-    "default": Config("default", "late", (1e-3, 3e-3, 1e-2), (1, 2, 3, 4, 5)),
-    "full": Config("full", "late", (1e-3, 3e-3, 1e-2), (1, 2, 3, 4, 5)),
+    "default": Config("default", "late", (3e-4, 1e-3, 3e-3, 1e-2), (1, 2, 3, 4, 5)),
+    "full": Config("full", "late", (3e-4, 1e-3, 3e-3, 1e-2), (1, 2, 3, 4, 5)),
 }
 GROUP_BY = ("part", "method", "seed")
 
@@ -119,6 +119,7 @@ def _train_job(config: Config, part: str, method: str, lr: float, seed: int) -> 
             "switch_step": [switched[i]["step"] if i in switched else math.nan for i in range(len(names))],
             "signal": [switched[i]["signal"] if i in switched else math.nan for i in range(len(names))],
             "random_signal": [switched[i]["random_signal"] if i in switched else math.nan for i in range(len(names))],
+            "t": [switched[i]["t"] if i in switched else math.nan for i in range(len(names))],
         }))
     out = pd.concat(frames, ignore_index=True)
     return out.assign(part=part, method=method, seed=seed, lr=lr, run_seconds=seconds)
@@ -173,7 +174,7 @@ def run(config: Config, workers: int = 2, log=print) -> pd.DataFrame:
             log(f"{NAME}: final {f.method.iloc[0]} seed {f.seed.iloc[0]}: val loss {f.val_loss.dropna().iloc[-1]:.4f} "
                 f"({f.run_seconds.iloc[0]:.0f} s, total {time.perf_counter() - start:.0f} s)")
     columns = ["part", "method", "seed", "lr", "row", "step", "train_loss", "val_loss", "val_ppl", "layer", "dim",
-               "rank", "svd", "svd_large", "random", "oracle", "snr", "switch_step", "signal", "random_signal",
+               "rank", "svd", "svd_large", "random", "oracle", "snr", "switch_step", "signal", "random_signal", "t",
                "run_seconds"]
     return pd.concat(frames, ignore_index=True).reindex(columns=columns)
 

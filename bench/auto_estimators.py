@@ -1,0 +1,133 @@
+"""Which pairs of a period estimate the captured signal on a language model: the evidence behind GoLore@auto's test.
+
+    PYTHONPATH=. python bench/auto_estimators.py [--steps 3000] [--lr 1e-3] [--out bench/results/auto_estimators.json]
+
+GaLore-AdamW on the ``late`` LLaMA (one thread, constant lr after a linear warm-up, clip 1, rank 16, τ = 100),
+with ``switch_step="auto"`` whose decisions are recorded but never acted on, so that the SVD basis stays in
+use. For every attention and MLP matrix and every period it keeps the projected gradients R_t = PᵀG_t and
+the probe's views, and at each refresh step the "truth": the gradient of 256 fixed training windows g and the
+new basis's ‖Pᵀg‖², ‖Πᵀg‖². Then, per period, the switch decision D < 0 of (1 − r/d)·x − (r/d)(d − r)/q·y with
+x, y estimated from: all pairs of the period (the estimator of the first version of the test), pairs at
+least 10 steps apart, consecutive pairs (point estimate), and the library's test (consecutive pairs and the
+t-test at ``switching.LEVEL``); the "truth" column uses ‖Pᵀg‖², ‖Πᵀg‖². Also the median ratio of each estimate
+of ‖Pᵀg‖² (and ‖Πᵀg‖²) to its truth: a ratio that is equal for P and Π leaves the decision unbiased (the
+small batch's gradient is clipped, which scales both alike).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from golore_lab import SubspaceAdamW, switching
+from golore_lab.lm.data import ensure_corpus
+from golore_lab.lm.model import LlamaConfig
+from golore_lab.lm.pretrain import LMTask
+from golore_lab.projection import projected_side
+
+
+def record(steps: int, lr: float, gap: int = 100, rank: int = 16, seed: int = 0):
+    """Train and return (streams, truth): streams[(position, refresh)] = [(R_t, Z_t)], truth[(position, refresh)]."""
+    torch.manual_seed(seed)
+    task = LMTask(ensure_corpus(log=lambda *_: None), LlamaConfig.preset("late"), eval_windows=64, eval_batch=64)
+    model = task.build_model(seed)
+    groups = task.param_groups(model, rank=rank, update_proj_gap=gap)
+    opt = SubspaceAdamW(groups, lr=lr, projection="svd", switch_step="auto", seed=seed)
+    matrices = groups[0]["params"]
+    position = {id(opt.state[p]): i for i, p in enumerate(matrices)}  # filled after the first step
+    streams, truth, now = {}, {}, {"step": 0}
+    accumulate, decide = switching.accumulate, switching.decide
+
+    def keep(state, projected, probed):
+        streams.setdefault((position[id(state)], now["step"] // gap * gap), []).append(
+            (projected.clone(), probed.clone()))
+        accumulate(state, projected, probed)
+
+    def observe(state, r, reduce=None):  # the decision is computed, never acted on
+        test = decide(state, r, reduce)
+        return None if test is None else switching.SwitchTest(test.pairs, test.signal, test.random_signal, test.t,
+                                                              test.threshold, False)
+
+    switching.accumulate, switching.decide = keep, observe
+    reference = task.batch(10**6, 256, seed + 12345)
+    try:
+        for step in range(steps):
+            now["step"] = step
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / 300)
+            if step % gap == 0 and step > 0:
+                opt.zero_grad()
+                task.loss(model, reference).backward()
+                reference_grads = [p.grad.clone() for p in matrices]
+            opt.zero_grad()
+            task.loss(model, task.batch(2 * step, 2, seed)).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            position.update({id(opt.state[p]): i for i, p in enumerate(matrices)})
+            if step % gap == 0 and step > 0:
+                for i, (p, g) in enumerate(zip(matrices, reference_grads)):
+                    state = opt.state[p]
+                    side = projected_side(tuple(p.shape), "std")
+                    P, Pi = state["proj"], state["auto_probe"]
+                    on = (lambda B: B.T @ g) if side == "left" else (lambda B: g @ B)
+                    truth[(i, step)] = dict(signal=on(P).square().sum().item(), outside=on(Pi).square().sum().item(),
+                                            dim=P.shape[0], rank=P.shape[1], probe=Pi.shape[1])
+    finally:
+        switching.accumulate, switching.decide = accumulate, decide
+    return streams, truth
+
+
+def pair_mean(views: list[torch.Tensor], lag_min: int = 1, lag_max: int | None = None) -> float:
+    total, count = 0.0, 0
+    for a in range(len(views)):
+        for b in range(a + lag_min, min(len(views), a + (lag_max or len(views)) + 1)):
+            total += (views[a] * views[b]).sum().item()
+            count += 1
+    return total / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    streams, truth = record(args.steps, args.lr)
+    estimators = {"all pairs": dict(), "pairs >= 10 apart": dict(lag_min=10), "consecutive pairs": dict(lag_max=1)}
+    switches = {name: [] for name in [*estimators, "library test", "truth"]}
+    ratios = {name: {"P": [], "probe": []} for name in estimators}
+    for key, t in sorted(truth.items()):
+        period = streams.get((key[0], key[1]), [])[1:]  # the refresh step is not a member of the period
+        if len(period) < 20:
+            continue
+        d, r, q = t["dim"], t["rank"], t["probe"]
+        a, b = 1 - r / d, r / d * (d - r) / q
+        switches["truth"].append(a * t["signal"] - b * t["outside"] < 0)
+        R, Z = [v[0] for v in period], [v[1] for v in period]
+        for name, kw in estimators.items():
+            x, y = pair_mean(R, **kw), pair_mean(Z, **kw)
+            switches[name].append(a * x - b * y < 0)
+            ratios[name]["P"].append(x / t["signal"])
+            ratios[name]["probe"].append(y / t["outside"])
+        state = {}  # the library's test on the same period (the probe basis only gives d and q here)
+        switching.start_period(state, torch.empty(d, q), tuple(R[0].shape), "left" if R[0].shape[0] == r else "right")
+        for rt, zt in zip(R, Z):
+            switching.accumulate(state, rt, zt)
+        switches["library test"].append(switching.decide(state, r).switch)
+    result = {"steps": args.steps, "lr": args.lr, "periods": len(switches["truth"]), "level": switching.LEVEL,
+              "switch_rate": {k: sum(v) / len(v) for k, v in switches.items()},
+              "median_ratio_to_truth": {k: {s: statistics.median(v[s]) for s in v} for k, v in ratios.items()}}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        from golore_lab.fileio import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
