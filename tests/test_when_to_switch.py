@@ -62,14 +62,18 @@ def test_train_config_and_cli_accept_golore_auto():
         main(["--help"])
 
 
-def test_lm_run_reports_its_switches_in_the_result_and_the_run_folder(task, tmp_path):
-    # The tiny LLaMA at a large learning rate and a long run: its small matrices become noise-dominated.
-    cfg = recipe("tiny", method="golore@auto", steps=60, warmup_steps=2, rank=8, update_proj_gap=4, eval_every=30,
+def test_lm_run_reports_its_switches_in_the_result_and_the_run_folder(task, tmp_path, monkeypatch):
+    # The plumbing of the switch records. The tiny LLaMA's SVD bases stay better than random in 120 steps, so
+    # the test's level is raised to 0.5 (switch whenever the estimate says random captures more) to get switches.
+    from golore_lab import switching
+
+    monkeypatch.setattr(switching, "LEVEL", 0.5)
+    cfg = recipe("tiny", method="golore@auto", steps=120, warmup_steps=2, rank=8, update_proj_gap=10, eval_every=60,
                  log_every=10, batch_size=2, progress=False, out_dir=str(tmp_path / "run"))
     result = train(task, cfg)
     saved = json.loads((tmp_path / "run" / SWITCHES).read_text())
-    assert saved == result.switch_log and result.switch_log, "no matrix switched in 60 steps"
-    assert all(e["step"] % 4 == 0 and 4 <= e["step"] < 60 and e["signal"] < e["random_signal"] for e in saved)
+    assert saved == result.switch_log and result.switch_log, "no matrix switched in 120 steps"
+    assert all(e["step"] % 10 == 0 and 10 <= e["step"] < 120 and e["signal"] < e["random_signal"] for e in saved)
     galore = train(task, replace(cfg, method="galore", out_dir=None))
     assert galore.switch_log == []
 
