@@ -57,6 +57,26 @@ then computes the same SVD or draws the same random basis, so the ranks stay ide
 **Large-batch GaLore.** Accumulate more micro-batches when :meth:`SubspaceModel.refresh_due` is True; the
 captured full gradient accumulates over them like ``.grad`` does.
 
+**GoLore@auto** (``switch_step="auto"``). Each layer takes the optimizer path's test (:mod:`golore_lab.switching`,
+``docs/when_to_switch.md``) at each refresh, on the period that ends: does the SVD basis capture less of the true
+gradient than a random one? The test needs two views of each step's gradient G: R_t = PᵀG, which is the factor's
+gradient, and ΠᵀG on a probe basis Π (m, q), q = min(r, m − r), Haar-random in the complement of span(P), drawn
+at the refresh from the stream (``seed``, −1 − ``position``, step) as on the optimizer path (right side: G Q and
+G Π, Π (n, q)). The second comes without forming G: the layer holds a *probe factor* C, (q, n) (right side
+(m, q)), a parameter that stays zero and enters the layer through an identity whose backward sets
+C.grad = ΠᵀG = Σ (gy Π)ᵀ x (:class:`_ProbeView`) -- two thin products in the backward, no extra forward or
+backward, nothing m × n. C.grad accumulates over micro-batches, and DDP averages it with the factors' gradients
+(C is a parameter of the wrapped module): every rank sees the same views and takes the same decisions with no
+collective of its own, for q × n more numbers per matrix in DDP's all-reduce. The optimizer's pre-step hook
+(:meth:`SubspaceModel.attach`) adds the two views to the period once per step -- not at a refresh step, whose
+noise P was fitted to -- and clears C.grad, so an optimizer built over ``model.parameters()`` holds C but never
+steps it. A layer that has switched refreshes randomly for good; its C then gets a zero gradient, computed from
+nothing (DDP expects a gradient for each of its parameters at every step, so C stays in the graph). The
+statistic's state -- the period's open pair, probe and pair products, or the decision -- travels in the layer's
+``_extra_state``; :meth:`SubspaceModel.switch_log` lists the switches with the optimizer path's keys. Clip with
+:meth:`SubspaceModel.clip_grad_norm_`, which scales C's gradient with the others but leaves it out of the norm.
+A layer whose basis spans its projected side (r = m) has no probe and never switches, as on the optimizer path.
+
 The authors' names, for users of their README::
 
     ReLoRaModel(model, r, target_modules, scale, ...)  →  SubspaceModel(model, rank, target_modules, scale, ...)
@@ -256,9 +276,10 @@ class SubspaceModel(nn.Module):
     The other arguments are the optimizer path's param-group keys, checked by :func:`golore_lab.spec.check_subspace`
     with the same messages: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``projection`` (``"svd"``,
     ``"random"`` or a projector callable), ``switch_step`` (GoLore@x%; or ``switch_fraction`` with
-    ``total_steps``), ``state_on_refresh`` and ``seed``. ``positions`` maps a wrapped layer's name to the index
-    its weight would have in the optimizer path's parameter list (it seeds GoLore's bases); by default layer i
-    (in ``named_modules()`` order) gets i, which is what :func:`golore_lab.spec.subspace_param_groups` gives.
+    ``total_steps``; ``"auto"``: GoLore@auto, see the module docstring), ``state_on_refresh`` and ``seed``.
+    ``positions`` maps a wrapped layer's name to the index its weight would have in the optimizer path's
+    parameter list (it seeds GoLore's bases and GoLore@auto's probes); by default layer i (in ``named_modules()``
+    order) gets i, which is what :func:`golore_lab.spec.subspace_param_groups` gives.
 
     The wrapped ``model`` is modified in place and held as ``self.model``; the buffers W and P are
     registered with DDP as ignored, so ``DistributedDataParallel(SubspaceModel(...))`` neither broadcasts
@@ -267,7 +288,7 @@ class SubspaceModel(nn.Module):
 
     def __init__(self, model: nn.Module, rank: int, target_modules: spec.Targets | None = None,
                  scale: float = 1.0, update_proj_gap: int = 200, proj_type: str = "std",
-                 projection: Any = "svd", switch_step: int | None = None, state_on_refresh: str = "project",
+                 projection: Any = "svd", switch_step: int | str | None = None, state_on_refresh: str = "project",
                  seed: int = 0, positions: dict[str, int] | None = None, *, switch_fraction: float | None = None,
                  total_steps: int | None = None) -> None:
         super().__init__()
