@@ -187,17 +187,19 @@ def save_load(obj):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_resume_mid_period_is_bit_identical_through_the_switch(optimizer):
-    """Saved 4 steps into a period (the open pair, the probe, the pairs in ``_extra_state``), loaded with
-    weights_only=True into a fresh wrapper: the same bits after, through the switch."""
+    """Saved 4 steps into the period whose test switches (the open pair, the probe, the pairs in
+    ``_extra_state``), loaded with weights_only=True into a fresh wrapper: the same bits after, the same switch."""
     lr, steps = (3e-3, 600) if optimizer == "sgd" else (1e-2, 450)
     straight, opt, _, _ = make_pair(optimizer, "left", lr, gap=10)
     g = torch.Generator().manual_seed(100)
     for _ in range(steps):
         step(straight, opt, signs(g, 1))
+    (entry,) = straight.switch_log()
+    stop = entry["step"] - 6
 
     first, opt1, _, _ = make_pair(optimizer, "left", lr, gap=10)
     g = torch.Generator().manual_seed(100)
-    for _ in range(304):
+    for _ in range(stop):
         step(first, opt1, signs(g, 1))
     assert not first.switch_log() and first.layers["lin"].auto_state["auto_steps"] == 3
     saved = save_load({"model": first.state_dict(), "optimizer": opt1.state_dict(), "rng": g.get_state()})
@@ -208,7 +210,7 @@ def test_resume_mid_period_is_bit_identical_through_the_switch(optimizer):
     opt2.load_state_dict(saved["optimizer"])
     g = torch.Generator()
     g.set_state(saved["rng"])
-    for _ in range(steps - 304):
+    for _ in range(steps - stop):
         step(resumed, opt2, signs(g, 1))
     assert straight.switch_log() and straight.switch_log() == resumed.switch_log()
     assert same_state(straight.state_dict(), resumed.state_dict())
@@ -279,8 +281,8 @@ def test_lm_wrapper_path_runs_golore_auto_and_writes_switches(task, tmp_path):
     """``--path wrapper --method golore@auto``: the run folder's switches.json is the wrapper's switch log, with
     the optimizer path's switches (same matrices at the same steps: the same statistic on the same gradients; the
     float32 paths differ by round-off, and no test on this run is close enough to its threshold to flip); a run
-    stopped mid-period (step 104, with a clip that bites at every step) and resumed ends bit-identical, with the
-    same switches.json."""
+    stopped in the middle of the period whose test switches (with a clip that bites at every step) and resumed
+    ends bit-identical, with the same switches.json."""
     from golore_lab.lm.pretrain import recipe
     from golore_lab.lm.train import SWITCHES, train
 
@@ -294,8 +296,8 @@ def test_lm_wrapper_path_runs_golore_auto_and_writes_switches(task, tmp_path):
 
     clipped = replace(cfg, path="wrapper", grad_clip=0.5)
     straight = train(task, replace(clipped, out_dir=str(tmp_path / "a")))
-    train(task, replace(clipped, out_dir=str(tmp_path / "b"), stop_at=104))
+    train(task, replace(clipped, out_dir=str(tmp_path / "b"), stop_at=straight.switch_log[0]["step"] - 6))
     resumed = train(task, replace(clipped, out_dir=str(tmp_path / "b"), resume=True))
-    assert same_state(straight.wrapped.state_dict(), resumed.wrapped.state_dict())
     assert straight.switch_log and straight.switch_log == resumed.switch_log == json.loads(
         (tmp_path / "b" / SWITCHES).read_text())
+    assert same_state(straight.wrapped.state_dict(), resumed.wrapped.state_dict())
