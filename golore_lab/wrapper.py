@@ -57,6 +57,26 @@ then computes the same SVD or draws the same random basis, so the ranks stay ide
 **Large-batch GaLore.** Accumulate more micro-batches when :meth:`SubspaceModel.refresh_due` is True; the
 captured full gradient accumulates over them like ``.grad`` does.
 
+**GoLore@auto** (``switch_step="auto"``). Each layer takes the optimizer path's test (:mod:`golore_lab.switching`,
+``docs/when_to_switch.md``) at each refresh, on the period that ends: does the SVD basis capture less of the true
+gradient than a random one? The test needs two views of each step's gradient G: R_t = PᵀG, which is the factor's
+gradient, and ΠᵀG on a probe basis Π (m, q), q = min(r, m − r), Haar-random in the complement of span(P), drawn
+at the refresh from the stream (``seed``, −1 − ``position``, step) as on the optimizer path (right side: G Q and
+G Π, Π (n, q)). The second comes without forming G: the layer holds a *probe factor* C, (q, n) (right side
+(m, q)), a parameter that stays zero and enters the layer through an identity whose backward sets
+C.grad = ΠᵀG = Σ (gy Π)ᵀ x (:class:`_ProbeView`) -- two thin products in the backward, no extra forward or
+backward, nothing m × n. C.grad accumulates over micro-batches, and DDP averages it with the factors' gradients
+(C is a parameter of the wrapped module): every rank sees the same views and takes the same decisions with no
+collective of its own, for q × n more numbers per matrix in DDP's all-reduce. The optimizer's pre-step hook
+(:meth:`SubspaceModel.attach`) adds the two views to the period once per step -- not at a refresh step, whose
+noise P was fitted to -- and clears C.grad, so an optimizer built over ``model.parameters()`` holds C but never
+steps it. A layer that has switched refreshes randomly for good; its C then gets a zero gradient, computed from
+nothing (DDP expects a gradient for each of its parameters at every step, so C stays in the graph). The
+statistic's state -- the period's open pair, probe and pair products, or the decision -- travels in the layer's
+``_extra_state``; :meth:`SubspaceModel.switch_log` lists the switches with the optimizer path's keys. Clip with
+:meth:`SubspaceModel.clip_grad_norm_`, which scales C's gradient with the others but leaves it out of the norm.
+A layer whose basis spans its projected side (r = m) has no probe and never switches, as on the optimizer path.
+
 The authors' names, for users of their README::
 
     ReLoRaModel(model, r, target_modules, scale, ...)  →  SubspaceModel(model, rank, target_modules, scale, ...)
@@ -95,6 +115,7 @@ from torch.utils.hooks import RemovableHandle
 from . import projection as proj
 from . import rules
 from . import spec
+from . import switching
 
 __all__ = ["SubspaceLinear", "SubspaceModel"]
 
@@ -111,6 +132,35 @@ class _ScaleForward(torch.autograd.Function):
         return grad, None
 
 
+class _ProbeView(torch.autograd.Function):
+    """The identity on the layer's output y, whose backward also hands the zero probe factor C the probe's view of
+    the layer's gradient G = Σ gyᵀ x (m, n): C.grad = ΠᵀG = Σ (gy Π)ᵀ x (q, n) on the left side, G Π = Σ gyᵀ (x Π)
+    (m, q) on the right, with Π the probe basis (m, q) or (n, q).
+
+    ``probe`` None: C.grad = 0, computing nothing (a refresh step, or a layer that has switched). C still gets a
+    gradient then, because DDP expects one for each of its parameters at every step. The left side keeps x, which
+    the factor's product saves anyway; the right side keeps x Π (.., q) instead of x.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor, probe_factor: Tensor, probe: Tensor | None, side: str) -> Tensor:
+        ctx.shape, ctx.dtype, ctx.side = probe_factor.shape, probe_factor.dtype, side
+        ctx.active = probe is not None
+        if ctx.active:
+            ctx.save_for_backward(x if side == "left" else x.to(probe.dtype) @ probe, probe)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor, None, None]:
+        if not ctx.active:
+            return grad, None, grad.new_zeros(ctx.shape, dtype=ctx.dtype), None, None
+        kept, probe = ctx.saved_tensors
+        gy = grad.reshape(-1, grad.shape[-1]).to(probe.dtype)                   # (N, m)
+        kept = kept.reshape(-1, kept.shape[-1]).to(probe.dtype)                 # (N, n) or (N, q)
+        view = (gy @ probe).T @ kept if ctx.side == "left" else gy.T @ kept     # (q, n) or (m, q)
+        return grad, None, view.to(ctx.dtype), None, None
+
+
 class SubspaceLinear(nn.Module):
     """A linear layer W + scale·P B with frozen ``weight`` W, basis ``proj`` P and trainable ``factor`` B.
 
@@ -119,10 +169,15 @@ class SubspaceLinear(nn.Module):
     ``projected_side(weight.shape, proj_type)``: ``"left"`` gives P (m, r), B (r, n); ``"right"`` gives
     Q (n, r), B (m, r). ``position`` is the parameter index the optimizer path would give this weight (it seeds
     the random bases); ``step`` counts optimizer steps taken on the factor.
+
+    GoLore@auto (``auto``): ``auto_state`` holds the statistic's state (:data:`golore_lab.switching.STATE_KEYS`,
+    the optimizer path's per-parameter entries), and ``probe_factor`` C, (q, n) on the left side or (m, q) on the
+    right with q = min(r, d − r), is a zero parameter whose gradient is the probe's view of G (:class:`_ProbeView`);
+    it is None when the basis spans the whole side (q = 0: nothing lies outside, the layer never switches).
     """
 
     def __init__(self, linear: nn.Linear, name: str, rank: int, scale: float, side: str, position: int,
-                 update_proj_gap: int):
+                 update_proj_gap: int, auto: bool = False):
         super().__init__()
         m, n = linear.weight.shape
         self.name, self.rank, self.scale, self.side, self.position = name, rank, float(scale), side, position
@@ -135,6 +190,10 @@ class SubspaceLinear(nn.Module):
         factor_shape = (rank, n) if side == "left" else (m, rank)
         self.factor = nn.Parameter(weight.new_zeros(factor_shape))              # (r, n) or (m, r)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        probe_rank = min(rank, basis_dim - rank)
+        self.auto_state: dict[str, Any] | None = {} if auto else None
+        self.probe_factor = (nn.Parameter(weight.new_zeros((probe_rank, n) if side == "left" else (m, probe_rank)))
+                             if auto and probe_rank > 0 else None)             # (q, n) or (m, q), always zero
         self.step = 0
         self.full_grad: Tensor | None = None   # G (m, n) of the current refresh step, summed over micro-batches
         self._refreshed_at: int | None = None
@@ -145,13 +204,33 @@ class SubspaceLinear(nn.Module):
         the full gradient."""
         return self.step % self.update_proj_gap == 0 and self._refreshed_at != self.step
 
-    # the step counter travels in the state dict (as `_extra_state`), the captured gradient does not
-    def get_extra_state(self) -> dict[str, int]:
-        return {"step": self.step}
+    # the step counter and GoLore@auto's state travel in the state dict (as `_extra_state`), the captured
+    # gradient does not
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"step": self.step, **(self.auto_state or {})}
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        if self.auto_state is not None:
+            self.auto_state = {key: value.to(self.weight.device) if torch.is_tensor(value) else value
+                               for key, value in state.items() if key in switching.STATE_KEYS}
         self.full_grad, self._refreshed_at = None, None
+
+    def _active_probe(self) -> Tensor | None:
+        """GoLore@auto's probe basis Π when this step's views go into the period (not at a refresh step), else None."""
+        if self.probe_factor is None or self.step % self.update_proj_gap == 0:
+            return None
+        return self.auto_state.get("auto_probe")
+
+    def _accumulate_period(self) -> None:
+        """GoLore@auto, once per optimizer step (after the micro-batches and DDP's all-reduce, before the step):
+        add the step's views R_t = B.grad = PᵀG and C.grad = ΠᵀG to the period, then clear C.grad so that an
+        optimizer holding C never steps it."""
+        if self.probe_factor is None:
+            return
+        if self.factor.grad is not None and self.probe_factor.grad is not None and self._active_probe() is not None:
+            switching.accumulate(self.auto_state, self.factor.grad, self.probe_factor.grad)
+        self.probe_factor.grad = None
 
     def delta(self) -> Tensor:
         """scale·P B (m, n): what the factor adds to W."""
@@ -168,11 +247,14 @@ class SubspaceLinear(nn.Module):
             # refresh step: form the effective weight, whose gradient is the full G = Σ gyᵀ x
             full = self.weight + (self.proj @ b if self.side == "left" else b @ self.proj.T)  # (m, n)
             full.register_hook(self._accumulate)
-            return F.linear(x, full, self.bias)
-        y = F.linear(x, self.weight, self.bias)
-        if self.side == "left":
-            return y + F.linear(F.linear(x, b), self.proj)       # x Bᵀ (.., r), then Pᵀ: (.., m)
-        return y + F.linear(F.linear(x, self.proj.T), b)         # x Q (.., r), then Bᵀ: (.., m)
+            y = F.linear(x, full, self.bias)
+        elif self.side == "left":
+            y = F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, b), self.proj)  # x Bᵀ (.., r), Pᵀ: (.., m)
+        else:
+            y = F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.proj.T), b)  # x Q (.., r), Bᵀ
+        if self.probe_factor is not None and torch.is_grad_enabled():
+            y = _ProbeView.apply(y, x, self.probe_factor, self._active_probe(), self.side)
+        return y
 
     def _accumulate(self, grad: Tensor) -> None:
         self.full_grad = grad.detach().clone() if self.full_grad is None else self.full_grad.add_(grad)
@@ -194,9 +276,10 @@ class SubspaceModel(nn.Module):
     The other arguments are the optimizer path's param-group keys, checked by :func:`golore_lab.spec.check_subspace`
     with the same messages: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``projection`` (``"svd"``,
     ``"random"`` or a projector callable), ``switch_step`` (GoLore@x%; or ``switch_fraction`` with
-    ``total_steps``), ``state_on_refresh`` and ``seed``. ``positions`` maps a wrapped layer's name to the index
-    its weight would have in the optimizer path's parameter list (it seeds GoLore's bases); by default layer i
-    (in ``named_modules()`` order) gets i, which is what :func:`golore_lab.spec.subspace_param_groups` gives.
+    ``total_steps``; ``"auto"``: GoLore@auto, see the module docstring), ``state_on_refresh`` and ``seed``.
+    ``positions`` maps a wrapped layer's name to the index its weight would have in the optimizer path's
+    parameter list (it seeds GoLore's bases and GoLore@auto's probes); by default layer i (in ``named_modules()``
+    order) gets i, which is what :func:`golore_lab.spec.subspace_param_groups` gives.
 
     The wrapped ``model`` is modified in place and held as ``self.model``; the buffers W and P are
     registered with DDP as ignored, so ``DistributedDataParallel(SubspaceModel(...))`` neither broadcasts
@@ -205,7 +288,7 @@ class SubspaceModel(nn.Module):
 
     def __init__(self, model: nn.Module, rank: int, target_modules: spec.Targets | None = None,
                  scale: float = 1.0, update_proj_gap: int = 200, proj_type: str = "std",
-                 projection: Any = "svd", switch_step: int | None = None, state_on_refresh: str = "project",
+                 projection: Any = "svd", switch_step: int | str | None = None, state_on_refresh: str = "project",
                  seed: int = 0, positions: dict[str, int] | None = None, *, switch_fraction: float | None = None,
                  total_steps: int | None = None) -> None:
         super().__init__()
@@ -235,7 +318,7 @@ class SubspaceModel(nn.Module):
         for i, (name, mod) in enumerate(targets):
             side = proj.projected_side(tuple(mod.weight.shape), settings["proj_type"])
             layer = SubspaceLinear(mod, name, settings["rank"], settings["scale"], side, int(positions.get(name, i)),
-                                   settings["update_proj_gap"])
+                                   settings["update_proj_gap"], auto=settings["switch_step"] == "auto")
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
             self.layers[name] = layer
@@ -265,15 +348,24 @@ class SubspaceModel(nn.Module):
         backward then yields B.grad = P_newᵀ G by itself -- with no full gradient formed or all-reduced, so
         such steps cost what a step between refreshes costs.
         """
-        return any(self._kind(layer.step, projection)[0] != "random" for layer in self.layers.values() if layer.due)
+        return any(self._plan(layer, projection)[0] != "random" for layer in self.layers.values() if layer.due)
 
-    def _kind(self, count: int, projection: Any) -> tuple[str, Any]:
+    def _plan(self, layer: SubspaceLinear, projection: Any) -> tuple[str, Any, switching.SwitchTest | None]:
+        """The due refresh of ``layer``: its kind, its projector and GoLore@auto's test of the period that ends
+        (None: not auto, switched already, too few pairs, or ``projection`` given, which overrides the schedule
+        and takes no decision). Changes nothing."""
         if projection is not None:
-            return ("custom" if callable(projection) else projection), proj.resolve(projection)
-        if self.switch_step is not None and count >= self.switch_step:
-            return "random", proj.random_projection
+            return ("custom" if callable(projection) else projection), proj.resolve(projection), None
+        test = None
+        if self.switch_step == "auto":
+            done = switching.switched(layer.auto_state)
+            test = None if done else switching.decide(layer.auto_state, layer.rank)
+            if done or (test is not None and test.switch):
+                return "random", proj.random_projection, test
+        elif self.switch_step is not None and layer.step >= self.switch_step:
+            return "random", proj.random_projection, None
         kind = self.projection if isinstance(self.projection, str) else "custom"
-        return kind, proj.resolve(self.projection)
+        return kind, proj.resolve(self.projection), test
 
     # ---------------------------------------------------------------- optimizer protocol
     def attach(self, optimizer: torch.optim.Optimizer) -> "SubspaceModel":
@@ -319,6 +411,8 @@ class SubspaceModel(nn.Module):
             if layer.factor.grad is not None and layer.due:
                 raise RuntimeError(f"Layer {name!r} is due for a refresh at step {layer.step}: call "
                                    "model.refresh(optimizer) after backward() and before optimizer.step()")
+        for layer in self.layers.values():
+            layer._accumulate_period()
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -360,7 +454,7 @@ class SubspaceModel(nn.Module):
             return 0
         for layer in due:
             if layer.full_grad is None:
-                kind = self._kind(layer.step, projection)[0]
+                kind = self._plan(layer, projection)[0]
                 raise RuntimeError(
                     f"Layer {layer.name!r} has no full gradient for its {kind} refresh at step {layer.step}: run "
                     "forward and backward on this step's batch with gradients enabled (the layers capture the "
@@ -383,7 +477,9 @@ class SubspaceModel(nn.Module):
     def _refresh_all(self, due: list[SubspaceLinear], grads: list[Tensor | None], optimizer: torch.optim.Optimizer,
                      projection: Any) -> None:
         """Every new basis and every check first, then the changes: a refused refresh changes nothing."""
-        bases = [self._new_basis(layer, grad, projection) for layer, grad in zip(due, grads)]
+        plans = [self._plan(layer, projection) for layer in due]
+        bases = [self._new_basis(layer, grad, kind, projector) for layer, grad, (kind, projector, _) in
+                 zip(due, grads, plans)]
         for layer in due:
             # torch.optim documents no API naming what a state entry means, so rules.py holds the one table of
             # torch's names; an entry it does not know (a future torch) is refused, not left in the old basis.
@@ -393,11 +489,10 @@ class SubspaceModel(nn.Module):
                 raise RuntimeError(f"The optimizer's state of layer {layer.name!r}'s factor has entries {unknown} "
                                    "that the wrapper cannot carry to a new basis (known: step, "
                                    f"{', '.join(rules.FIRST_MOMENTS + rules.SECOND_MOMENTS)}); nothing was changed")
-        for layer, grad, new in zip(due, grads, bases):
-            self._refresh_layer(layer, grad, new, optimizer)
+        for layer, grad, new, (_, _, test) in zip(due, grads, bases, plans):
+            self._refresh_layer(layer, grad, new, optimizer, test)
 
-    def _new_basis(self, layer: SubspaceLinear, grad: Tensor | None, projection: Any) -> Tensor:
-        kind, projector = self._kind(layer.step, projection)
+    def _new_basis(self, layer: SubspaceLinear, grad: Tensor | None, kind: str, projector: Any) -> Tensor:
         generator = proj.refresh_generator(self.seed, layer.position, layer.step)
         shape_only = torch.empty_like(layer.weight, device="meta")           # random bases read only the shape
         new = projector(shape_only if grad is None else grad, layer.rank, layer.side, generator)
@@ -411,7 +506,7 @@ class SubspaceModel(nn.Module):
         return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
 
     def _refresh_layer(self, layer: SubspaceLinear, grad: Tensor | None, new: Tensor,
-                       optimizer: torch.optim.Optimizer) -> None:
+                       optimizer: torch.optim.Optimizer, test: switching.SwitchTest | None) -> None:
         count = layer.step
         state = optimizer.state.get(layer.factor)
         if count > 0:
@@ -428,6 +523,20 @@ class SubspaceModel(nn.Module):
                 layer.factor.grad.copy_(projected)
         layer.full_grad = None
         layer._refreshed_at = count
+        if layer.auto_state is not None and not switching.switched(layer.auto_state):
+            self._start_or_switch(layer, new, count, test)
+
+    def _start_or_switch(self, layer: SubspaceLinear, new: Tensor, count: int,
+                         test: switching.SwitchTest | None) -> None:
+        """GoLore@auto at a refresh, as the optimizer path's ``_auto_update``: record the switch, or start the
+        period of the new basis with its probe, drawn from the stream (seed, −1 − position, step) that no random
+        basis uses (independent of the noise and of P, the same on every DDP rank)."""
+        if test is not None and test.switch:
+            switching.record(layer.auto_state, count, test)
+        elif layer.probe_factor is not None:
+            generator = torch.Generator().manual_seed(proj.derive_seed(self.seed, -1 - layer.position, count))
+            probe = switching.complement_probe(new, generator)
+            switching.start_period(layer.auto_state, probe.to(new.dtype), tuple(layer.factor.shape), layer.side)
 
     def _carry(self, state: dict[str, Any], side: str, transport: Tensor) -> None:
         rules.refresh_state(state, self.state_on_refresh, side, transport)
@@ -440,7 +549,7 @@ class SubspaceModel(nn.Module):
         out = {}
         for key, value in self.model.state_dict().items():
             prefix, _, leaf = key.rpartition(".")
-            if prefix in self.layers and leaf in ("proj", "factor", "_extra_state"):
+            if prefix in self.layers and leaf in ("proj", "factor", "probe_factor", "_extra_state"):
                 continue
             if prefix in self.layers and leaf == "weight":
                 value = self.layers[prefix].merged_weight()
@@ -450,3 +559,29 @@ class SubspaceModel(nn.Module):
     def factor_parameters(self) -> Iterable[nn.Parameter]:
         """The trainable factors B, one per wrapped layer (for optimizer groups of their own)."""
         return (layer.factor for layer in self.layers.values())
+
+    def probe_parameters(self) -> Iterable[nn.Parameter]:
+        """GoLore@auto's probe factors C (zero, never stepped), one per wrapped layer that has one."""
+        return (layer.probe_factor for layer in self.layers.values() if layer.probe_factor is not None)
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """``torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)`` with the probe factors left out of the
+        norm but scaled with the rest: the norm is that of the gradients the optimizer steps on, and GoLore@auto's
+        statistic sees both views of the clipped gradient, as on the optimizer path. Returns the total norm."""
+        probes = {id(p) for p in self.probe_parameters()}
+        params = list(self.parameters())
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None and id(p) not in probes])
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
+    # ---------------------------------------------------------------- GoLore@auto
+    def switch_log(self) -> list[dict[str, Any]]:
+        """GoLore@auto's switches so far, one record per switched layer in position order, with the keys of
+        :meth:`golore_lab.optim.SubspaceOptimizer.switch_log`: ``name`` (the wrapped weight, ``"<layer>.weight"``),
+        ``position``, ``step`` (the refresh whose basis was the first random one), ``signal``,
+        ``random_signal`` and ``t``. Rebuilt from the layers' state, so it survives a checkpoint."""
+        log = [{"name": f"{layer.name}.weight", "position": layer.position, "step": state["auto_switched_at"],
+                "signal": state["auto_signal"], "random_signal": state["auto_random_signal"], "t": state["auto_t"]}
+               for layer in self.layers.values()
+               if (state := layer.auto_state) is not None and switching.switched(state)]
+        return sorted(log, key=lambda entry: entry["position"])

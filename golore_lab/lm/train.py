@@ -6,13 +6,14 @@ paper holds fixed across methods lives here, so that methods differ *only* in th
 * optimizer: ``method`` in {full, galore, golore@X, golore@auto, lb-galore} (:mod:`golore_lab.methods`) x
   ``optimizer`` in {adamw, sgd (heavy-ball)} (:func:`make_optimizer`). GoLore@X% is SVD projections for steps
   t < K and random ones from K on, with K = round((1 - X/100) * T); GoLore@auto switches each matrix on its
-  own when the optimizer's test finds its SVD subspace noise-dominated (``switch_step="auto"``, optimizer path
-  only); L.B. GaLore is GaLore fed ``refresh_batch_factor`` times
+  own when the optimizer's test finds its SVD subspace noise-dominated (``switch_step="auto"``; not with
+  ``fsdp``); L.B. GaLore is GaLore fed ``refresh_batch_factor`` times
   the batch at refresh steps (``microbatches(opt, base, refresh)``), for both the SVD and that step;
 * learning rate eta_t = lr * s(t): linear warm-up over ``warmup_steps``, then cosine (or linear) decay to
   ``min_lr_ratio * lr`` at step T (:func:`lr_factor`);
 * clipping of the *full* gradient, ``||G||_F <= grad_clip`` over all parameters, before the optimizer sees it
-  (with ``path="wrapper"``: of the gradients the torch optimizer sees, i.e. the factors' P^T G, norm <= ||G||);
+  (with ``path="wrapper"``: of the gradients the torch optimizer sees, i.e. the factors' P^T G, norm <= ||G||,
+  :meth:`golore_lab.wrapper.SubspaceModel.clip_grad_norm_`);
 * ``path``: ``"optimizer"`` (default) trains the task's model with ``SubspaceAdamW`` / ``SubspaceSGD``;
   ``"wrapper"`` wraps the same matrices (the task's first parameter group) with
   :class:`golore_lab.wrapper.SubspaceModel` and trains its low-rank factors and the full parameters with plain
@@ -42,10 +43,10 @@ A run folder (``out_dir``) holds one run (:class:`RunFolder`): ``checkpoint.pt``
 and renamed; with ``fsdp`` the folder ``checkpoint/``, written under a temporary name and renamed),
 ``metrics.jsonl`` and ``metrics.csv`` (one line appended per logged row; on ``resume`` both are rewritten from the
 rows up to the checkpoint's step, through a temporary file), ``switches.json`` (GoLore@auto: the optimizer's
-``switch_log`` at the last checkpoint, rewritten atomically), and ``.lock``, which one process holds while it
-trains there. A new run into a folder that holds a run is refused unless ``overwrite`` moves that
-run aside; ``resume`` refuses a configuration whose result would differ from the checkpoint's
-(:data:`RESUME_MAY_CHANGE` lists the options that may change).
+``switch_log``, the wrapper's on path "wrapper", at the last checkpoint, rewritten atomically), and ``.lock``,
+which one process holds while it trains there. A new run into a folder that holds a run is refused unless
+``overwrite`` moves that run aside; ``resume`` refuses a configuration whose result would differ from the
+checkpoint's (:data:`RESUME_MAY_CHANGE` lists the options that may change).
 
 Example (see :mod:`golore_lab.lm.pretrain` for a full task)::
 
@@ -88,7 +89,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_DIR = "checkpoint"          # with fsdp: a torch.distributed.checkpoint folder, holding STATE too
 STATE = "state.pt"
-#: GoLore@auto's per-matrix switch records (``switch_log`` of the optimizer) in a run folder
+#: GoLore@auto's per-matrix switch records (``switch_log`` of the optimizer, or of the wrapper) in a run folder
 SWITCHES = "switches.json"
 #: The :class:`TrainConfig` fields a resumed run may change: where it stops, how it is watched and saved, and the
 #: device. Every other field, and every option of the task (:meth:`Task.options`), is part of the run's identity
@@ -214,9 +215,9 @@ class TrainConfig:
         if self.path == "wrapper" and self.fsdp:
             raise ValueError("Invalid path: 'wrapper' with fsdp (FSDP2 shards the task's own matrices, which the "
                              "subspace optimizers train directly; use path 'optimizer' with fsdp, or drop fsdp)")
-        if self.spec.auto and (self.fsdp or self.path == "wrapper"):
-            raise ValueError(f"Invalid method: 'golore@auto' with {'fsdp' if self.fsdp else 'path wrapper'} (GoLore@auto "
-                             "runs on the optimizer path without sharding; use golore@X there)")
+        if self.spec.auto and self.fsdp:
+            raise ValueError("Invalid method: 'golore@auto' with fsdp (GoLore@auto runs without sharding; use "
+                             "golore@X there)")
         if self.path == "wrapper" and self.optimizer == "sgd" and self.weight_decay:
             raise ValueError(f"Invalid weight_decay: {self.weight_decay} with path 'wrapper' and optimizer 'sgd' "
                              "(torch.optim.SGD's coupled decay would shrink the factors, not the merged weights; "
@@ -698,7 +699,7 @@ class TrainResult:
     step: int = 0
     wrapped: nn.Module | None = None   # path "wrapper": the SubspaceModel (``model`` holds its merged weights)
     micro_batch_size: int = 0          # examples per rank per micro-batch the run trained with
-    switch_log: list[dict] = field(default_factory=list)  # GoLore@auto: the optimizer's ``switch_log()``
+    switch_log: list[dict] = field(default_factory=list)  # GoLore@auto: the optimizer's (wrapper's) ``switch_log()``
 
 
 # --------------------------------------------------------------------------------------------- loop
@@ -865,6 +866,9 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
     if step == 0:
         log.append({"step": 0, "examples": 0, "tokens": 0, "lr": cfg.lr * lr_factor(0, cfg), **first})
 
+    def switch_log() -> list[dict]:
+        return (opt if wrapped is None else wrapped).switch_log() if cfg.spec.auto else []
+
     def checkpoint() -> None:
         nonlocal saved_step
         if cfg.fsdp and ckpt_path is not None:
@@ -881,7 +885,7 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
                 "config": config_dict(cfg), "identity": identity,
             }, saved_step)
             if cfg.spec.auto:
-                atomic_write_text(out_dir / SWITCHES, json.dumps(opt.switch_log(), indent=1) + "\n")
+                atomic_write_text(out_dir / SWITCHES, json.dumps(switch_log(), indent=1) + "\n")
         saved_step = step
         if world > 1:
             dist.barrier()
@@ -921,7 +925,8 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
             if wrapped is not None and wrapped.refresh_due():
                 wrapped.refresh(opt)  # SVD of this step's full gradient (all-reduced explicitly under DDP)
             if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if wrapped is None
+                                  else wrapped.clip_grad_norm_(cfg.grad_clip))  # GoLore@auto's probes: not in the norm
                 if not math.isfinite(grad_norm):
                     raise stop(f"gradient norm is {grad_norm} at step {step + 1}")
             try:
@@ -956,7 +961,7 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
     final = {k: v for k, v in (log.rows[-1] if log.rows else {}).items() if k in metric_names}
     if wrapped is not None:  # hand back the task's own architecture, with the merged weights
         model = unwrapped_copy(wrapped)
-    switches = opt.switch_log() if cfg.spec.auto else []
+    switches = switch_log()
     if cfg.fsdp:  # every rank gets the plain model with the full weights (one all-gather)
         model = full_copy(task, model, cfg.seed, device)
     return TrainResult(history=log.rows, model=model, final=final, step=step, wrapped=wrapped,
