@@ -117,6 +117,12 @@ def test_decision_mean_variance_and_switch_rate(case):
     tests, D = _tests(g, P, Pi, s, k, trials, seed=6)
     mean, var = _decision_moments(g, P, Pi, s, k - 1)
     _moments_ok(D, mean, var)
+    # the test's own variance estimate of D̄, (D̄/t)²: unbiased up to the O(1/J) bias of centring on the
+    # sample mean, which lowers γ̂₀ + 2γ̂₁ by at most 3 Var D̄ (one Var D̄ for γ̂₀, one for each γ̂₁ term)
+    estimates = torch.tensor([d**2 / t.t**2 for d, t in zip(D.tolist(), tests)], dtype=torch.float64)
+    ratio, se = estimates.mean().item() / var, estimates.std().item() / math.sqrt(trials) / var
+    J = k - 1
+    assert 1 - 3 / J - 4 * se < ratio < 1 + 4 * se, (ratio, se)
     rate = sum(t.switch for t in tests) / trials
     if case == "no-signal-in-P":
         assert mean < 0
