@@ -24,8 +24,14 @@ the local rows only:
   gradients are summed over the ranks in one all-reduce per step, so every rank raises the same
   ``FloatingPointError`` (or none) and no rank steps or hangs alone.
 
-Every rank takes the same decisions (refresh steps, SVD or random) from its step counters, which are equal on
-all ranks, so nothing else is communicated.
+* **GoLore@auto** (``switch_step="auto"``) adds no collective to the step: on the right side each rank's share of
+  the period's pair products (a (J, 2) tensor) is summed in the same all-reduce as the Gram matrix at an SVD
+  refresh (:func:`gram_matrix`'s ``extra``); on the left side the probe's view Σ_k Π_kᵀ G_k rides in the per-step
+  all-reduce of R. Its checkpoint layout and the one all-reduce ``state_dict()`` then issues are in
+  ``docs/when_to_switch.md`` ("Sharded parameters").
+
+Every rank takes the same decisions (refresh steps, SVD or random, GoLore@auto's switches) from its step
+counters and from numbers summed over the ranks, which are equal on all ranks, so nothing else is communicated.
 
 To train a model with FSDP2, shard it with :func:`shard_model` and build the optimizer over its parameters.
 """

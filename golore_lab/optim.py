@@ -202,7 +202,8 @@ class SubspaceOptimizer(Optimizer):
     0-dim tensor.
 
     FSDP2: row-sharded DTensor parameters (``fully_shard``) are trained on their local rows, with the state
-    sharded like them; see :mod:`golore_lab.distributed` for the sides, the collectives and the caveats.
+    sharded like them, GoLore@auto included; see :mod:`golore_lab.distributed` for the sides, the collectives and
+    the caveats.
     A user's projector whose basis is not (dim, r) with orthonormal columns is refused (``ValueError``).
     """
 
