@@ -684,19 +684,23 @@ class SubspaceOptimizer(Optimizer):
                 and isinstance(state_dict.get("param_groups"), (list, tuple))):
             return state_dict
         states = dict(state_dict["state"])
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+        for gi, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
             ids = saved.get("params", ()) if isinstance(saved, Mapping) else ()
-            for p, index in zip(group["params"], ids):
+            for pi, (p, index) in enumerate(zip(group["params"], ids)):
                 fixed = states.get(index)
                 if not (isinstance(fixed, Mapping) and {"auto_steps", "auto_switched_at"} <= set(fixed)):
                     continue
+                if not (spec.is_int(fixed["auto_steps"]) and spec.is_int(fixed["auto_switched_at"])):
+                    raise ValueError(f"State of parameter {self._param_name(group, gi, pi)}: auto_steps="
+                                     f"{fixed['auto_steps']!r}, auto_switched_at={fixed['auto_switched_at']!r} "
+                                     "(must be integers)")
                 live = {key: value for key, value in fixed.items() if key not in switching.STATE_KEYS}
                 if fixed["auto_switched_at"] >= 0:
                     live.update({key: fixed[key] for key in ("auto_switched_at", "auto_signal", "auto_random_signal",
                                                               "auto_t")})
                 elif fixed["auto_steps"] >= 0:
                     pairs = fixed["auto_pairs"][:max(fixed["auto_steps"] - 1, 0)].clone()
-                    shard = distributed.sharding(p, str(index))
+                    shard = distributed.sharding(p, self._param_name(group, gi, pi))
                     if (shard is not None and distributed.sharded_side(group["proj_type"]) == "right"
                             and shard.mesh.get_local_rank() != 0):
                         pairs.zero_()
