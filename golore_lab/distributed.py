@@ -24,8 +24,14 @@ the local rows only:
   gradients are summed over the ranks in one all-reduce per step, so every rank raises the same
   ``FloatingPointError`` (or none) and no rank steps or hangs alone.
 
-Every rank takes the same decisions (refresh steps, SVD or random) from its step counters, which are equal on
-all ranks, so nothing else is communicated.
+* **GoLore@auto** (``switch_step="auto"``) adds no collective to the step: on the right side each rank's share of
+  the period's pair products (a (J, 2) tensor) is summed in the same all-reduce as the Gram matrix at an SVD
+  refresh (:func:`gram_matrix`'s ``extra``); on the left side the probe's view Σ_k Π_kᵀ G_k rides in the per-step
+  all-reduce of R. Its checkpoint layout and the one all-reduce ``state_dict()`` then issues are in
+  ``docs/when_to_switch.md`` ("Sharded parameters").
+
+Every rank takes the same decisions (refresh steps, SVD or random, GoLore@auto's switches) from its step
+counters and from numbers summed over the ranks, which are equal on all ranks, so nothing else is communicated.
 
 To train a model with FSDP2, shard it with :func:`shard_model` and build the optimizer over its parameters.
 """
@@ -42,7 +48,7 @@ try:
 except ImportError:  # torch without DTensor: every parameter is a plain tensor
     DTensor = Replicate = Shard = None
 
-__all__ = ["Sharding", "sharding", "shard_model", "gram_right_basis", "all_reduce_sum"]
+__all__ = ["Sharding", "sharding", "shard_model", "gram_right_basis", "gram_matrix", "right_basis", "all_reduce_sum"]
 
 
 @dataclass(frozen=True)
@@ -103,19 +109,37 @@ def all_reduce_sum(tensor: Tensor, group) -> Tensor:
     return tensor
 
 
-def gram_right_basis(grad_rows: Tensor, rank: int, group) -> Tensor:
-    """The top-``rank`` right singular vectors (n, r) of G, from the row blocks G_k held by the ranks of ``group``.
-
-    GᵀG = Σ_k G_kᵀ G_k (n × n) is formed in float64 and summed in one all-reduce; its eigenvectors of the
-    ``rank`` largest eigenvalues are the right singular vectors of G (up to sign). Same result on every rank.
-    Raises ``FloatingPointError`` (on every rank alike) when the summed Gram matrix is not finite.
-    """
+def gram_matrix(grad_rows: Tensor, group, extra: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """GᵀG = Σ_k G_kᵀ G_k (n, n), in float64, from the row blocks G_k held by the ranks of ``group``: ONE
+    all-reduce, which also sums ``extra`` (any shape: numbers each rank holds a share of, e.g. GoLore@auto's
+    pair products) over the ranks; returns ``(gram, extra summed in float64)`` (None for no ``extra``)."""
     rows = grad_rows.detach().to(torch.float64)
-    gram = all_reduce_sum(rows.mT @ rows, group)  # (n, n)
+    gram = rows.mT @ rows  # (n, n)
+    if extra is None:
+        return all_reduce_sum(gram, group), None
+    flat = all_reduce_sum(torch.cat([gram.reshape(-1), extra.detach().to(torch.float64).reshape(-1)]), group)
+    return flat[:gram.numel()].view(gram.shape), flat[gram.numel():].view(extra.shape)
+
+
+def right_basis(gram: Tensor, rank: int) -> Tensor:
+    """The top-``rank`` right singular vectors (n, r) of G from its Gram matrix GᵀG (n, n): the eigenvectors of its
+    ``rank`` largest eigenvalues, largest first as the SVD's (equal up to sign). Raises ``FloatingPointError``
+    when the Gram matrix is not finite (summed over the ranks, so on every rank alike)."""
     if not bool(torch.isfinite(gram).all()):
         raise FloatingPointError("non-finite Gram matrix")
     _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
-    return vectors[:, -rank:].flip(-1).contiguous()  # (n, r), largest first as the SVD's
+    return vectors[:, -rank:].flip(-1).contiguous()
+
+
+def gram_right_basis(grad_rows: Tensor, rank: int, group) -> Tensor:
+    """The top-``rank`` right singular vectors (n, r) of G, from the row blocks G_k held by the ranks of ``group``.
+
+    GᵀG = Σ_k G_kᵀ G_k (n × n) is formed in float64 and summed in one all-reduce (:func:`gram_matrix`); its
+    eigenvectors of the ``rank`` largest eigenvalues are the right singular vectors of G (up to sign)
+    (:func:`right_basis`). Same result on every rank. Raises ``FloatingPointError`` (on every rank alike) when
+    the summed Gram matrix is not finite.
+    """
+    return right_basis(gram_matrix(grad_rows, group)[0], rank)
 
 
 def shard_model(model: nn.Module, blocks: str = "layers", **fsdp_kwargs) -> nn.Module:

@@ -96,13 +96,36 @@ class _Plan:
     grad: Tensor
     shard: Any
     raw: Tensor
-    auto: tuple | None = None           # GoLore@auto's phase-1 plan (see SubspaceOptimizer._auto_plan)
+    auto: "_Auto | None" = None         # GoLore@auto's phase-1 plan (see SubspaceOptimizer._auto_plan)
     random: bool = False                # GoLore@auto switched this parameter at this refresh (or before)
     test: Any = None                    # the switching test of this refresh, for the refresh hooks
 
     @property
     def due(self) -> bool:
         return self.basis is None or self.new_basis is not None or self.count % self.group["update_proj_gap"] == 0
+
+
+@dataclass
+class _Auto:
+    """GoLore@auto's part of one parameter's step, from phase 1 (:meth:`SubspaceOptimizer._auto_plan`) to phase 2
+    (:meth:`SubspaceOptimizer._auto_update`).
+
+    ``side`` is the projected side. Between refreshes (``refresh`` False): ``view``, the probe's view of the
+    gradient, ΠᵀG (q, n) or GΠ (m, q) (local rows for a row-sharded matrix on the right side); for a row-sharded
+    matrix projected on the left,
+    ``view`` is None until :meth:`SubspaceOptimizer._project` fills it from the all-reduce it shares with R,
+    using ``probe`` Π (m, q). At a refresh: ``test`` (None for the first one), and ``seed`` of the next period's
+    probe, None when the test switches; ``gram``, for a row-sharded matrix on the right side whose refresh is an
+    SVD, the Gram matrix GᵀG that was all-reduced together with the period's pair products.
+    """
+
+    side: str
+    refresh: bool
+    test: switching.SwitchTest | None = None
+    view: Tensor | None = None
+    probe: Tensor | None = None
+    seed: int | None = None
+    gram: Tensor | None = None
 
 
 def _bucket_key(plan: _Plan) -> tuple:
@@ -113,6 +136,40 @@ def _bucket_key(plan: _Plan) -> tuple:
 def _local_state(state: dict[str, Any]) -> dict[str, Any]:
     """The state with local shards for DTensors (views sharing storage) and without the basis."""
     return {key: distributed.local(value) for key, value in state.items() if key != "proj"}
+
+
+def _auto_fixed(live: dict[str, Any], group: dict[str, Any], p: Tensor, shard: "distributed.Sharding", side: str,
+                name: str) -> dict[str, Any]:
+    """One row-sharded parameter's state ``live`` with its GoLore@auto entries in the layout of
+    :meth:`SubspaceOptimizer._auto_saved` (a new dict; the pairs not yet summed over the ranks)."""
+    (m, n), rank = shard.shape, group["rank"]
+    dim = m if side == "left" else n
+    q = min(rank, dim - rank)
+    device = distributed.local(p).device
+    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32  # the statistic's precision
+    period = "auto_steps" in live
+    views = ((rank, n), (q, n)) if side == "left" else ((shard.rows, rank), (shard.rows, q))
+    prev, probe_prev = ((live["auto_prev"], live["auto_probe_prev"]) if period else
+                        (torch.zeros(shape, dtype=dtype, device=device) for shape in views))
+    capacity = group["update_proj_gap"] - 2  # the most pairs a period has
+    pairs = torch.zeros(capacity, 2, dtype=dtype, device=device)
+    if period:
+        held = live["auto_pairs"].shape[0]
+        if held > capacity:
+            raise ValueError(f"The GoLore@auto state of parameter {name} holds {held} pairs, more than a period of "
+                             f"update_proj_gap={group['update_proj_gap']} has ({capacity})")
+        pairs[:held] = live["auto_pairs"]
+    fixed = {key: value for key, value in live.items() if key not in switching.STATE_KEYS}
+    fixed.update(
+        auto_steps=live["auto_steps"] if period else -1,
+        auto_switched_at=live.get("auto_switched_at", -1),
+        **{key: float(live.get(key, math.nan)) for key in ("auto_signal", "auto_random_signal", "auto_t")},
+        auto_probe=live["auto_probe"] if period else torch.zeros(dim, q, dtype=p.dtype, device=device),
+        auto_prev=prev if side == "left" else shard.wrap(prev),
+        auto_probe_prev=probe_prev if side == "left" else shard.wrap(probe_prev),
+        auto_pairs=pairs,
+    )
+    return fixed
 
 
 class SubspaceOptimizer(Optimizer):
@@ -145,7 +202,8 @@ class SubspaceOptimizer(Optimizer):
     0-dim tensor.
 
     FSDP2: row-sharded DTensor parameters (``fully_shard``) are trained on their local rows, with the state
-    sharded like them; see :mod:`golore_lab.distributed` for the sides, the collectives and the caveats.
+    sharded like them, GoLore@auto included; see :mod:`golore_lab.distributed` for the sides, the collectives and
+    the caveats.
     A user's projector whose basis is not (dim, r) with orthonormal columns is refused (``ValueError``).
     """
 
@@ -223,11 +281,18 @@ class SubspaceOptimizer(Optimizer):
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """As ``Optimizer.state_dict``; a user's projector object is saved by name only (tensors-only state)."""
+        """As ``Optimizer.state_dict``; a user's projector object is saved by name only (tensors-only state).
+
+        GoLore@auto's state of a row-sharded (FSDP2) parameter is saved in a layout of fixed keys and shapes
+        (:meth:`_auto_saved`), as ``torch.distributed.checkpoint`` needs; on the right side this sums each
+        rank's share of the period's pair products over the ranks, so ``state_dict()`` is then a collective
+        (one all-reduce for all such parameters): call it on every rank, as ``get_optimizer_state_dict`` does.
+        """
         state = super().state_dict()
         for group in state["param_groups"]:
             if callable(group["projection"]):
                 group["projection"] = spec.describe_setting(group["projection"])
+        self._auto_saved(state)
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, keep_settings: bool = False) -> None:
@@ -246,6 +311,7 @@ class SubspaceOptimizer(Optimizer):
         ``betas``, ``momentum`` ...) are taken from the state dict, as torch does: a scheduler's learning rate
         must survive a resume. A projector callable is saved by name; the optimizer keeps its own object.
         """
+        state_dict = self._auto_loaded(state_dict)
         settings = self._check_loadable(state_dict, keep_settings)
         super().load_state_dict(state_dict)
         for group, checked in zip(self.param_groups, settings):
@@ -410,11 +476,12 @@ class SubspaceOptimizer(Optimizer):
                     continue
                 plan.auto = self._auto_plan(group, state, grad, plan.side, position, plan.count, plan.due, shard)
                 if plan.due:
-                    plan.test = plan.auto[1] if plan.auto else None
+                    plan.test = plan.auto.test if plan.auto else None
                     plan.random = switching.switched(state) or (plan.test is not None and plan.test.switch)
                     plan.new_basis = plan.basis = self._new_basis(group, grad, plan.side, position, plan.count,
-                                                                  shard, name, plan.random).to(p.dtype)
-                plan.grad = self._project(grad, plan.basis, plan.side, shard)
+                                                                  shard, name, plan.random,
+                                                                  plan.auto and plan.auto.gram).to(p.dtype)
+                plan.grad = self._project(grad, plan.basis, plan.side, shard, plan.auto)
         for bucket in pending.values():
             self._plan_batched(bucket)
         refreshes = [Refresh(plan.param, plan.name, plan.position, plan.count, plan.side,
@@ -455,14 +522,24 @@ class SubspaceOptimizer(Optimizer):
         return plan.weight.is_cuda if foreach is None else bool(foreach)
 
     @staticmethod
-    def _project(grad: Tensor, basis: Tensor, side: str, shard: "distributed.Sharding | None") -> Tensor:
-        """R = Pᵀ G (r, n) or G Q (m, r); for a row-sharded G, G_k Q is local and Pᵀ G = Σ_k P_kᵀ G_k is summed."""
+    def _project(grad: Tensor, basis: Tensor, side: str, shard: "distributed.Sharding | None",
+                 auto: _Auto | None = None) -> Tensor:
+        """R = Pᵀ G (r, n) or G Q (m, r); for a row-sharded G, G_k Q is local and Pᵀ G = Σ_k P_kᵀ G_k is summed.
+
+        GoLore@auto on the sharded left side: when ``auto`` waits for its probe view, the same all-reduce carries
+        ΠᵀG = Σ_k Π_kᵀ G_k ((r + q) × n numbers instead of r × n) and fills ``auto.view``.
+        """
         if side == "right":
             return grad @ basis  # (m_k, r): local rows of G Q
         if shard is None:
             return basis.T @ grad  # (r, n)
-        rows = basis[shard.offset:shard.offset + shard.rows]  # (m_k, r)
-        return distributed.all_reduce_sum(rows.T @ grad, shard.group)  # (r, n), one collective per step
+        rows = slice(shard.offset, shard.offset + shard.rows)
+        if auto is None or auto.probe is None:
+            return distributed.all_reduce_sum(basis[rows].T @ grad, shard.group)  # (r, n), one collective per step
+        both = distributed.all_reduce_sum(torch.cat([basis[rows], auto.probe[rows]], 1).T @ grad, shard.group)
+        rank = basis.shape[1]
+        auto.view = both[rank:]  # (q, n)
+        return both[:rank]  # (r, n)
 
     @staticmethod
     def _kind(group: dict[str, Any], count: int, random: bool = False) -> str:
@@ -472,10 +549,12 @@ class SubspaceOptimizer(Optimizer):
         return group["projection"] if isinstance(group["projection"], str) else "custom"
 
     def _new_basis(self, group: dict[str, Any], grad: Tensor, side: str, position: int, count: int,
-                   shard: "distributed.Sharding | None", name: str, random: bool = False) -> Tensor:
+                   shard: "distributed.Sharding | None", name: str, random: bool = False,
+                   gram: Tensor | None = None) -> Tensor:
         """The refreshed basis, identical on every rank. A sharded matrix's random basis needs only its shape;
-        its SVD basis comes from the all-reduced Gram matrix (right side) or the all-gathered gradient (left).
-        ``random``: GoLore@auto has switched this parameter. A user's projector's result is checked."""
+        its SVD basis comes from the all-reduced Gram matrix (right side; ``gram``: already all-reduced by
+        GoLore@auto's test) or the all-gathered gradient (left). ``random``: GoLore@auto has switched this
+        parameter. A user's projector's result is checked."""
         kind = self._kind(group, count, random)
         projector = proj.resolve(group["projection"]) if kind == "custom" else proj.BUILTIN[kind]
         generator = proj.refresh_generator(group["seed"], position, count)
@@ -485,7 +564,9 @@ class SubspaceOptimizer(Optimizer):
                 grad = torch.empty(shard.shape, dtype=grad.dtype, device="meta")
             elif kind == "svd" and side == "right":
                 try:
-                    return distributed.gram_right_basis(grad, group["rank"], shard.group).to(grad.device)
+                    if gram is None:
+                        gram = distributed.gram_matrix(grad, shard.group)[0]
+                    return distributed.right_basis(gram, group["rank"]).to(grad.device)
                 except FloatingPointError:
                     raise FloatingPointError(f"Non-finite gradient in parameter {name}; step skipped, no parameter "
                                              "or optimizer state was changed") from None
@@ -496,6 +577,8 @@ class SubspaceOptimizer(Optimizer):
         basis = projector(grad, group["rank"], side, generator)
         if kind == "custom":
             self._check_basis(basis, group, grad, side, position)
+        if shard is not None:  # as a DCP checkpoint stores it: a resumed step multiplies with the same layout
+            return basis.to(device).contiguous()  # (a QR's Q is column-major; BLAS rounds by layout)
         return basis.to(device)
 
     def _check_basis(self, basis: Any, group: dict[str, Any], grad: Tensor, side: str, position: int) -> None:
@@ -508,43 +591,124 @@ class SubspaceOptimizer(Optimizer):
 
     # ---------------------------------------------------------------- GoLore@auto (see golore_lab.switching)
     def _auto_plan(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str, position: int,
-                   count: int, refresh: bool, shard: "distributed.Sharding | None" = None) -> tuple | None:
-        """Phase 1 of GoLore@auto, changing nothing: ``(refresh, test, value, side)`` or None (not auto, or switched).
+                   count: int, refresh: bool, shard: "distributed.Sharding | None" = None) -> _Auto | None:
+        """Phase 1 of GoLore@auto, changing nothing: the :class:`_Auto` plan, or None (not auto, or switched).
 
-        At a refresh: ``test`` from the period that just ended (None for the first one) and ``value`` the
-        seed of the next period's probe, or None when the test switches. Between refreshes: ``value`` = the
-        probe's view of the (m, n) gradient, ΠᵀG (q, n) or GΠ (m, q).
+        Row-sharded (FSDP2) matrices, with no collective beyond the non-auto step's: on the right side (the
+        default) the probe's view GΠ is local rows and each rank's pair products are its rows' share, so at an SVD
+        refresh they are summed in the Gram matrix's all-reduce (returned in ``gram`` for the new basis; discarded
+        when the test switches) and every rank decides from the same sums; on the left side R and ΠᵀG come out of
+        one all-reduce per step (:meth:`_project`), global on every rank, and the test needs nothing more.
         """
         if group["switch_step"] != "auto" or switching.switched(state):
             return None
-        if shard is not None:  # the test's sums would need an all-reduce of three numbers per refresh
-            raise ValueError(f"switch_step='auto' is not supported for the sharded (FSDP2) parameter "
-                             f"{self._name_at(position)}; use an integer switch_step or switch_fraction")
         if not refresh:
             probe = state.get("auto_probe")
             if probe is None:  # no probe: switch_step set to "auto" mid-period, or rank = the projected side
                 return None
-            return False, None, probe.T @ grad if side == "left" else grad @ probe, side
-        test = switching.decide(state, group["rank"])
+            if side == "left" and shard is not None:
+                return _Auto(side, False, probe=probe)  # the view comes with R's all-reduce
+            return _Auto(side, False, view=probe.T @ grad if side == "left" else grad @ probe)
+        reduce = gram = None
+        if side == "right" and shard is not None:
+            pairs = state.get("auto_pairs")
+            if self._kind(group, count) == "svd":
+                gram, summed = distributed.gram_matrix(grad, shard.group, pairs)
+            else:  # no Gram matrix to carry them (a user's projector): their own all-reduce of 2J numbers
+                summed = None if pairs is None else distributed.all_reduce_sum(pairs.double(), shard.group)
+            if summed is not None:  # rounded to the pairs' dtype, as a checkpoint keeps them (_auto_saved)
+                reduce = lambda _: summed.to(pairs.dtype)
+        test = switching.decide(state, group["rank"], reduce)
         if test is not None and test.switch:
-            return True, test, None, side
+            return _Auto(side, True, test)
         # the probe's stream (position −1 − i) is one no parameter's random basis uses: independent of the noise
-        # and of P, and the same on every DDP rank
-        return True, test, proj.derive_seed(group["seed"], -1 - position, count), side
+        # and of P, and the same on every DDP / FSDP rank
+        return _Auto(side, True, test, seed=proj.derive_seed(group["seed"], -1 - position, count), gram=gram)
 
     @staticmethod
-    def _auto_update(state: dict[str, Any], plan: tuple | None, projected: Tensor, count: int) -> None:
+    def _auto_update(state: dict[str, Any], plan: _Auto | None, projected: Tensor, count: int) -> None:
         """Phase 2 of GoLore@auto: apply the plan of :meth:`_auto_plan` (after the new basis is in ``state``)."""
         if plan is None:
             return
-        refresh, test, value, side = plan
-        if not refresh:
-            switching.accumulate(state, projected, value)
-        elif value is None:
-            switching.record(state, count, test)
+        if not plan.refresh:
+            switching.accumulate(state, projected, plan.view)
+        elif plan.seed is None:
+            switching.record(state, count, plan.test)
         elif min(state["proj"].shape) < max(state["proj"].shape):  # else nothing lies outside the subspace
-            probe = switching.complement_probe(state["proj"], torch.Generator().manual_seed(value))
-            switching.start_period(state, probe.to(projected.dtype), tuple(projected.shape), side)
+            # Π (d, q) from the replicated basis: the same on every rank, which uses its rows where it needs them
+            probe = switching.complement_probe(state["proj"], torch.Generator().manual_seed(plan.seed))
+            switching.start_period(state, probe.to(projected.dtype), tuple(projected.shape), plan.side)
+
+    def _auto_saved(self, state_dict: dict[str, Any]) -> None:
+        """Put each row-sharded parameter's GoLore@auto state in ``state_dict`` (``Optimizer.state_dict``'s) in
+        a layout of fixed keys and shapes, the same before the first refresh, mid-period and after the switch.
+
+        ``torch.distributed.checkpoint`` loads into the state dict of a fresh optimizer (one zero-gradient step
+        taken), which must hold every saved key with its saved shape; the live state's keys change at the switch
+        and its pairs grow. The layout: ``auto_steps`` (−1: no period), ``auto_switched_at`` (−1: not switched),
+        ``auto_signal``, ``auto_random_signal``, ``auto_t`` (NaN until switched), ``auto_probe`` Π (d, q),
+        ``auto_prev`` and ``auto_probe_prev`` (zeros outside a period; on the right side row-sharded DTensors
+        (m, r) and (m, q) like the moments, so any world size re-cuts them exactly; on the left side (r, n) and
+        (q, n), equal on every rank), and ``auto_pairs`` (gap − 2, 2): the period's J pair products, zero-padded,
+        summed over the ranks on the right side (one all-reduce here for all parameters, in float64, rounded to
+        their dtype as the test rounds them), so that a resume at any world size has the exact sums.
+        """
+        shares: dict[Any, tuple[distributed.Sharding, list[dict[str, Any]]]] = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            if group["rank"] is None or group["switch_step"] != "auto":
+                continue
+            for pi, (p, index) in enumerate(zip(group["params"], saved["params"])):
+                live, name = state_dict["state"].get(index), self._param_name(group, gi, pi)
+                shard = distributed.sharding(p, name)
+                if not live or shard is None:
+                    continue
+                side = distributed.sharded_side(group["proj_type"])
+                fixed = state_dict["state"][index] = _auto_fixed(live, group, p, shard, side, name)
+                if side == "right":
+                    shares.setdefault(shard.mesh, (shard, []))[1].append(fixed)
+        for shard, fixed in shares.values():
+            sizes = [f["auto_pairs"].numel() for f in fixed]
+            total = distributed.all_reduce_sum(torch.cat([f["auto_pairs"].double().reshape(-1) for f in fixed]),
+                                               shard.group)
+            for f, summed in zip(fixed, total.split(sizes)):
+                f["auto_pairs"] = summed.view(f["auto_pairs"].shape).to(f["auto_pairs"].dtype)
+
+    def _auto_loaded(self, state_dict: Any) -> Any:
+        """``state_dict`` with :meth:`_auto_saved`'s layout turned back into the live GoLore@auto state
+        (a new mapping; anything not in that layout, or malformed, is left to :meth:`_check_loadable`).
+
+        Right side: the saved pair products are the sums over the ranks; the mesh's first rank takes them and
+        the others zeros, so that the next test's all-reduce adds the same sums (bit for bit: x + 0 = x).
+        """
+        if not (isinstance(state_dict, Mapping) and isinstance(state_dict.get("state"), Mapping)
+                and isinstance(state_dict.get("param_groups"), (list, tuple))):
+            return state_dict
+        states = dict(state_dict["state"])
+        for gi, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            ids = saved.get("params", ()) if isinstance(saved, Mapping) else ()
+            for pi, (p, index) in enumerate(zip(group["params"], ids)):
+                fixed = states.get(index)
+                if not (isinstance(fixed, Mapping) and {"auto_steps", "auto_switched_at"} <= set(fixed)):
+                    continue
+                if not (spec.is_int(fixed["auto_steps"]) and spec.is_int(fixed["auto_switched_at"])):
+                    raise ValueError(f"State of parameter {self._param_name(group, gi, pi)}: auto_steps="
+                                     f"{fixed['auto_steps']!r}, auto_switched_at={fixed['auto_switched_at']!r} "
+                                     "(must be integers)")
+                live = {key: value for key, value in fixed.items() if key not in switching.STATE_KEYS}
+                if fixed["auto_switched_at"] >= 0:
+                    live.update({key: fixed[key] for key in ("auto_switched_at", "auto_signal", "auto_random_signal",
+                                                              "auto_t")})
+                elif fixed["auto_steps"] >= 0:
+                    pairs = fixed["auto_pairs"][:max(fixed["auto_steps"] - 1, 0)].clone()
+                    shard = distributed.sharding(p, self._param_name(group, gi, pi))
+                    if (shard is not None and distributed.sharded_side(group["proj_type"]) == "right"
+                            and shard.mesh.get_local_rank() != 0):
+                        pairs.zero_()
+                    live.update(auto_steps=fixed["auto_steps"], auto_probe=fixed["auto_probe"],
+                                auto_prev=distributed.local(fixed["auto_prev"]),
+                                auto_probe_prev=distributed.local(fixed["auto_probe_prev"]), auto_pairs=pairs)
+                states[index] = live
+        return {**state_dict, "state": states}
 
     def switch_log(self) -> list[dict[str, Any]]:
         """GoLore@auto's switches so far, one record per switched parameter in parameter order.

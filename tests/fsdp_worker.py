@@ -1,13 +1,15 @@
 """Worker for tests/test_fsdp.py: ``torchrun --standalone --nproc-per-node W fsdp_worker.py MODE OUT [CKPT]``.
 
 Trains the tiny LLaMA sharded with FSDP2 (gloo, CPU), each rank on its rows of every global batch, and saves
-per rank to ``OUT``: the full parameters, every refresh (parameter, step, kind, basis) and the collectives
-issued inside ``optimizer.step()`` at each step. :func:`run` without a process group is the one-process
-reference (plain tensors, ``proj_type="right"``: the side ``"std"`` picks for a row-sharded matrix).
+per rank to ``OUT``: the full parameters, every refresh (parameter, step, kind, basis), GoLore@auto's tests and
+switch log, and the collectives issued inside ``optimizer.step()`` at each step. :func:`run` without a process
+group is the one-process reference (plain tensors, ``proj_type="right"``: the side ``"std"`` picks for a
+row-sharded matrix).
 
-Modes: ``train`` (every method × rule, plus a DCP checkpoint of RESUME_RUN at step CKPT_STEP, reloaded into a
-fresh model and optimizer and continued), ``resume CKPT`` (load a DCP checkpoint written at another world
-size and continue), ``save CKPT`` (write a checkpoint of RESUME_RUN at this world size).
+Modes: ``train`` (every method × rule, GoLore@auto on either side, DCP checkpoints of RESUME_RUN at step
+CKPT_STEP and of GoLore@auto at AUTO_CKPTS, each reloaded into a fresh model and optimizer and continued),
+``resume OUT CKPTS`` (load the checkpoints written at another world size into folder CKPTS and continue),
+``save OUT`` (write the checkpoints of RESUME_RUN and of GoLore@auto on the right side at this world size).
 """
 from __future__ import annotations
 
@@ -32,6 +34,11 @@ RUNS = [(method, rule) for method in ("galore", "golore@100", "golore@50", "lb-g
 RESUME_RUN = ("golore@50", "adamw")
 LEFT_RUN = ("golore@50", "sgd")  # proj_type="left": the sharded side projected, R all-reduced at every step  # SVD refreshes before the checkpoint, a random one after
 STEPS, CKPT_STEP, GAP, RANK, BATCH, SEQ, VOCAB = 6, 3, 2, 4, 4, 16, 64
+# GoLore@auto: its test needs periods of >= 5 steps; with these the tiny LLaMA switches one matrix at step 10 on
+# either side (SGD right, AdamW left), and every other test is > 0.1 away from its threshold. Checkpoints mid-period
+# before the switch and after it.
+AUTO_RUNS = {"right": ("golore@auto", "sgd", "std"), "left": ("golore@auto", "adamw", "left")}
+AUTO_GAP, AUTO_STEPS, AUTO_CKPTS = 10, 31, (5, 15)
 COLLECTIVES = {(mod, name) for mod in (dist, funcol) for name in dir(mod)  # every collective of either API
                if name.startswith(("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"))
                and callable(getattr(mod, name))}
@@ -48,12 +55,14 @@ def svd64(grad, rank, side, generator):
     return svd_projection(grad.double(), rank, side)
 
 
-def build(method: str, rule: str, sharded: bool, projection="svd", proj_type: str | None = None):
+def build(method: str, rule: str, sharded: bool, projection="svd", proj_type: str | None = None, gap: int = GAP):
     model = build_model(LlamaConfig.preset("tiny", vocab_size=VOCAB), seed=0)
     if sharded:
         shard_model(model)
-    groups = llama_param_groups(model, rank=RANK, update_proj_gap=GAP, scale=0.5,
-                                   proj_type=proj_type or ("std" if sharded else "right"))
+    if proj_type == "std" and not sharded:
+        proj_type = "right"  # what "std" picks for a row-sharded matrix
+    groups = llama_param_groups(model, rank=RANK, update_proj_gap=gap, scale=0.5,
+                                proj_type=proj_type or ("std" if sharded else "right"))
     spec = parse(method)
     subspace = dict(projection=projection, switch_step=spec.switch_step(STEPS), seed=3)
     if rule == "adamw":
@@ -84,26 +93,31 @@ def counting(counter: Counter):
 
 
 def run(method: str, rule: str, start: int = 0, stop: int = STEPS, sharded: bool = True, split: int = 1,
-        projection="svd", proj_type: str | None = None, checkpoint: str | None = None, save_at: int | None = None):
-    """Train steps [start, stop); returns (model, optimizer, refreshes, collectives per step).
+        projection="svd", proj_type: str | None = None, checkpoint: str | None = None, save_at: tuple = (),
+        gap: int = GAP, tag: str = ""):
+    """Train steps [start, stop); returns (model, optimizer, refreshes, collectives per step, tests).
 
     Each rank takes its rows of the global batch (``split`` > 1 in one process: the same rows as micro-batches,
     which changes only the rounding -- the perturbation the tests scale their tolerance with). L.B. GaLore takes
     two micro-batches at refresh steps. ``checkpoint``: load a DCP checkpoint first; ``save_at``: write one
-    after that many steps.
+    after each of these many steps (:func:`checkpoint_out` with ``tag``). ``tests``: GoLore@auto's test at
+    each refresh, (name, step, (signal, random_signal, t, switch) or None).
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     import torch.distributed.checkpoint as dcp
 
-    model, opt, spec = build(method, rule, sharded, projection, proj_type)
-    refreshes = []
+    model, opt, spec = build(method, rule, sharded, projection, proj_type, gap)
+    refreshes, tests = [], []
     opt.register_refresh_hook(lambda o, r: refreshes.append((r.name, r.step, r.kind, r.basis.clone())))
+    opt.register_refresh_hook(lambda o, r: tests.append(
+        (r.name, r.step, r.test and (r.test.signal, r.test.random_signal, r.test.t, r.test.switch))))
     if checkpoint is not None:
         msd, osd = get_state_dict(model, opt)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=checkpoint)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         refreshes.clear()  # the zero-gradient step DCP takes to build the state is not training
+        tests.clear()
     world, rank = (dist.get_world_size(), dist.get_rank()) if sharded else (1, 0)
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     collectives = []
@@ -121,10 +135,21 @@ def run(method: str, rule: str, start: int = 0, stop: int = STEPS, sharded: bool
             opt.step()
         collectives.append(dict(counter))
         opt.zero_grad()
-        if save_at is not None and step + 1 == save_at:
+        if step + 1 in save_at:
             msd, osd = get_state_dict(model, opt)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=checkpoint_out(save_at))
-    return model, opt, refreshes, collectives
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=checkpoint_out(step + 1, tag))
+    return model, opt, refreshes, collectives, tests
+
+
+def run_auto(side: str, **kw):
+    """GoLore@auto on ``side`` ("right": the default "std" of a row-sharded matrix; "left") for AUTO_STEPS."""
+    method, rule, proj_type = AUTO_RUNS[side]
+    return run(method, rule, proj_type=proj_type, gap=AUTO_GAP, tag=f"auto-{side}", **{"stop": AUTO_STEPS, **kw})
+
+
+def auto_result(model, opt, refreshes, collectives, tests) -> dict:
+    return dict(params=full_params(model), refreshes=refreshes, collectives=collectives, tests=tests,
+                log=opt.switch_log())
 
 
 def nonfinite_on_one_rank(method: str) -> tuple[str, bool]:
@@ -157,8 +182,8 @@ def placement_error() -> str:
     return ""
 
 
-def checkpoint_out(step: int) -> str:
-    return os.path.join(os.environ["FSDP_WORKER_OUT"], f"ckpt-step{step}")
+def checkpoint_out(step: int, tag: str = "", folder: str | None = None) -> str:
+    return os.path.join(folder or os.environ["FSDP_WORKER_OUT"], f"ckpt-{tag + '-' if tag else ''}step{step}")
 
 
 def full_params(model) -> dict[str, torch.Tensor]:
@@ -166,7 +191,7 @@ def full_params(model) -> dict[str, torch.Tensor]:
             for name, p in model.named_parameters()}
 
 
-def main(mode: str, out: str, checkpoint: str | None = None) -> None:
+def main(mode: str, out: str, checkpoints: str | None = None) -> None:
     torch.set_num_threads(1)
     os.environ["FSDP_WORKER_OUT"] = out
     dist.init_process_group("gloo")
@@ -174,21 +199,28 @@ def main(mode: str, out: str, checkpoint: str | None = None) -> None:
     result = {}
     if mode == "train":
         for method, rule in RUNS:
-            model, opt, refreshes, collectives = run(method, rule,
-                                                     save_at=CKPT_STEP if (method, rule) == RESUME_RUN else None)
+            model, opt, refreshes, collectives, _ = run(method, rule,
+                                                        save_at=(CKPT_STEP,) if (method, rule) == RESUME_RUN else ())
             result[(method, rule)] = dict(params=full_params(model), refreshes=refreshes, collectives=collectives)
-        model, opt, refreshes, collectives = run(*LEFT_RUN, proj_type="left")
+        model, opt, refreshes, collectives, _ = run(*LEFT_RUN, proj_type="left")
         result["left"] = dict(params=full_params(model), refreshes=refreshes, collectives=collectives)
+        result["auto"] = {side: auto_result(*run_auto(side, save_at=AUTO_CKPTS)) for side in AUTO_RUNS}
         dist.barrier()
         model, *_ = run(*RESUME_RUN, start=CKPT_STEP, checkpoint=checkpoint_out(CKPT_STEP))
         result["resumed"] = full_params(model)
+        result["auto_resumed"] = {(side, step): auto_result(*run_auto(side, start=step, checkpoint=checkpoint_out(
+            step, f"auto-{side}"))) for side in AUTO_RUNS for step in AUTO_CKPTS}
         result["nonfinite"] = {method: nonfinite_on_one_rank(method) for method in ("galore", "golore@100")}
         result["placement_error"] = placement_error()
     elif mode == "resume":
-        model, *_ = run(*RESUME_RUN, start=CKPT_STEP, checkpoint=checkpoint)
+        model, *_ = run(*RESUME_RUN, start=CKPT_STEP, checkpoint=checkpoint_out(CKPT_STEP, folder=checkpoints))
         result["resumed"] = full_params(model)
+        step = AUTO_CKPTS[0]
+        result["auto_resumed"] = auto_result(*run_auto("right", start=step, checkpoint=checkpoint_out(
+            step, "auto-right", checkpoints)))
     elif mode == "save":
-        model, *_ = run(*RESUME_RUN, stop=CKPT_STEP, save_at=CKPT_STEP)
+        run(*RESUME_RUN, stop=CKPT_STEP, save_at=(CKPT_STEP,))
+        run_auto("right", stop=AUTO_CKPTS[0], save_at=AUTO_CKPTS[:1])
     torch.save(result, os.path.join(out, f"{mode}-world{world}-rank{rank}.pt"))
     dist.destroy_process_group()
 

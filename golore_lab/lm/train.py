@@ -215,9 +215,6 @@ class TrainConfig:
         if self.path == "wrapper" and self.fsdp:
             raise ValueError("Invalid path: 'wrapper' with fsdp (FSDP2 shards the task's own matrices, which the "
                              "subspace optimizers train directly; use path 'optimizer' with fsdp, or drop fsdp)")
-        if self.spec.auto and self.fsdp:
-            raise ValueError("Invalid method: 'golore@auto' with fsdp (GoLore@auto runs without sharding; use "
-                             "golore@X there)")
         if self.path == "wrapper" and self.optimizer == "sgd" and self.weight_decay:
             raise ValueError(f"Invalid weight_decay: {self.weight_decay} with path 'wrapper' and optimizer 'sgd' "
                              "(torch.optim.SGD's coupled decay would shrink the factors, not the merged weights; "
@@ -884,8 +881,8 @@ def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | 
                 "tokens": tokens, "window": window, "metric_names": metric_names, "rng_cpu": torch.get_rng_state(),
                 "config": config_dict(cfg), "identity": identity,
             }, saved_step)
-            if cfg.spec.auto:
-                atomic_write_text(out_dir / SWITCHES, json.dumps(switch_log(), indent=1) + "\n")
+        if rank == 0 and ckpt_path is not None and cfg.spec.auto:  # the same log on every rank, fsdp too
+            atomic_write_text(out_dir / SWITCHES, json.dumps(switch_log(), indent=1) + "\n")
         saved_step = step
         if world > 1:
             dist.barrier()
