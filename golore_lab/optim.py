@@ -314,9 +314,27 @@ class SubspaceOptimizer(Optimizer):
         state_dict = self._auto_loaded(state_dict)
         settings = self._check_loadable(state_dict, keep_settings)
         super().load_state_dict(state_dict)
+        self._restore_statistic_dtypes(state_dict)
         for group, checked in zip(self.param_groups, settings):
             # a tensor lr stays torch's own copy of the saved one
             group.update({k: v for k, v in checked.items() if not isinstance(v, Tensor)})
+
+    def _restore_statistic_dtypes(self, state_dict: Mapping[str, Any]) -> None:
+        """Undo torch's cast of GoLore@auto's float32 statistic to a half-precision parameter's dtype.
+
+        ``Optimizer.load_state_dict`` casts every floating state tensor but ``step`` to its parameter's dtype;
+        the statistic is kept in float32 for bf16 parameters (:func:`golore_lab.switching.start_period`), so a
+        resumed bf16 run would otherwise test rounded pair products. The saved tensors are put back as saved.
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(index, {})
+            for key in ("auto_prev", "auto_probe_prev", "auto_pairs"):
+                value = saved.get(key)
+                if (isinstance(value, Tensor) and type(value) is Tensor and key in self.state[p]
+                        and value.dtype != self.state[p][key].dtype):
+                    self.state[p][key] = value.to(device=self.state[p][key].device, copy=True)
 
     def _check_loadable(self, state_dict: Mapping[str, Any], keep_settings: bool) -> list[dict[str, Any]]:
         """Everything :meth:`load_state_dict` refuses; returns each group's settings after the load."""

@@ -323,3 +323,38 @@ def test_switch_step_auto_validation():
     with pytest.raises(ValueError, match=r"Invalid update_proj_gap: 4 \(switch_step='auto' needs >= 5"):
         SubspaceAdamW([X], rank=2, update_proj_gap=4, switch_step="auto")
     SubspaceAdamW([X], rank=2, update_proj_gap=5, switch_step="auto")
+
+
+def test_bf16_resume_keeps_the_float32_statistic():
+    # torch's load_state_dict casts floating state to the parameter's dtype; the statistic must come back as
+    # saved (float32), or a resumed bf16 run tests rounded pair products and diverges from the uninterrupted one.
+    problem = ce.Counterexample(linear_term=False)
+
+    def make(X):
+        return SubspaceAdamW([X], lr=3e-4, rank=problem.r, update_proj_gap=10, proj_type="left", switch_step="auto")
+
+    X = torch.nn.Parameter(problem.x0.to(torch.bfloat16))
+    opt = make(X)
+    gen = torch.Generator().manual_seed(0)
+
+    def grad(P):
+        sign = torch.randint(0, 2, (), generator=gen, dtype=torch.float64) * 2 - 1
+        return problem.stochastic_grad(P.detach().double(), sign).to(torch.bfloat16)
+
+    for _ in range(15):
+        X.grad = grad(X)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    Y = torch.nn.Parameter(X.detach().clone())
+    twin = make(Y)
+    twin.load_state_dict(torch.load(buffer, weights_only=True))
+    for key in ("auto_prev", "auto_probe_prev", "auto_pairs"):
+        assert twin.state[Y][key].dtype == torch.float32 and torch.equal(twin.state[Y][key], opt.state[X][key])
+    for _ in range(40):
+        g = grad(X)
+        X.grad, Y.grad = g, g.clone()
+        opt.step()
+        twin.step()
+    assert torch.equal(X, Y) and opt.switch_log() == twin.switch_log()
