@@ -193,6 +193,22 @@ def test_wrapper_path_ratio_is_the_benchmark_file():
     assert _matches(low, min(ratios)) and _matches(high, max(ratios))
 
 
+def test_auto_estimator_table_is_the_benchmark_file():
+    result = json.loads(_text(ROOT / "bench/results/auto_estimators.json"))
+    text = _text(ROOT / "docs/when_to_switch.md")
+    rows = {"all pairs of the period": "all pairs", "pairs ≥ 10 steps apart": "pairs >= 10 apart",
+            "consecutive pairs (point estimate)": "consecutive pairs"}
+    for label, key in rows.items():
+        rate, p, probe = re.search(re.escape(label) + r"[^|]*\| ([\d.]+)% \| ([−\d.]+) \| ([−\d.]+) \|", text).groups()
+        assert _matches(rate, 100 * result["switch_rate"][key])
+        assert _matches(p, result["median_ratio_to_truth"][key]["P"])
+        assert _matches(probe, result["median_ratio_to_truth"][key]["probe"])
+    truth = re.search(r"\| the truth \(256 windows\) \| ([\d.]+)% \((\d+) of (\d+) periods\)", text).groups()
+    assert _matches(truth[0], 100 * result["switch_rate"]["truth"]) and int(truth[2]) == result["periods"]
+    library = re.search(r"the t-test below \(the library\) \| ([\d.]+)% \|", text).group(1)
+    assert _matches(library, 100 * result["switch_rate"]["library test"])
+
+
 #: the committed results behind the tables, newest layout first (paths relative to figures/data; a glob must
 #: match one file): the artefact caches runs/<artefact>-default-<key>.csv, or the older per-figure files
 SOURCES = {
