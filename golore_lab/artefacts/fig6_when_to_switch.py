@@ -21,7 +21,7 @@ GoLore@auto runs also record, per matrix, the step of its switch (the optimizer'
 The frame: one row per logged evaluation (``row = "curve"``), per auto-switch record (``row = "switch"``) and
 per κ measurement (``row = "kappa"``); ``part, method, seed, lr`` identify the run. Presets: ``fast`` (the tiny
 model, 40 steps, 2 lrs, 1 final seed: a smoke test of the path, not a result), ``default`` (the figure and the
-docs' table: 3 lrs, 5 final seeds; 41 single-thread runs of 1–2 minutes, about half an hour with 2 processes
+docs' table: 4 lrs, 5 final seeds; 46 single-thread runs of 1–2 minutes, about half an hour with 2 processes
 on a shared 2-core machine), ``full`` (= default).
 """
 from __future__ import annotations
