@@ -14,7 +14,6 @@ decisions themselves must be equal.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from torch import nn
 from golore_lab import SubspaceAdamW, SubspaceSGD, switching
 from golore_lab import counterexample as ce
 from golore_lab.wrapper import SubspaceModel
+from test_wrapper import save_load
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-12
@@ -176,13 +176,6 @@ def same_state(a: dict, b: dict) -> bool:
             return isinstance(y, dict) and x.keys() == y.keys() and all(equal(x[k], y[k]) for k in x)
         return torch.equal(x, y) if torch.is_tensor(x) else x == y
     return equal(a, b)
-
-
-def save_load(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
