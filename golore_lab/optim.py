@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torch.utils.hooks import RemovableHandle
 
 from . import batched, distributed
@@ -43,6 +44,8 @@ from . import rules
 from . import spec
 from . import switching
 from .spec import SUBSPACE_DEFAULTS
+
+_FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())  # device types with torch's fused optimizer kernels
 
 
 @dataclass(frozen=True)
@@ -373,11 +376,8 @@ class SubspaceOptimizer(Optimizer):
         for refresh in refreshes:
             for hook in list(self._refresh_hooks.values()):
                 hook(self, refresh)
-        for bucket in self._buckets(plans):
-            if len(bucket) > 1:
-                self._update_batched(bucket)
-            else:
-                self._update(bucket[0])
+        for update, bucket in self._buckets(plans):
+            update(bucket)
         return loss
 
     def _plan(self) -> tuple[list["_Plan"], list[Refresh]]:
@@ -645,16 +645,33 @@ class SubspaceOptimizer(Optimizer):
             out.append(numerator.clone() if denominator is None else numerator / denominator)
         return out, factor
 
-    def _buckets(self, plans: list["_Plan"]) -> list[list["_Plan"]]:
-        """Phase-2 order: single plans, then the ``foreach`` buckets of phase 1."""
+    def _buckets(self, plans: list["_Plan"]) -> list[tuple[Callable[[list["_Plan"]], None], list["_Plan"]]]:
+        """Phase 2 as ``(update, plans)`` pairs, in order: single plans, the full-space buckets of a fused rule
+        (one per group, device and dtype), then the ``foreach`` buckets of phase 1."""
+        full: dict[tuple, list[_Plan]] = {}
         buckets: dict[tuple, list[_Plan]] = {}
         singles = []
         for plan in plans:
-            if plan.side is None or not self._foreach(plan):
-                singles.append([plan])
+            if plan.side is None and self._fusable(plan):
+                full.setdefault((id(plan.group), plan.weight.device, plan.weight.dtype), []).append(plan)
+            elif plan.side is None or not self._foreach(plan):
+                singles.append((self._update_one, [plan]))
             else:
                 buckets.setdefault(_bucket_key(plan), []).append(plan)
-        return singles + list(buckets.values())
+        return (singles + [(self._update_full, bucket) for bucket in full.values()]
+                + [(self._update_batched if len(b) > 1 else self._update_one, b) for b in buckets.values()])
+
+    def _update_one(self, plans: list["_Plan"]) -> None:
+        self._update(plans[0])
+
+    def _fusable(self, plan: "_Plan") -> bool:
+        """Whether the full-space parameter of ``plan`` goes through :meth:`_update_full` (a rule with a fused
+        kernel says so); otherwise :meth:`_update` takes it."""
+        return False
+
+    def _update_full(self, plans: list["_Plan"]) -> None:
+        """Phase 2 for full-space parameters of one group, device and dtype, in one fused kernel (subclasses)."""
+        raise NotImplementedError
 
     @staticmethod
     def _store_state(state: dict[str, Any], tensors: dict[str, Any], plan: "_Plan") -> None:
@@ -808,6 +825,45 @@ class SubspaceAdamW(SubspaceOptimizer):
         beta1, beta2 = group["betas"]
         return batched.adamw_directions(grads, [t["exp_avg"] for t in states], [t["exp_avg_sq"] for t in states],
                                         count, beta1, beta2, group["eps"])
+
+    def _fusable(self, plan: "_Plan") -> bool:
+        """torch's fused AdamW kernel takes a full-space parameter on a device that has one, floating point,
+        with its gradient and moments of the same dtype and device, all contiguous: the CPU kernel walks the
+        tensors' memory in order, so a transposed parameter or gradient would be paired with the wrong elements.
+        A sharded (FSDP2) parameter qualifies through its local rows, which the update treats element by element."""
+        weight = plan.weight
+        tensors = [plan.grad, *(distributed.local(plan.state[key]) for key in self.rule_state if key in plan.state)]
+        return (weight.device.type in _FUSED_DEVICES and torch.is_floating_point(weight) and weight.is_contiguous()
+                and all(t.dtype == weight.dtype and t.device == weight.device and t.is_contiguous() for t in tensors))
+
+    def _update_full(self, plans: list["_Plan"]) -> None:
+        """The full-space parameters of one group, device and dtype in torch's fused AdamW kernel, the one
+        ``torch.optim.AdamW(fused=True)`` calls: one pass over each tensor for the moments, the bias-corrected
+        quotient and the decoupled weight decay, instead of a dozen element-wise kernels (the embeddings and head
+        of an LLM are most of a subspace step's element-wise work). Same rule as :meth:`_update`, to rounding;
+        bias correction from each parameter's ``step``."""
+        group = plans[0].group
+        device = plans[0].weight.device
+        states = [_local_state(plan.state) for plan in plans]
+        steps: dict[int, Tensor] = {}  # the kernel reads one float32 count per tensor; equal counts share one
+        for plan, tensors in zip(plans, states):
+            if "exp_avg" not in tensors:
+                tensors["exp_avg"] = torch.zeros_like(plan.grad)
+                tensors["exp_avg_sq"] = torch.zeros_like(plan.grad)
+            tensors["step"] = plan.count + 1
+            if plan.count not in steps:
+                steps[plan.count] = torch.full((), plan.count + 1, dtype=torch.float32, device=device)
+        lr = group["lr"]
+        if torch.is_tensor(lr) and lr.device.type != "cpu" and lr.device != device:  # as torch.optim.Adam does
+            lr = lr.to(device)
+        beta1, beta2 = group["betas"]
+        torch._fused_adamw_([plan.weight for plan in plans], [plan.grad for plan in plans],
+                            [t["exp_avg"] for t in states], [t["exp_avg_sq"] for t in states], [],
+                            [steps[plan.count] for plan in plans], amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False, grad_scale=None,
+                            found_inf=None)
+        for plan, tensors in zip(plans, states):
+            self._store_state(plan.state, tensors, plan)
 
 
 class SubspaceSGD(SubspaceOptimizer):
