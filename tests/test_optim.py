@@ -134,7 +134,7 @@ def test_full_space_parameters_are_torch_adamw_fused_and_foreach(dtype, tensor_l
     for p, q in zip(params, fused_params):
         state, theirs = opt.state[p], fused_opt.state[q]
         assert isinstance(state["step"], int) and state["step"] == int(theirs["step"])
-        assert torch.equal(state["exp_avg"], theirs["exp_avg"]) and torch.equal(state["exp_avg_sq"], theirs["exp_avg_sq"])
+        assert all(torch.equal(state[key], theirs[key]) for key in ("exp_avg", "exp_avg_sq"))
     assert opt.state[params[1]]["step"] == 11  # no gradient at step 3: one step behind the others
 
 
