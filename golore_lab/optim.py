@@ -35,7 +35,6 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torch.utils.hooks import RemovableHandle
 
 from . import batched, distributed
@@ -44,8 +43,6 @@ from . import rules
 from . import spec
 from . import switching
 from .spec import SUBSPACE_DEFAULTS
-
-_FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())  # device types with torch's fused optimizer kernels
 
 
 @dataclass(frozen=True)
@@ -814,6 +811,10 @@ class SubspaceAdamW(SubspaceOptimizer):
             state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg_sq"] = torch.zeros_like(grad)
         beta1, beta2 = group["betas"]
+        if batched.fusable(grad, state["exp_avg"], state["exp_avg_sq"]):  # N itself, bias correction included
+            direction, = batched.fused_adamw_directions([grad], [state["exp_avg"]], [state["exp_avg_sq"]], count,
+                                                        beta1, beta2, group["eps"])
+            return direction, None, 1.0
         return rules.adamw_direction(grad, state["exp_avg"], state["exp_avg_sq"], count, beta1, beta2, group["eps"])
 
     def _directions(self, group: dict[str, Any], states: list[dict[str, Any]], grads: list[Tensor],
@@ -823,45 +824,35 @@ class SubspaceAdamW(SubspaceOptimizer):
                 tensors["exp_avg"] = torch.zeros_like(grad)
                 tensors["exp_avg_sq"] = torch.zeros_like(grad)
         beta1, beta2 = group["betas"]
-        return batched.adamw_directions(grads, [t["exp_avg"] for t in states], [t["exp_avg_sq"] for t in states],
-                                        count, beta1, beta2, group["eps"])
+        exp_avgs, exp_avg_sqs = [t["exp_avg"] for t in states], [t["exp_avg_sq"] for t in states]
+        if batched.fusable(*grads, *exp_avgs, *exp_avg_sqs):
+            return batched.fused_adamw_directions(grads, exp_avgs, exp_avg_sqs, count, beta1, beta2, group["eps"]), 1.0
+        return batched.adamw_directions(grads, exp_avgs, exp_avg_sqs, count, beta1, beta2, group["eps"])
 
     def _fusable(self, plan: "_Plan") -> bool:
-        """torch's fused AdamW kernel takes a full-space parameter on a device that has one, floating point,
-        with its gradient and moments of the same dtype and device, all contiguous: the CPU kernel walks the
-        tensors' memory in order, so a transposed parameter or gradient would be paired with the wrong elements.
-        A sharded (FSDP2) parameter qualifies through its local rows, which the update treats element by element."""
-        weight = plan.weight
-        tensors = [plan.grad, *(distributed.local(plan.state[key]) for key in self.rule_state if key in plan.state)]
-        return (weight.device.type in _FUSED_DEVICES and torch.is_floating_point(weight) and weight.is_contiguous()
-                and all(t.dtype == weight.dtype and t.device == weight.device and t.is_contiguous() for t in tensors))
+        """Full-space parameters go through torch's fused AdamW kernel when it can take them
+        (:func:`golore_lab.batched.fusable`); a sharded (FSDP2) parameter through its local rows, which the
+        update treats element by element, as one process would."""
+        moments = [distributed.local(plan.state[key]) for key in self.rule_state if key in plan.state]
+        return batched.fusable(plan.weight, plan.grad, *moments)
 
     def _update_full(self, plans: list["_Plan"]) -> None:
-        """The full-space parameters of one group, device and dtype in torch's fused AdamW kernel, the one
-        ``torch.optim.AdamW(fused=True)`` calls: one pass over each tensor for the moments, the bias-corrected
-        quotient and the decoupled weight decay, instead of a dozen element-wise kernels (the embeddings and head
-        of an LLM are most of a subspace step's element-wise work). Same rule as :meth:`_update`, to rounding;
-        bias correction from each parameter's ``step``."""
+        """The full-space parameters of one group, device and dtype in torch's fused AdamW kernel (what
+        ``torch.optim.AdamW(fused=True)`` computes): moments, bias-corrected quotient and decoupled weight decay in
+        one pass over each tensor instead of a dozen element-wise kernels -- the embeddings and head of an LLM are
+        most of a subspace step's element-wise work. Bias correction from each parameter's ``step``."""
         group = plans[0].group
-        device = plans[0].weight.device
         states = [_local_state(plan.state) for plan in plans]
-        steps: dict[int, Tensor] = {}  # the kernel reads one float32 count per tensor; equal counts share one
         for plan, tensors in zip(plans, states):
             if "exp_avg" not in tensors:
                 tensors["exp_avg"] = torch.zeros_like(plan.grad)
                 tensors["exp_avg_sq"] = torch.zeros_like(plan.grad)
             tensors["step"] = plan.count + 1
-            if plan.count not in steps:
-                steps[plan.count] = torch.full((), plan.count + 1, dtype=torch.float32, device=device)
-        lr = group["lr"]
-        if torch.is_tensor(lr) and lr.device.type != "cpu" and lr.device != device:  # as torch.optim.Adam does
-            lr = lr.to(device)
         beta1, beta2 = group["betas"]
-        torch._fused_adamw_([plan.weight for plan in plans], [plan.grad for plan in plans],
-                            [t["exp_avg"] for t in states], [t["exp_avg_sq"] for t in states], [],
-                            [steps[plan.count] for plan in plans], amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
-                            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False, grad_scale=None,
-                            found_inf=None)
+        batched.fused_adamw_([plan.weight for plan in plans], [plan.grad for plan in plans],
+                             [t["exp_avg"] for t in states], [t["exp_avg_sq"] for t in states],
+                             [plan.count + 1 for plan in plans], group["lr"], beta1, beta2, group["eps"],
+                             group["weight_decay"])
         for plan, tensors in zip(plans, states):
             self._store_state(plan.state, tensors, plan)
 
