@@ -23,7 +23,9 @@ is GaLore fed a larger batch at the steps where :meth:`SubspaceOptimizer.refresh
 (:func:`microbatches`).
 
 Groups without ``rank`` (biases, norms, embeddings) use the same rule in the full space, which is exactly
-``torch.optim.AdamW`` / ``torch.optim.SGD``.
+``torch.optim.AdamW`` / ``torch.optim.SGD``. AdamW's element-wise work, full-space and r-sized, runs in torch's
+fused AdamW kernel (:func:`golore_lab.batched.fused_adamw_`, the one of ``torch.optim.AdamW(fused=True)``)
+wherever it can take the tensors, else in element-wise kernels (:mod:`golore_lab.rules`); same rule, to rounding.
 """
 from __future__ import annotations
 
@@ -769,7 +771,8 @@ class SubspaceAdamW(SubspaceOptimizer):
     Param groups take galore-torch's keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) plus
     ``projection``, ``switch_step`` (or ``switch_fraction`` with ``total_steps``), ``state_on_refresh`` and
     ``seed`` (:mod:`golore_lab.spec`); the constructor's keywords are the defaults of every group. Groups
-    without ``rank`` are plain ``torch.optim.AdamW``.
+    without ``rank`` are plain ``torch.optim.AdamW`` -- bit for bit ``AdamW(fused=True)``, whose kernel they use
+    where it can take them (a floating, contiguous parameter on a device that has the kernel).
 
     The rule is ``torch.optim.AdamW``'s: moments ``exp_avg`` and ``exp_avg_sq`` of the projected gradient
     (r × n), bias correction counted across refreshes, decoupled weight decay ``W ← (1 − lr·wd) W`` applied to
