@@ -1,6 +1,6 @@
 """Optimizer step time and state size on the parameter set of the paper's LLaMA-60M.
 
-    python bench/optimizer_step.py [--steps 5] [--refresh-steps 2] [--vocab 32000]
+    python bench/optimizer_step.py [--steps 5] [--refresh-steps 3] [--vocab 32000]
 
 Parameters: 8 layers of q, k, v, o (512 × 512), gate, up (1376 × 512) and down (512 × 1376) in the subspace
 (rank 128, update_proj_gap 200), embeddings and LM head (vocab × 512) and norms in the full space, as the
@@ -78,7 +78,7 @@ def build(name, matrices, others):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="regular steps timed per period and method")
-    parser.add_argument("--refresh-steps", type=int, default=2, help="refresh steps (periods) timed per method")
+    parser.add_argument("--refresh-steps", type=int, default=3, help="refresh steps (periods) timed per method")
     parser.add_argument("--vocab", type=int, default=32000)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
