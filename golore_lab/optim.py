@@ -842,7 +842,7 @@ class SubspaceAdamW(SubspaceOptimizer):
     def _update_full(self, plans: list["_Plan"]) -> None:
         """The full-space parameters of one group, device and dtype in torch's fused AdamW kernel (what
         ``torch.optim.AdamW(fused=True)`` computes): moments, bias-corrected quotient and decoupled weight decay in
-        one pass over each tensor instead of a dozen element-wise kernels -- the embeddings and head of an LLM are
+        one pass over each tensor instead of eight element-wise kernels -- the embeddings and head of an LLM are
         most of a subspace step's element-wise work. Bias correction from each parameter's ``step``."""
         group = plans[0].group
         states = [_local_state(plan.state) for plan in plans]
