@@ -1,14 +1,17 @@
 """Optimizer step time and state size on the parameter set of the paper's LLaMA-60M.
 
-    python bench/optimizer_step.py [--steps 5] [--refresh-steps 2] [--vocab 32000]
+    python bench/optimizer_step.py [--steps 5] [--refresh-steps 3] [--vocab 32000]
 
 Parameters: 8 layers of q, k, v, o (512 × 512), gate, up (1376 × 512) and down (512 × 1376) in the subspace
 (rank 128, update_proj_gap 200), embeddings and LM head (vocab × 512) and norms in the full space, as the
-paper trains it. For torch.optim.AdamW (foreach), SubspaceAdamW with SVD (GaLore) and random (GoLore)
-projections, per-tensor and batched (``foreach=True``: equal-shape matrices stacked), and
-galore_torch.GaLoreAdamW, it measures the median time of a regular step and of a refresh step, the step time
-amortized over one refresh every 200 steps, and the optimizer-state bytes (with the analytic count). Also the cost of one SVD refresh against one random refresh of all projected matrices.
-All ratios are against numbers measured in the same run.
+paper trains it. For torch.optim.AdamW (foreach, and fused: one kernel per tensor), SubspaceAdamW with SVD
+(GaLore) and random (GoLore) projections, per-tensor and batched (``foreach=True``: equal-shape matrices
+stacked), and galore_torch.GaLoreAdamW, it measures the median time of a regular step and of a refresh step, the
+step time amortized over one refresh every 200 steps, and the optimizer-state bytes (with the analytic count).
+Each optimizer trains its own copy of the parameters on the same gradients, and the optimizers take their steps
+in turn (one step each, then the next step), so that a busy machine slows them alike. Also the cost of one SVD
+refresh against one random refresh of all projected matrices. All ratios are against numbers measured in the
+same run.
 """
 from __future__ import annotations
 
@@ -61,8 +64,9 @@ def analytic_bytes(matrices, others, subspace: bool) -> int:
 def build(name, matrices, others):
     groups = [{"params": matrices, "rank": RANK, "update_proj_gap": GAP, "scale": 1.0, "proj_type": "std"},
               {"params": others}]
-    if name == "torch AdamW (foreach)":
-        return torch.optim.AdamW(matrices + others, lr=1e-3, weight_decay=0.0, foreach=True)
+    if name.startswith("torch AdamW"):
+        mode = "fused" if name.endswith("(fused)") else "foreach"
+        return torch.optim.AdamW(matrices + others, lr=1e-3, weight_decay=0.0, **{mode: True})
     if name.startswith("SubspaceAdamW"):
         groups[0]["foreach"] = name.endswith("batched")
         return SubspaceAdamW(groups, lr=1e-3, projection=name.split()[1])
@@ -73,8 +77,8 @@ def build(name, matrices, others):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="regular steps timed per method")
-    parser.add_argument("--refresh-steps", type=int, default=2, help="refresh steps timed per method")
+    parser.add_argument("--steps", type=int, default=5, help="regular steps timed per period and method")
+    parser.add_argument("--refresh-steps", type=int, default=3, help="refresh steps (periods) timed per method")
     parser.add_argument("--vocab", type=int, default=32000)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -82,24 +86,22 @@ def main() -> None:
     params = matrices + others
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(p.shape, generator=g) * 1e-3 for p in params]
-    names = ["torch AdamW (foreach)", "SubspaceAdamW svd", "SubspaceAdamW svd batched", "SubspaceAdamW random",
-             "SubspaceAdamW random batched", "galore_torch GaLoreAdamW"]
-    rows = {}
+    names = ["torch AdamW (foreach)", "torch AdamW (fused)", "SubspaceAdamW svd", "SubspaceAdamW svd batched",
+             "SubspaceAdamW random", "SubspaceAdamW random batched", "galore_torch GaLoreAdamW"]
+    runs = {}  # each optimizer trains its own copy of the parameters
     for name in names:
-        opt = build(name, matrices, others)
-        regular, refresh = [], []
-        for step in range(GAP * args.refresh_steps):
-            if step % GAP > args.steps and step % GAP != GAP - 1:
-                # skip the middle of a period cheaply: count steps without timing them
-                if name.startswith(("SubspaceAdamW",)):
-                    for p in matrices:
+        own = ([torch.nn.Parameter(p.detach().clone()) for p in matrices],
+               [torch.nn.Parameter(p.detach().clone()) for p in others])
+        runs[name] = (build(name, *own), own[0], own[0] + own[1], [], [])
+    for step in range(GAP * args.refresh_steps):
+        middle = step % GAP > args.steps and step % GAP != GAP - 1
+        for name, (opt, own_matrices, own_params, regular, refresh) in runs.items():  # interleaved: one step each
+            if middle:  # skip the middle of a period cheaply: count the subspace steps without taking them
+                if not name.startswith("torch"):
+                    for p in own_matrices:
                         opt.state[p]["step"] += 1
-                    continue
-                if name.startswith("galore"):
-                    for p in matrices:
-                        opt.state[p]["step"] += 1
-                    continue
-            for p, grad in zip(params, grads):
+                continue
+            for p, grad in zip(own_params, grads):
                 p.grad = grad
             start = time.perf_counter()
             opt.step()
@@ -108,32 +110,31 @@ def main() -> None:
                 refresh.append(elapsed)
             elif step % GAP <= args.steps:
                 regular.append(elapsed)
-            if name.startswith("torch") and len(regular) >= args.steps and len(refresh) >= args.refresh_steps:
-                break
+    rows = {}
+    for name, (opt, _, _, regular, refresh) in runs.items():
         reg = statistics.median(regular)
-        ref = statistics.median(refresh) if name != "torch AdamW (foreach)" else reg
+        ref = statistics.median(refresh) if not name.startswith("torch") else reg
         rows[name] = dict(regular=reg, refresh=ref, amortized=(reg * (GAP - 1) + ref) / GAP, bytes=state_bytes(opt))
-        for p in params:
-            p.data.normal_(0, 0.02, generator=g)
 
     print(f"LLaMA-60M parameter set (vocab {args.vocab}), rank {RANK}, update_proj_gap {GAP}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.steps} regular and "
-          f"{args.refresh_steps} refresh steps")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.steps} regular steps "
+          f"and 1 refresh step in each of {args.refresh_steps} periods, optimizers interleaved step by step")
     base = rows["torch AdamW (foreach)"]["amortized"]
-    print(f"{'optimizer':<26} {'step ms':>8} {'refresh ms':>11} {'amortized ms':>13} {'vs AdamW':>9} "
+    print(f"{'optimizer':<28} {'step ms':>8} {'refresh ms':>11} {'amortized ms':>13} {'vs AdamW':>9} "
           f"{'state MiB':>10} {'analytic MiB':>13}")
     for name, row in rows.items():
         analytic = analytic_bytes(matrices, others, subspace=not name.startswith("torch"))
-        print(f"{name:<26} {row['regular'] * 1e3:>8.1f} {row['refresh'] * 1e3:>11.1f} {row['amortized'] * 1e3:>13.1f} "
+        print(f"{name:<28} {row['regular'] * 1e3:>8.1f} {row['refresh'] * 1e3:>11.1f} {row['amortized'] * 1e3:>13.1f} "
               f"{row['amortized'] / base:>8.2f}x {row['bytes'] / 2**20:>10.1f} {analytic / 2**20:>13.1f}")
     theirs = rows["galore_torch GaLoreAdamW"]
     for name in ("SubspaceAdamW svd", "SubspaceAdamW svd batched"):
         ours = rows[name]
         print(f"{name} vs galore-torch: amortized time ratio {ours['amortized'] / theirs['amortized']:.2f} "
               f"(target <= 0.75), state bytes ratio {ours['bytes'] / theirs['bytes']:.3f} (target <= 1)")
+    fused = rows["torch AdamW (fused)"]["amortized"]
     for name in ("SubspaceAdamW random", "SubspaceAdamW random batched"):
         print(f"{name} vs torch AdamW (foreach): amortized time ratio {rows[name]['amortized'] / base:.2f} "
-              "(target <= 1.2)")
+              f"(target <= 1.2); vs torch AdamW (fused): {rows[name]['amortized'] / fused:.2f}")
 
     # one refresh of every projected matrix: the projector alone
     times = {"svd": [], "random": []}

@@ -23,7 +23,9 @@ is GaLore fed a larger batch at the steps where :meth:`SubspaceOptimizer.refresh
 (:func:`microbatches`).
 
 Groups without ``rank`` (biases, norms, embeddings) use the same rule in the full space, which is exactly
-``torch.optim.AdamW`` / ``torch.optim.SGD``.
+``torch.optim.AdamW`` / ``torch.optim.SGD``. AdamW's element-wise work, full-space and r-sized, runs in torch's
+fused AdamW kernel (:func:`golore_lab.batched.fused_adamw_`, the one of ``torch.optim.AdamW(fused=True)``)
+wherever it can take the tensors, else in element-wise kernels (:mod:`golore_lab.rules`); same rule, to rounding.
 """
 from __future__ import annotations
 
@@ -457,11 +459,8 @@ class SubspaceOptimizer(Optimizer):
         for refresh in refreshes:
             for hook in list(self._refresh_hooks.values()):
                 hook(self, refresh)
-        for bucket in self._buckets(plans):
-            if len(bucket) > 1:
-                self._update_batched(bucket)
-            else:
-                self._update(bucket[0])
+        for update, bucket in self._buckets(plans):
+            update(bucket)
         return loss
 
     def _plan(self) -> tuple[list["_Plan"], list[Refresh]]:
@@ -829,16 +828,33 @@ class SubspaceOptimizer(Optimizer):
             out.append(numerator.clone() if denominator is None else numerator / denominator)
         return out, factor
 
-    def _buckets(self, plans: list["_Plan"]) -> list[list["_Plan"]]:
-        """Phase-2 order: single plans, then the ``foreach`` buckets of phase 1."""
+    def _buckets(self, plans: list["_Plan"]) -> list[tuple[Callable[[list["_Plan"]], None], list["_Plan"]]]:
+        """Phase 2 as ``(update, plans)`` pairs, in order: single plans, the full-space buckets of a fused rule
+        (one per group, device and dtype), then the ``foreach`` buckets of phase 1."""
+        full: dict[tuple, list[_Plan]] = {}
         buckets: dict[tuple, list[_Plan]] = {}
         singles = []
         for plan in plans:
-            if plan.side is None or not self._foreach(plan):
-                singles.append([plan])
+            if plan.side is None and self._fusable(plan):
+                full.setdefault((id(plan.group), plan.weight.device, plan.weight.dtype), []).append(plan)
+            elif plan.side is None or not self._foreach(plan):
+                singles.append((self._update_one, [plan]))
             else:
                 buckets.setdefault(_bucket_key(plan), []).append(plan)
-        return singles + list(buckets.values())
+        return (singles + [(self._update_full, bucket) for bucket in full.values()]
+                + [(self._update_batched if len(b) > 1 else self._update_one, b) for b in buckets.values()])
+
+    def _update_one(self, plans: list["_Plan"]) -> None:
+        self._update(plans[0])
+
+    def _fusable(self, plan: "_Plan") -> bool:
+        """Whether the full-space parameter of ``plan`` goes through :meth:`_update_full` (a rule with a fused
+        kernel says so); otherwise :meth:`_update` takes it."""
+        return False
+
+    def _update_full(self, plans: list["_Plan"]) -> None:
+        """Phase 2 for full-space parameters of one group, device and dtype, in one fused kernel (subclasses)."""
+        raise NotImplementedError
 
     @staticmethod
     def _store_state(state: dict[str, Any], tensors: dict[str, Any], plan: "_Plan") -> None:
@@ -939,7 +955,8 @@ class SubspaceAdamW(SubspaceOptimizer):
     Param groups take galore-torch's keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) plus
     ``projection``, ``switch_step`` (or ``switch_fraction`` with ``total_steps``), ``state_on_refresh`` and
     ``seed`` (:mod:`golore_lab.spec`); the constructor's keywords are the defaults of every group. Groups
-    without ``rank`` are plain ``torch.optim.AdamW``.
+    without ``rank`` are plain ``torch.optim.AdamW`` -- bit for bit ``AdamW(fused=True)``, whose kernel they use
+    where it can take them (a floating, contiguous parameter on a device that has the kernel).
 
     The rule is ``torch.optim.AdamW``'s: moments ``exp_avg`` and ``exp_avg_sq`` of the projected gradient
     (r × n), bias correction counted across refreshes, decoupled weight decay ``W ← (1 − lr·wd) W`` applied to
@@ -981,6 +998,10 @@ class SubspaceAdamW(SubspaceOptimizer):
             state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg_sq"] = torch.zeros_like(grad)
         beta1, beta2 = group["betas"]
+        if batched.fusable(grad, state["exp_avg"], state["exp_avg_sq"]):  # N itself, bias correction included
+            direction, = batched.fused_adamw_directions([grad], [state["exp_avg"]], [state["exp_avg_sq"]], count,
+                                                        beta1, beta2, group["eps"])
+            return direction, None, 1.0
         return rules.adamw_direction(grad, state["exp_avg"], state["exp_avg_sq"], count, beta1, beta2, group["eps"])
 
     def _directions(self, group: dict[str, Any], states: list[dict[str, Any]], grads: list[Tensor],
@@ -990,8 +1011,37 @@ class SubspaceAdamW(SubspaceOptimizer):
                 tensors["exp_avg"] = torch.zeros_like(grad)
                 tensors["exp_avg_sq"] = torch.zeros_like(grad)
         beta1, beta2 = group["betas"]
-        return batched.adamw_directions(grads, [t["exp_avg"] for t in states], [t["exp_avg_sq"] for t in states],
-                                        count, beta1, beta2, group["eps"])
+        exp_avgs, exp_avg_sqs = [t["exp_avg"] for t in states], [t["exp_avg_sq"] for t in states]
+        if batched.fusable(*grads, *exp_avgs, *exp_avg_sqs):
+            return batched.fused_adamw_directions(grads, exp_avgs, exp_avg_sqs, count, beta1, beta2, group["eps"]), 1.0
+        return batched.adamw_directions(grads, exp_avgs, exp_avg_sqs, count, beta1, beta2, group["eps"])
+
+    def _fusable(self, plan: "_Plan") -> bool:
+        """Full-space parameters go through torch's fused AdamW kernel when it can take them
+        (:func:`golore_lab.batched.fusable`); a sharded (FSDP2) parameter through its local rows, which the
+        update treats element by element, as one process would."""
+        moments = [distributed.local(plan.state[key]) for key in self.rule_state if key in plan.state]
+        return batched.fusable(plan.weight, plan.grad, *moments)
+
+    def _update_full(self, plans: list["_Plan"]) -> None:
+        """The full-space parameters of one group, device and dtype in torch's fused AdamW kernel (what
+        ``torch.optim.AdamW(fused=True)`` computes): moments, bias-corrected quotient and decoupled weight decay in
+        one pass over each tensor instead of eight element-wise kernels -- the embeddings and head of an LLM are
+        most of a subspace step's element-wise work. Bias correction from each parameter's ``step``."""
+        group = plans[0].group
+        states = [_local_state(plan.state) for plan in plans]
+        for plan, tensors in zip(plans, states):
+            if "exp_avg" not in tensors:
+                tensors["exp_avg"] = torch.zeros_like(plan.grad)
+                tensors["exp_avg_sq"] = torch.zeros_like(plan.grad)
+            tensors["step"] = plan.count + 1
+        beta1, beta2 = group["betas"]
+        batched.fused_adamw_([plan.weight for plan in plans], [plan.grad for plan in plans],
+                             [t["exp_avg"] for t in states], [t["exp_avg_sq"] for t in states],
+                             [plan.count + 1 for plan in plans], group["lr"], beta1, beta2, group["eps"],
+                             group["weight_decay"])
+        for plan, tensors in zip(plans, states):
+            self._store_state(plan.state, tensors, plan)
 
 
 class SubspaceSGD(SubspaceOptimizer):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from golore_lab import SubspaceAdamW, SubspaceSGD
+from golore_lab import SubspaceAdamW, SubspaceSGD, batched
 
 SHAPES = [(12, 8), (12, 8), (12, 8), (8, 12), (8, 12), (10, 10)]  # buckets of 3, 2 and 1
 
@@ -56,6 +56,23 @@ def test_batched_matches_per_tensor(opt_cls, group):
         for key in s:
             if torch.is_tensor(s[key]) and key != "proj":
                 torch.testing.assert_close(t[key].abs(), s[key].abs(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("group", [dict(projection="svd"), dict(projection="random", state_on_refresh="reset")],
+                         ids=["svd", "random-reset"])
+def test_fused_adamw_kernel_matches_the_element_wise_rule(foreach, group, monkeypatch):
+    """AdamW's directions (low-rank) and full-space updates come from torch's fused kernel where it can take the
+    tensors, else from element-wise kernels (:func:`golore_lab.rules.adamw_direction`, ``foreach`` ones when
+    batched): the same arithmetic, grouped differently -- float64 rounding apart."""
+    fused, fused_opt, _ = train(foreach, SubspaceAdamW, **group)
+    monkeypatch.setattr(batched, "fusable", lambda *tensors: False)
+    plain, plain_opt, _ = train(foreach, SubspaceAdamW, **group)
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    for p, q in zip(plain_opt.state, fused_opt.state):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fused_opt.state[q][key], plain_opt.state[p][key], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("foreach", [False, True])

@@ -74,6 +74,117 @@ def test_full_space_group_is_torch_adamw_exactly():
     torch.testing.assert_close(ours[-1], theirs[-1], rtol=1e-6, atol=1e-6)
 
 
+FULL_SHAPES = [(40, 24), (24,), (7, 3, 5), (1,)]
+SKIP = (3, 1)  # (step, parameter) without a gradient
+
+
+def full_space_steps(opt, params, matrix, steps):
+    """Step ``opt`` at the given step indices on gradients that are a pure function of (step, parameter, value);
+    parameter ``SKIP[1]`` has no gradient at step ``SKIP[0]``, so its step count falls behind the others' (one
+    bucket, two bias corrections). Returns the parameters after every step."""
+    history = []
+    for t in steps:
+        for i, p in enumerate(params + [matrix]):
+            noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * t + i))
+            p.grad = None if (t, i) == SKIP else (noise + p.detach().float()).to(p.dtype)
+        opt.step()
+        history.append([p.detach().clone() for p in params])
+    return history
+
+
+def train_full_space(make_opt, dtype, steps=12):
+    """The parameters of FULL_SHAPES and a 6 × 9 matrix (a subspace optimizer puts it in a rank-2 group) trained
+    ``steps`` steps: (history, optimizer, parameters, matrix)."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in FULL_SHAPES]
+    matrix = torch.nn.Parameter(torch.randn(6, 9, generator=g).to(dtype))
+    opt = make_opt(params, matrix)
+    return full_space_steps(opt, params, matrix, range(steps)), opt, params, matrix
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_full_space_parameters_are_torch_adamw_fused_and_foreach(dtype, tensor_lr):
+    """Full-space parameters go through torch's fused AdamW kernel: bit for bit what ``torch.optim.AdamW(fused=True)``
+    computes (same kernel, same inputs, including the bias correction of a parameter whose count fell behind), and
+    as close to ``AdamW(foreach=True)`` as torch's own two paths are to each other (×2: the two differ only in
+    rounding, which a wrong rule -- an off-by-one count, a coupled decay -- exceeds by orders of magnitude)."""
+    hyper = dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+    lr = 0.05
+
+    def lr_value():
+        return torch.tensor(lr) if tensor_lr else lr
+
+    def torch_adamw(**mode):  # torch's foreach path takes a tensor lr only with capturable=True: a float there
+        return lambda params, _: torch.optim.AdamW(params, lr=lr_value() if "fused" in mode else lr, **hyper, **mode)
+
+    def ours(params, matrix):
+        return SubspaceAdamW([{"params": [matrix], "rank": 2, "update_proj_gap": 5}, {"params": params}],
+                             lr=lr_value(), **hyper)
+
+    mine, opt, params, _ = train_full_space(ours, dtype)
+    fused, fused_opt, fused_params, _ = train_full_space(torch_adamw(fused=True), dtype)
+    foreach, *_ = train_full_space(torch_adamw(foreach=True), dtype)
+    for step, (a, b, c) in enumerate(zip(mine, fused, foreach)):
+        for i, (x, y, z) in enumerate(zip(a, b, c)):
+            assert torch.equal(x, y), (step, i)
+            spread = (y.double() - z.double()).abs().max().item()
+            assert (x.double() - z.double()).abs().max().item() <= 2 * spread, (step, i)
+    assert max((y.double() - z.double()).abs().max().item() for y, z in zip(fused[-1], foreach[-1])) > 0
+    for p, q in zip(params, fused_params):
+        state, theirs = opt.state[p], fused_opt.state[q]
+        assert isinstance(state["step"], int) and state["step"] == int(theirs["step"])
+        assert all(torch.equal(state[key], theirs[key]) for key in ("exp_avg", "exp_avg_sq"))
+    assert opt.state[params[1]]["step"] == 11  # no gradient at step 3: one step behind the others
+
+
+@pytest.mark.parametrize("transposed", ["parameter", "gradient"])
+def test_full_space_parameter_the_fused_kernel_cannot_take_is_still_adamw(transposed):
+    """A transposed (non-contiguous) parameter or gradient: torch's CPU fused kernel walks memory in order and would
+    pair the wrong elements, so such a parameter takes the per-tensor rule (a transposed gradient: with element-wise
+    kernels throughout), which equals ``AdamW(foreach=True)`` on the contiguous copy of the same problem up to
+    rounding: a few float32 ulps of |W| + lr per step (8 ε per step below; an off-by-one bias correction or a
+    coupled decay moves W by a percent of lr per step)."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(9, 5, generator=g)
+    grads = [torch.randn(9, 5, generator=g) for _ in range(10)]
+
+    def run(opt_cls, contiguous, **kw):
+        w = torch.nn.Parameter(start.T.contiguous() if contiguous or transposed != "parameter" else start.clone().T)
+        opt = opt_cls([w], lr=lr, weight_decay=0.1, **kw)
+        for grad in grads:
+            w.grad = grad.T.contiguous() if contiguous or transposed != "gradient" else grad.clone().T
+            opt.step()
+        assert contiguous or not (w.is_contiguous() and w.grad.is_contiguous())
+        return w.detach()
+
+    lr, eps = 0.05, torch.finfo(torch.float32).eps
+    tolerance = len(grads) * 8 * eps * (lr + start.abs().max().item())
+    assert (run(SubspaceAdamW, False) - run(torch.optim.AdamW, True, foreach=True)).abs().max().item() <= tolerance
+
+
+def test_full_space_resume_is_bit_identical():
+    """The fused full-space path through save, ``torch.load(weights_only=True)`` and load: ``step`` stays an int
+    and the resumed run equals the straight one bit for bit."""
+    def ours(params, matrix):
+        return SubspaceAdamW([{"params": [matrix], "rank": 2, "update_proj_gap": 5}, {"params": params}],
+                             lr=0.05, weight_decay=0.1)
+
+    straight, *_ = train_full_space(ours, torch.float32, steps=12)
+    _, opt, params, matrix = train_full_space(ours, torch.float32, steps=6)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert all(isinstance(s["step"], int) for s in saved["state"].values())
+    params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    matrix2 = torch.nn.Parameter(matrix.detach().clone())
+    opt2 = ours(params2, matrix2)
+    opt2.load_state_dict(saved)
+    resumed = full_space_steps(opt2, params2, matrix2, range(6, 12))
+    assert all(torch.equal(a, b) for a, b in zip(straight[-1], resumed[-1]))
+
+
 @pytest.mark.parametrize("proj_type", ["left", "right"])
 @pytest.mark.parametrize("sgd", [dict(momentum=0.9), dict(momentum=0.9, dampening=0.9), dict(momentum=0.5, nesterov=True),
                                  dict(momentum=0.0)])
