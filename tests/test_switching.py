@@ -358,3 +358,26 @@ def test_bf16_resume_keeps_the_float32_statistic():
         opt.step()
         twin.step()
     assert torch.equal(X, Y) and opt.switch_log() == twin.switch_log()
+
+
+def test_isotropic_noise_switches_only_after_galore_stalls_and_costs_nothing_with_adamw():
+    # Isotropic noise: GaLore converges (to its noise floor, from step ~4200 on the scaled instance), and the SVD
+    # basis fitted to noise eventually captures no more than a random one, so auto may switch -- but only after
+    # GaLore has stalled. With AdamW that switch costs nothing measurable (paired by seed, 4 standard errors);
+    # with SGD it still ends closer to f* than the paper's GoLore@75%.
+    problem = ce.Counterexample(noise="isotropic")
+    seeds = range(3)
+    for optimizer, steps in (("sgd", 20_000), ("adamw", 10_000)):
+        frame = ce.run(problem, ["galore", "golore@75", "golore@auto"], optimizer, steps, 3e-4, 100, seeds,
+                       log_every=100)
+        final = frame[frame.step == steps].pivot(index="seed", columns="method", values="loss")
+        galore = frame[frame.method == "galore"]
+        f0, plateau = problem.f(problem.x0).item(), problem.galore_plateau
+        stalled = galore[galore.loss <= plateau + 0.01 * (f0 - plateau)].step.min()
+        switches = [frame.attrs["switch_steps"][("golore@auto", s)] for s in seeds]
+        assert all(s is None or s > stalled for s in switches), (switches, stalled)
+        if optimizer == "adamw":
+            diff = torch.tensor((final["golore@auto"] - final["galore"]).to_numpy())
+            assert diff.mean() <= 4 * diff.std() / math.sqrt(len(diff)), diff
+        else:
+            assert final["golore@auto"].mean() < final["golore@75"].mean()
