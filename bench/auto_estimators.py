@@ -1,8 +1,10 @@
 """Which pairs of a period estimate the captured signal on a language model: the evidence behind GoLore@auto's test.
 
-    PYTHONPATH=. python bench/auto_estimators.py [--steps 3000] [--lr 1e-3] [--out bench/results/auto_estimators.json]
+    PYTHONPATH=. python bench/auto_estimators.py [--steps 3000] [--lr 1e-3] [--schedule constant|recipe]
+                                                 [--out bench/results/auto_estimators.json]
 
-GaLore-AdamW on the ``late`` LLaMA (one thread, constant lr after a linear warm-up, clip 1, rank 16, τ = 100),
+GaLore-AdamW on the ``late`` LLaMA (one thread, clip 1, rank 16, τ = 100; constant lr after a linear warm-up of
+300 steps, or with ``--schedule recipe`` the ``late`` recipe's cosine schedule over ``--steps``),
 with ``switch_step="auto"`` whose decisions are recorded but never acted on, so that the SVD basis stays in
 use. For every attention and MLP matrix and every period it keeps the projected gradients R_t = PᵀG_t and
 the probe's views, and at each refresh step the "truth": the gradient of 256 fixed training windows g and the
@@ -11,7 +13,8 @@ x, y estimated from: all pairs of the period (the estimator of the first version
 least 10 steps apart, consecutive pairs (point estimate), and the library's test (consecutive pairs and the
 t-test at ``switching.LEVEL``); the "truth" column uses ‖Pᵀg‖², ‖Πᵀg‖². Also the median ratio of each estimate
 of ‖Pᵀg‖² (and ‖Πᵀg‖²) to its truth: a ratio that is equal for P and Π leaves the decision unbiased (the
-small batch's gradient is clipped, which scales both alike).
+small batch's gradient is clipped, which scales both alike). The rates are also given for the periods in the
+last 30% of the run (``late``), where the recipe's schedule has lowered the learning rate.
 """
 from __future__ import annotations
 
@@ -26,13 +29,15 @@ import torch
 from golore_lab import SubspaceAdamW, switching
 from golore_lab.lm.data import ensure_corpus
 from golore_lab.lm.model import LlamaConfig
-from golore_lab.lm.pretrain import LMTask
+from golore_lab.lm.pretrain import LMTask, recipe
+from golore_lab.lm.train import lr_factor
 from golore_lab.projection import projected_side
 
 
-def record(steps: int, lr: float, gap: int = 100, rank: int = 16, seed: int = 0):
+def record(steps: int, lr: float, schedule: str = "constant", gap: int = 100, rank: int = 16, seed: int = 0):
     """Train and return (streams, truth): streams[(position, refresh)] = [(R_t, Z_t)], truth[(position, refresh)]."""
     torch.manual_seed(seed)
+    cfg = recipe("late", steps=steps, lr=lr)
     task = LMTask(ensure_corpus(log=lambda *_: None), LlamaConfig.preset("late"), eval_windows=64, eval_batch=64)
     model = task.build_model(seed)
     groups = task.param_groups(model, rank=rank, update_proj_gap=gap)
@@ -58,7 +63,7 @@ def record(steps: int, lr: float, gap: int = 100, rank: int = 16, seed: int = 0)
         for step in range(steps):
             now["step"] = step
             for group in opt.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / 300)
+                group["lr"] = lr * (min(1.0, (step + 1) / 300) if schedule == "constant" else lr_factor(step, cfg))
             if step % gap == 0 and step > 0:
                 opt.zero_grad()
                 task.loss(model, reference).backward()
@@ -94,12 +99,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--schedule", choices=("constant", "recipe"), default="constant")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    streams, truth = record(args.steps, args.lr)
+    streams, truth = record(args.steps, args.lr, args.schedule)
     estimators = {"all pairs": dict(), "pairs >= 10 apart": dict(lag_min=10), "consecutive pairs": dict(lag_max=1)}
     switches = {name: [] for name in [*estimators, "library test", "truth"]}
+    late = []  # the period lies in the last 30% of the run
     ratios = {name: {"P": [], "probe": []} for name in estimators}
     for key, t in sorted(truth.items()):
         period = streams.get((key[0], key[1]), [])[1:]  # the refresh step is not a member of the period
@@ -108,6 +115,7 @@ def main() -> None:
         d, r, q = t["dim"], t["rank"], t["probe"]
         a, b = 1 - r / d, r / d * (d - r) / q
         switches["truth"].append(a * t["signal"] - b * t["outside"] < 0)
+        late.append(key[1] >= 0.7 * args.steps)
         R, Z = [v[0] for v in period], [v[1] for v in period]
         for name, kw in estimators.items():
             x, y = pair_mean(R, **kw), pair_mean(Z, **kw)
@@ -119,8 +127,11 @@ def main() -> None:
         for rt, zt in zip(R, Z):
             switching.accumulate(state, rt, zt)
         switches["library test"].append(switching.decide(state, r).switch)
-    result = {"steps": args.steps, "lr": args.lr, "periods": len(switches["truth"]), "level": switching.LEVEL,
+    result = {"steps": args.steps, "lr": args.lr, "schedule": args.schedule, "periods": len(switches["truth"]),
+              "late_periods": sum(late), "level": switching.LEVEL,
               "switch_rate": {k: sum(v) / len(v) for k, v in switches.items()},
+              "late_switch_rate": {k: sum(x for x, l in zip(v, late) if l) / max(sum(late), 1)
+                                   for k, v in switches.items()},
               "median_ratio_to_truth": {k: {s: statistics.median(v[s]) for s in v} for k, v in ratios.items()}}
     print(json.dumps(result, indent=1))
     if args.out:

@@ -209,6 +209,19 @@ def test_auto_estimator_table_is_the_benchmark_file():
     assert _matches(library, 100 * result["switch_rate"]["library test"])
 
 
+def test_auto_estimator_along_the_recipe_is_the_benchmark_file():
+    result = json.loads(_text(ROOT / "bench/results/auto_estimators_recipe.json"))
+    text = " ".join(_text(ROOT / "docs/when_to_switch.md").split())
+    truth = re.search(r"the truth says \"switch\" in ([\d.]+)% of the (\d+) periods, and in none of the (\d+)", text)
+    assert _matches(truth[1], 100 * result["switch_rate"]["truth"]) and result["late_switch_rate"]["truth"] == 0
+    assert int(truth[2]) == result["periods"] and int(truth[3]) == result["late_periods"]
+    for label, key in (("consecutive-pair point estimate says \"switch\" in", "consecutive pairs"),
+                       ("library's test fires in", "library test")):
+        overall, late = re.search(re.escape(label) + r" ([\d.]+)% of all periods and ([\d.]+)% of the late", text).groups()
+        assert _matches(overall, 100 * result["switch_rate"][key])
+        assert _matches(late, 100 * result["late_switch_rate"][key])
+
+
 #: the committed results behind the tables, newest layout first (paths relative to figures/data; a glob must
 #: match one file): the artefact caches runs/<artefact>-default-<key>.csv, or the older per-figure files
 SOURCES = {
