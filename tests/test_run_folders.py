@@ -316,6 +316,16 @@ def _corpus_of(task):
                   eot_id=0, path=None, manifest={"files": task.corpus_files})
 
 
+def _resume_is_refused(program, base: list[str], stop_at: str, argv: list[str], name: str, capsys) -> None:
+    """Run ``program`` to ``stop_at``, then resume with ``argv`` changed: refused, naming the field ``name``."""
+    assert program(base + ["--stop-at", stop_at]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        program(base + ["--resume"] + argv)
+    err = capsys.readouterr().err
+    assert "was written with another configuration (" in err and name in err
+
+
 @pytest.mark.parametrize("argv, name", [
     (["--seq-len", "16"], "task.seq_len: 32 -> 16"), (["--eval-windows", "6"], "task.eval_windows: 8 -> 6"),
     (["--vocab-size", str(VOCAB - 20)], "task.corpus.train.npy: "), (["--model", "cpu"], "task.model.dim: 32 -> 128"),
@@ -328,12 +338,7 @@ def test_pretrain_cli_refuses_result_changing_options_on_resume(corpus_root, tmp
         build_fixture_corpus(corpus_root, VOCAB - 20)
     base = ["--cache", str(corpus_root), "--model", "tiny", "--no-progress", "--steps", "4", "--warmup-steps", "1",
             "--seq-len", "32", "--eval-windows", "8", "--vocab-size", str(VOCAB), "--out", str(tmp_path)]
-    assert main(base + ["--stop-at", "2"]) == 0
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        main(base + ["--resume"] + argv)
-    err = capsys.readouterr().err
-    assert "was written with another configuration (" in err and name in err
+    _resume_is_refused(main, base, "2", argv, name, capsys)
 
 
 def test_every_pretrain_option_is_classified():
@@ -386,9 +391,4 @@ def test_finetune_cli_refuses_result_changing_options_on_resume(tmp_path, capsys
 
     base = ["--preset", "fast", "--task", "bbc-news", "--method", "galore", "--no-progress", "--steps", "2",
             "--train-examples", "16", "--out", str(tmp_path)]
-    assert finetune(base + ["--stop-at", "1"]) == 0
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        finetune(base + ["--resume"] + argv)
-    err = capsys.readouterr().err
-    assert "was written with another configuration (" in err and name in err
+    _resume_is_refused(finetune, base, "1", argv, name, capsys)
