@@ -38,7 +38,7 @@ from .methods import parse as parse_name
 from . import projection as proj
 from .threads import num_threads
 
-NOISES = ("anisotropic", "isotropic", "none")
+NOISES = ("anisotropic", "gaussian", "isotropic", "none")
 #: the logged quantities, in the order the engines return them (see :func:`run`)
 LOGGED = ("loss", "grad_norm_sq", "captured", "top_sv")
 
@@ -49,8 +49,10 @@ class Counterexample:
     ``torch.manual_seed(seed)``-equivalent draws from a ``torch.Generator``: the first ``randn(n−r, n−r)`` is
     D (times σ), the second ``randn(r, n)`` the last r rows of X₀ (times σ); rows 1..n−r of X₀ are
     (σ/2)[I 0]. ``linear_term=False`` sets B = 0: the "no B" instance of the non-convergence theorem, where
-    ‖∇f(X₀)‖₂ = σ/2 < σ and GaLore never moves. ``noise="isotropic"`` replaces ±σC by i.i.d. Gaussian noise of
-    the same total variance σ²r (the v2 claim: GaLore converges then); ``noise="none"`` gives exact gradients
+    ‖∇f(X₀)‖₂ = σ/2 < σ and GaLore never moves. ``noise="gaussian"`` keeps the noise ξσC in the same rows with
+    the same covariance but draws ξ ~ N(0, 1) instead of ±1 (so |ξ| is sometimes small and the SVD then sees
+    the signal); ``noise="isotropic"`` replaces ±σC by i.i.d. Gaussian noise of the same total variance σ²r
+    over all n × n entries; ``noise="none"`` gives exact gradients
     (deterministic GaLore; σ still scales D and X₀). ``noise_sigma`` sets the noise level on its own (default:
     σ): D and X₀ keep their scale σ while the oracle's ±``noise_sigma``·C, the plateau and the noise variance
     follow ``noise_sigma``, so the plateau f* + ½Σmin(sᵢ(M₀), noise_sigma)² moves while f* does not. (With
@@ -77,7 +79,7 @@ class Counterexample:
         if not _is_int(seed):
             raise ValueError(f"Invalid seed: {seed!r} (must be an integer)")
         if noise not in NOISES:
-            raise ValueError(f"Invalid noise: {noise!r} (must be 'anisotropic', 'isotropic' or 'none')")
+            raise ValueError(f"Invalid noise: {noise!r} (must be one of {', '.join(map(repr, NOISES))})")
         self.n, self.r, self.sigma, self.seed = n, r, float(sigma), seed
         self.linear_term, self.noise = bool(linear_term), noise
         #: the oracle's noise level: one noise entry is ±noise_sigma (σ unless set apart)
@@ -149,7 +151,8 @@ class Counterexample:
         """Noise of one run, one block of ``period`` steps at a time; the first step of each block has a batch.
 
         Anisotropic: a (period,) tensor of ξ, where ξ₀ is the mean of ``refresh_batch`` independent signs and
-        the others single signs; the noise matrix at that step is ξ·noise_sigma·C. Isotropic: a (period, n, n)
+        the others single signs; the noise matrix at that step is ξ·noise_sigma·C. Gaussian: the same with
+        standard normal ξ (ξ₀ scaled by 1/√refresh_batch, the exact law of a mean of that many). Isotropic: a (period, n, n)
         tensor of noise matrices, the first scaled by 1/√refresh_batch (the exact law of a mean of that many).
         Blocks are drawn from ``generator`` a chunk of periods at a time (the chunk size is a fixed function
         of the shapes), so the stream is a pure function of the generator's seed; both engines of :func:`run`
@@ -165,6 +168,10 @@ class Counterexample:
                 signs = torch.randint(0, 2, (chunk, draws), generator=generator, dtype=torch.float64)
                 signs.mul_(2).sub_(1)
                 blocks = torch.cat([signs[:, :refresh_batch].mean(1, keepdim=True), signs[:, refresh_batch:]], 1)
+            elif self.noise == "gaussian":
+                chunk = max(1, 2**15 // period)
+                blocks = torch.randn(chunk, period, generator=generator, dtype=torch.float64)
+                blocks[:, 0] /= math.sqrt(refresh_batch)
             else:
                 chunk = max(1, 2**15 // (period * self.n * self.n))
                 blocks = torch.randn(chunk, period, self.n, self.n, generator=generator, dtype=torch.float64)
