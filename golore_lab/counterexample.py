@@ -9,7 +9,8 @@ averages B independent signs). Write M = X_{1:n−r,1:n−r} + D. While the top-
 f(X) = ½‖M‖² − ½‖D‖², so f* = −½‖D‖²_F, and the stochastic gradient is block-diagonal, diag(M, ±σI_r).
 Its top-r SVD keeps the directions of M whose singular values exceed σ and fills the remaining slots with
 pure-noise coordinates, which only move the last r rows, and those do not enter f. Each singular value of M
-therefore shrinks until it reaches σ, then stops:
+therefore shrinks until it reaches σ, then stops (this needs the two-point law |ξ| ≡ 1: with ξ ~ N(0, 1) in the
+same rows, ``noise="gaussian"``, the SVD sometimes sees the signal and GaLore converges):
 
 .. math::
     f_{\\text{GaLore}} ≈ f^* + ½ \\sum_i \\min(s_i(M_0), σ)^2 .
@@ -137,8 +138,15 @@ class Counterexample:
 
     @property
     def galore_plateau(self) -> float:
-        """Closed-form value where GaLore stalls: f* + ½Σᵢ min(sᵢ(M₀), noise_sigma)² (f* for exact gradients)."""
-        s = self.m0_singular_values.clamp(max=0.0 if self.noise == "none" else self.noise_sigma)
+        """Closed-form value where GaLore stalls: f* + ½Σᵢ min(sᵢ(M₀), noise_sigma)², for the two-point noise.
+
+        The stall needs |ξ| ≡ 1: no refresh then sees a singular value of M below noise_sigma. With exact
+        gradients, and with ``noise="gaussian"`` (|ξ| < s with positive probability for every s > 0, so every
+        value keeps shrinking), it is f*. The isotropic noise is outside this derivation (the value returned is
+        the two-point formula, not a prediction).
+        """
+        threshold = 0.0 if self.noise in ("none", "gaussian") else self.noise_sigma
+        s = self.m0_singular_values.clamp(max=threshold)
         return self.f_star + 0.5 * float((s * s).sum())
 
     # ------------------------------------------------------------------ the stochastic oracle

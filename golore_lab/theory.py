@@ -111,11 +111,14 @@ def assumptions(problem: ce.Counterexample, batch: int = 1) -> Assumptions:
     """
     X0 = problem.x0
     L = float(torch.linalg.eigvalsh(hessian(problem.grad, X0)).abs().max())
-    values, probs = noise_law(problem, batch)
-    noise = torch.as_tensor(values)[:, None, None] * problem.noise_sigma * problem.C  # (outcomes, n, n)
-    weights = torch.as_tensor(probs)
-    mean = (weights[:, None, None] * noise).sum(0)
-    variance = float((weights * noise.square().sum((-2, -1))).sum())
+    if problem.noise in ("gaussian", "isotropic"):  # centred Gaussian entries: E e = 0, E‖e‖² = σ²r/B
+        mean, variance = torch.zeros_like(X0), problem.noise_variance / batch
+    else:
+        values, probs = noise_law(problem, batch)
+        noise = torch.as_tensor(values)[:, None, None] * problem.noise_sigma * problem.C  # (outcomes, n, n)
+        weights = torch.as_tensor(probs)
+        mean = (weights[:, None, None] * noise).sum(0)
+        variance = float((weights * noise.square().sum((-2, -1))).sum())
     return Assumptions(smoothness=L, noise_variance=variance, noise_bias=math.sqrt(_frob_sq(mean)),
                        f0=float(problem.f(X0)), f_star=problem.f_star, rank=problem.r, dim=problem.n)
 
@@ -161,12 +164,16 @@ SUBSPACE_OPTIMIZERS = {"SGD": ("sgd", {}), "momentum SGD": ("sgd", dict(momentum
 
 
 def no_b_grid(lrs: Iterable[float] = (1e-3, 1e-1, 1.0), gaps: Iterable[int] = (1, 10, 100), steps: int = 300,
-              seeds: Iterable[int] = (0, 1)) -> pd.DataFrame:
+              seeds: Iterable[int] = (0, 1), weight_decay: float = 0.0) -> pd.DataFrame:
     """GaLore and GoLore on the "no B" instance for every subspace optimizer × learning rate × τ.
 
     One row per (optimizer, lr, update_proj_gap): ``galore_max_move`` = max over seeds and steps of
     |f(X_t) − f(X₀)| (every step is logged), ``galore_min_grad_sq`` = min ‖∇f(X_t)‖², and, for contrast,
     ``golore_max_move``, the same for GoLore on the same noise (f(X₀) = 0.75, f* = 0).
+
+    The theorem covers updates that stay in the subspace, X ← X − ηP N: ``weight_decay`` = 0. With weight
+    decay (coupled L2 for SGD, decoupled for AdamW, the optimizers' own) GaLore moves and the grid shows it
+    (:func:`no_b_decoupled_decay`).
     """
     problem = ce.Counterexample(linear_term=False)
     f0 = float(problem.f(problem.x0))
@@ -175,7 +182,7 @@ def no_b_grid(lrs: Iterable[float] = (1e-3, 1e-1, 1.0), gaps: Iterable[int] = (1
         for lr in lrs:
             for gap in gaps:
                 frame = ce.run(problem, methods=("galore", "golore@100"), optimizer=optimizer, steps=steps, lr=lr,
-                               update_proj_gap=gap, seeds=seeds, log_every=1, **extra)
+                               update_proj_gap=gap, seeds=seeds, log_every=1, weight_decay=weight_decay, **extra)
                 galore = frame[frame.method == "galore"]
                 golore = frame[frame.method == "golore@100"]
                 rows.append(dict(optimizer=name, lr=lr, update_proj_gap=gap,
@@ -183,6 +190,18 @@ def no_b_grid(lrs: Iterable[float] = (1e-3, 1e-1, 1.0), gaps: Iterable[int] = (1
                                  galore_min_grad_sq=float(galore.grad_norm_sq.min()),
                                  golore_max_move=float((golore.loss - f0).abs().max())))
     return pd.DataFrame(rows)
+
+
+def no_b_decoupled_decay(lr: float, weight_decay: float, steps) -> np.ndarray:
+    """f(X_t) of GaLore-AdamW with decoupled weight decay λ on the "no B" instance: (1 − ηλ)^{2t} f(X₀).
+
+    Derivation: each step is X ← (1 − ηλ)X − ηP N. The basis stays the noise block (‖∇f‖₂ = ½(1 − ηλ)^t only
+    shrinks, and the SVD sees g, not the decay), so P N moves only the last r rows; the first rows, the only
+    ones f sees, are multiplied by (1 − ηλ) per step, and f = ½‖first rows‖² by (1 − ηλ)². So the non-
+    convergence theorem does not cover weight decay: the decay moves X outside the subspace, towards 0 = X*.
+    """
+    problem = ce.Counterexample(linear_term=False)
+    return float(problem.f(problem.x0)) * (1 - lr * weight_decay) ** (2 * np.asarray(steps, dtype=float))
 
 
 # ============================================================================================ 3. Haar moments
@@ -399,24 +418,74 @@ def large_batch_capture(problem: ce.Counterexample, batches: Iterable[int], X: T
     P = top-r left singular space of ∇f(X) + ξ̄σC, ξ̄ the mean of B signs (:func:`noise_law`), at X = X₀ by
     default. Columns per B: ``captured`` = E‖Pᵀ∇f‖²/‖∇f‖² (exact, a finite sum), ``pointwise_bound`` =
     E[(√δ‖∇f‖ − 2‖E‖)₊²]/‖∇f‖² (the perturbation bound squared, where positive), ``mean_bound`` =
-    (½δ‖∇f‖² − 4σ²/B)/‖∇f‖², from (a − b)² ≥ ½a² − b²: E‖Pᵀ∇f‖² ≥ ½δ‖∇f‖² − 4E‖E‖². The last is the
-    form the L.B. GaLore proof uses: the SVD misses at most a bias O(σ²/B) of the descent, which summed over
-    T steps is harmless once B ~ √T. Odd B avoid exact ties ξ̄ = ±½ with the "no B" signal ½.
+    (½δ‖∇f‖² − 4σ²/B)/‖∇f‖², from (a − b)² ≥ ½a² − b² and E‖E‖² ≤ σ²/B: E‖Pᵀ∇f‖² ≥ ½δ‖∇f‖² − 4E‖E‖²
+    ≥ ½δ‖∇f‖² − 4σ²/B. The last is the form the L.B. GaLore argument uses (:func:`lb_galore_rate_bound`).
+
+    At a block-diagonal X (X₀), a batch whose law puts mass on an outcome where a singular value of the signal
+    ties with the noise level is refused: the top-r space is then not unique and the capture would depend on how
+    LAPACK breaks the tie (at the no-B X₀, B = 4 and 8 have ξ̄ = ±½, which ties all ten singular values at ½).
+    :func:`capture_interval` gives the range over every tie-breaking instead.
     """
     X = problem.x0 if X is None else X
     G = problem.grad(X)
     g2, delta = _frob_sq(G), problem.r / problem.n
+    k = problem.n - problem.r
+    block_diagonal = float(X[:k, k:].abs().max()) == 0
     rows = []
     for batch in batches:
+        if block_diagonal:
+            interval = capture_interval(problem, [batch], X).iloc[0]
+            if interval.tie_probability > 0:
+                raise ValueError(f"Invalid batch: {batch} (with probability {interval.tie_probability:g} a singular "
+                                 "value of the signal ties with the noise level: the top-r space is not unique and "
+                                 f"the capture lies anywhere in [{interval.lower:.4g}, {interval.upper:.4g}]; "
+                                 "use capture_interval)")
         values, probs = noise_law(problem, batch)
         captured = pointwise = 0.0
         for xi, p in zip(values, probs):
-            out = perturbation_bound(G, float(xi) * problem.noise_sigma * problem.C, problem.r)
+            E = float(xi) * problem.noise_sigma * problem.C
+            out = perturbation_bound(G, E, problem.r)
             captured += p * out["lhs"] ** 2
             pointwise += p * max(out["bound"], 0.0) ** 2
         variance = problem.noise_variance / batch
         rows.append(dict(batch=batch, captured=captured / g2, pointwise_bound=pointwise / g2,
                          mean_bound=(0.5 * delta * g2 - 4 * variance) / g2, delta=delta))
+    return pd.DataFrame(rows)
+
+
+def capture_interval(problem: ce.Counterexample, batches: Iterable[int], X: Tensor | None = None,
+                     tol: float = 1e-12) -> pd.DataFrame:
+    """E‖Pᵀ∇f‖²/‖∇f‖² at a refresh of batch B, as the range over every way of breaking singular-value ties.
+
+    No SVD is taken, so no tie is broken by LAPACK. While the top-right block of X is 0 (true at X₀) the
+    stochastic gradient is diag(M, ξ̄σI_r): its singular values are those of M (s₁ ≥ … ≥ s_k) and r copies of
+    v = |ξ̄|σ. The top-r space holds the a directions of M with sᵢ > v; if a < r the other r − a slots are any
+    (r − a)-dimensional subspace of the eigenspace at v, which holds the e directions of M with sᵢ = v and the
+    r noise coordinates. So ‖Pᵀ∇f‖² ranges over [Σ_{sᵢ>v} sᵢ², Σ_{sᵢ>v} sᵢ² + v²·min(r − a, e)] (the top r of
+    M when a ≥ r). Columns per B: ``lower``, ``upper`` (fractions of ‖∇f‖²) and ``tie_probability``
+    (the probability of an outcome whose range is not a point).
+    """
+    X = problem.x0 if X is None else X
+    k = problem.n - problem.r
+    if float(X[:k, k:].abs().max()) > 0:
+        raise ValueError("capture_interval needs X with a zero top-right block (the stochastic gradient block-diagonal)")
+    s = torch.linalg.svdvals(X[:k, :k] + problem.B[:k, :k]).numpy()
+    g2 = float(np.sum(s * s))
+    rows = []
+    for batch in batches:
+        values, probs = noise_law(problem, batch)
+        lower = upper = tie = 0.0
+        for xi, p in zip(values, probs):
+            v = abs(float(xi)) * problem.noise_sigma
+            above, equal = s[s > v + tol], s[np.abs(s - v) <= tol]
+            if len(above) >= problem.r:
+                low = high = float(np.sum(np.sort(above)[::-1][: problem.r] ** 2))
+            else:
+                low = float(np.sum(above**2))
+                high = low + v * v * min(problem.r - len(above), len(equal))
+            lower, upper = lower + p * low, upper + p * high
+            tie += p * (high > low)
+        rows.append(dict(batch=batch, lower=lower / g2, upper=upper / g2, tie_probability=tie))
     return pd.DataFrame(rows)
 
 
@@ -434,7 +503,14 @@ class RefreshThreshold:
 
 
 def refresh_threshold(problem: ce.Counterexample, batch: int) -> RefreshThreshold:
-    """θ and its probability for a refresh batch of ``batch`` oracle calls (see :class:`RefreshThreshold`)."""
+    """θ and its probability for a refresh batch of ``batch`` oracle calls (see :class:`RefreshThreshold`).
+
+    ``noise="gaussian"`` (ξ ~ N(0, 1) in the same rows): |ξ̄| has a density at 0, so θ = 0 — every level
+    above 0 is undercut with positive probability at every refresh — and the level 0 itself has probability 0.
+    That is why the stall needs the two-point law: |ξ| ≡ 1 never lets a refresh see the signal below σ.
+    """
+    if problem.noise == "gaussian":
+        return RefreshThreshold(level=0.0, probability=0.0)
     values, probs = noise_law(problem, batch)
     magnitudes = np.abs(values)
     smallest = magnitudes.min()
@@ -551,25 +627,185 @@ def martingale_z(increments: np.ndarray) -> float:
 
 def stochastic_rates(problem: ce.Counterexample, steps_grid: Iterable[int],
                      methods: Iterable[str] = ("galore", "golore@100", "lb-galore"), seeds: Iterable[int] = range(4),
-                     lr_scale: float = 1.0, batch_scale: float = 1.0, update_proj_gap: int = 10) -> pd.DataFrame:
-    """The O(1/√T) experiment: for each horizon T, run with η = ``lr_scale``/√T and L.B. batch ⌈``batch_scale``·√T⌉.
+                     lr_scale: float = 1.0, batch_scale: float = 1.0, update_proj_gap: int = 1,
+                     log_every: int = 1) -> pd.DataFrame:
+    """Average ‖∇f‖² at η = ``lr_scale``/√T for each horizon T (L.B. batch ⌈``batch_scale``·√T⌉).
 
-    Plain SGD in the subspace (β₁ = 1, so momentum projection is vacuous), τ = ``update_proj_gap``, the
-    counterexample's fast engine. ‖∇f‖² is logged every τ steps; ``avg_grad_sq`` is its mean over the logged
-    steps t = 0, τ, …, T − τ (the theorem's (1/T)Σ‖∇f‖², sampled once per period) and ``min_grad_sq`` the
-    minimum. One row per (method, T, seed): ``method, steps, seed, lr, batch, avg_grad_sq, min_grad_sq``.
+    **Not a test of the convergence theorems**: on a strongly convex quadratic any method that converges at
+    all has (1/T)Σ‖∇f‖² ≈ C/(ηT) = C/√T at η = 1/√T — exact-gradient GaLore too — so the slope −½ does not
+    separate the noise term from the deterministic one (:func:`noise_floors` does). Kept to show exactly that.
+    ``log_every`` = 1 (the default) averages every step, as the theorems' (1/T)Σ does; logging once per
+    period of τ steps instead samples the start of each period only and steepens the fitted slope.
+    One row per (method, T, seed): ``method, steps, seed, lr, batch, avg_grad_sq, min_grad_sq``.
     """
     methods, seeds = list(methods), list(seeds)
     frames = []
     for T in steps_grid:
         lr, batch = lr_scale / math.sqrt(T), math.ceil(batch_scale * math.sqrt(T))
         frame = ce.run(problem, methods=methods, optimizer="sgd", steps=T, lr=lr, update_proj_gap=update_proj_gap,
-                       seeds=seeds, batch=batch, log_every=update_proj_gap)
+                       seeds=seeds, batch=batch, log_every=log_every)
         frame = frame[frame.step < T]
         stats = frame.groupby(["method", "seed"], sort=False).grad_norm_sq.agg(avg_grad_sq="mean", min_grad_sq="min")
         frames.append(stats.reset_index().assign(steps=T, lr=lr, batch=batch))
     columns = ["method", "steps", "seed", "lr", "batch", "avg_grad_sq", "min_grad_sq"]
     return pd.concat(frames, ignore_index=True)[columns]
+
+
+# ============================================================================================ 5b. the noise floor at fixed η
+def _haar_offdiagonal_moment(m: int, r: int) -> float:
+    """E[Πᵢⱼ²] for i ≠ j, Π a Haar rank-r projector of ℝᵐ: r(m − r)/(m(m − 1)(m + 2)).
+
+    From Σⱼ Πᵢⱼ² = Πᵢᵢ (Π² = Π), E Πᵢᵢ = r/m and E Πᵢᵢ² = r(r + 2)/(m(m + 2)) (Πᵢᵢ ~ Beta(r/2, (m − r)/2)).
+    """
+    return r * (m - r) / (m * (m - 1) * (m + 2))
+
+
+def golore_floor_constants(problem: ce.Counterexample) -> tuple[float, float]:
+    """(c₂, c₃) of :func:`golore_expected_grad_sq`: E[(Π_tt²)ᵢᵢ] and E‖P_top P_lastᵀ‖²_F for Haar P.
+
+    Π_tt is the (k × k) block of Π = PPᵀ on the k = n − r rows f sees, P_top/P_last the first k/last r rows of P.
+    c₂ = E Πᵢᵢ² + (k − 1)E Πᵢⱼ², c₃ = k·r·E Πᵢⱼ² (:func:`_haar_offdiagonal_moment`).
+    """
+    m, r = problem.n, problem.r
+    k, off = m - r, _haar_offdiagonal_moment(problem.n, problem.r)
+    return r * (r + 2) / (m * (m + 2)) + (k - 1) * off, k * r * off
+
+
+def golore_expected_grad_sq(problem: ce.Counterexample, lr: float, steps) -> np.ndarray:
+    """E‖∇f(X_t)‖² of GoLore-SGD with τ = 1 on the counterexample, exactly (package's derivation).
+
+    Write Y for the first k = n − r rows of X + B, so ∇f = [Y; 0] and ‖∇f‖² = ‖Y‖². A step with a fresh Haar
+    P and the noise ξσC (E ξ = 0, E ξ² = 1: two-point or Gaussian) is
+    Y⁺ = (I − ηΠ_tt)Y − ησξ P_top P_lastᵀ [0 I_r]. P is independent of Y and ξ of both, so the cross term
+    vanishes and, E[Π_tt²] being c₂I (Haar P is invariant under rotations of the first k coordinates),
+    E‖Y⁺‖² = a E‖Y‖² + η²σ²c₃ with a = 1 − 2ηδ + η²c₂ (:func:`golore_floor_constants`). Hence
+    E‖∇f(X_t)‖² = aᵗ(‖∇f(X₀)‖² − s*) + s*, with the noise floor s* = ησ²c₃/(2δ − ηc₂) — proportional to η
+    for small η (2/3·η at the paper's instance), and below the bound's Lη·E‖e‖² = 4η. The noise
+    reaches the rows f sees only through the random basis: the SVD basis of GaLore never lets it in here.
+    """
+    if problem.noise not in ("anisotropic", "gaussian"):
+        raise ValueError(f"golore_expected_grad_sq needs noise in the last rows ('anisotropic' or 'gaussian'), "
+                         f"not {problem.noise!r}")
+    c2, c3 = golore_floor_constants(problem)
+    delta = problem.r / problem.n
+    if not 0 < lr < 2 * delta / c2:
+        raise ValueError(f"Invalid lr: {lr!r} (the second moment contracts only for 0 < lr < 2δ/c₂ = {2 * delta / c2:.4g})")
+    a = 1 - 2 * lr * delta + lr**2 * c2
+    floor = lr * problem.noise_sigma**2 * c3 / (2 * delta - lr * c2)
+    start = _frob_sq(problem.grad(problem.x0))
+    return a ** np.asarray(steps, dtype=float) * (start - floor) + floor
+
+
+def golore_floor(problem: ce.Counterexample, lr: float) -> float:
+    """GoLore-SGD's (τ = 1) stationary E‖∇f‖² on the counterexample: ησ²c₃/(2δ − ηc₂) (:func:`golore_expected_grad_sq`)."""
+    return float(golore_expected_grad_sq(problem, lr, np.inf))
+
+
+def lb_galore_floor(problem: ce.Counterexample, batch: int, lr: float, update_proj_gap: int = 1) -> float:
+    """Where ‖∇f‖² of L.B. GaLore (plain SGD) ends on the counterexample: 2(f_∞ − f*), 0 for a threshold of 0.
+
+    ‖∇f‖² = ‖M‖² = 2(f − f*) while the top-right block stays 0, and f_∞ is the odd/even law's exact end value
+    (:func:`lb_galore_limit`; the package's own law, two-point noise). B = 1 is GaLore. The noise never enters
+    the rows f sees (the SVD basis is block-aligned), so this floor is all bias and does not grow with η.
+    """
+    if refresh_threshold(problem, batch).level == 0:
+        return 0.0
+    return 2 * (lb_galore_limit(problem, batch, lr, update_proj_gap) - problem.f_star)
+
+
+def noise_floors(problem: ce.Counterexample, lrs: Iterable[float], batches: Iterable[int] = (1,),
+                 methods: Iterable[str] = ("golore@100", "lb-galore"), seeds: Iterable[int] = range(4),
+                 horizon: float = 100.0) -> pd.DataFrame:
+    """The rate experiment that separates the noise term from the deterministic one: fixed η, τ = 1, long runs.
+
+    For each η in ``lrs`` every method runs T = round(``horizon``/η) steps (long enough for the start-up term,
+    which decays like (1 − ηδ)ᵗ or faster, to vanish in the second half), every step logged; the floor is the
+    mean of ‖∇f(X_t)‖² over T/2 ≤ t ≤ T. ``lb-galore`` runs once per batch in ``batches`` (B = 1 is GaLore).
+    The theorems predict: GoLore's floor ∝ η (its noise term Lησ²), L.B. GaLore's a bias that shrinks as B
+    grows, whatever η; a method with a floor that vanishes neither with η nor with B violates both.
+    One row per (method, batch, lr, seed): ``method, batch, lr, seed, steps, floor, predicted`` (the closed
+    forms :func:`golore_floor` / :func:`lb_galore_floor`; NaN for another method).
+    """
+    methods, seeds = list(methods), list(seeds)
+    rows = []
+    for lr in lrs:
+        T = int(round(horizon / lr))
+        others = [m for m in methods if m != "lb-galore"]  # their runs ignore ``batch``: they join the first call
+        calls = [(b, ["lb-galore"]) for b in batches] if "lb-galore" in methods else []
+        calls = [(calls[0][0], others + calls[0][1])] + calls[1:] if calls else [(1, others)]
+        for batch, names in calls:
+            frame = ce.run(problem, methods=names, optimizer="sgd", steps=T, lr=lr, update_proj_gap=1, seeds=seeds,
+                           batch=batch, log_every=1)
+            late = frame[frame.step >= T // 2]
+            for (method, seed), g in late.groupby(["method", "seed"], sort=False):
+                predicted = math.nan
+                if method == "golore@100":
+                    predicted = golore_floor(problem, lr)
+                elif method in ("lb-galore", "galore") and problem.noise == "anisotropic":
+                    predicted = lb_galore_floor(problem, batch if method == "lb-galore" else 1, lr)
+                rows.append(dict(method=method, batch=batch if method == "lb-galore" else 1, lr=lr, seed=seed, steps=T,
+                                 floor=float(g.grad_norm_sq.mean()), predicted=predicted))
+    return pd.DataFrame(rows)
+
+
+# ============================================================================================ 5c. L.B. GaLore, τ = 1
+def lb_galore_rate_bound(a: Assumptions, lr: float, steps, batch: int) -> np.ndarray:
+    """The derived bound on (1/T)Σ E‖∇f‖² of L.B. GaLore-SGD with τ = 1, η ≤ 1/(4L): 8Δ/(ηδT) + 14σ²/(δB).
+
+    τ = 1 (a refresh, with its batch of B, at every step; golore_lab's L.B. GaLore uses the batch at refresh
+    steps only, which at τ = 1 is every step). Step X⁺ = X − ηΠg, g = ∇f + E, Π the top-r projector of g — it
+    depends on E, so E[ΠE] ≠ 0 and the cross term must be bounded, not averaged away:
+
+    * ⟨∇f, Πg⟩ = ‖Π∇f‖² + ⟨Π∇f, ΠE⟩ ≥ ½‖Π∇f‖² − ½‖E‖² and ‖Πg‖² ≤ 2‖Π∇f‖² + 2‖E‖², so smoothness gives
+      f⁺ ≤ f − (η/2 − Lη²)‖Π∇f‖² + (η/2 + Lη²)‖E‖² ≤ f − (η/4)‖Π∇f‖² + (3η/4)‖E‖²  (Lη ≤ ¼);
+    * the perturbation bound and (a − b)² ≥ ½a² − b²: ‖Π∇f‖² ≥ (δ/2)‖∇f‖² − 4‖E‖²;
+    * together, surely: f⁺ ≤ f − (ηδ/8)‖∇f‖² + (7η/4)‖E‖². Summing with E‖E‖² ≤ σ²/B and f ≥ f*:
+      (1/T)Σ E‖∇f‖² ≤ 8Δ/(ηδT) + 14σ²/(δB).
+
+    The constants are this package's (:func:`lb_galore_descent_trace` checks each line at every step). τ > 1
+    needs the in-period drift as well (not done here).
+    """
+    if a.smoothness * lr > 0.25 + 1e-12:
+        raise ValueError(f"lb_galore_rate_bound needs L·lr <= 1/4, got {a.smoothness * lr:g}")
+    if not _is_batch(batch):
+        raise ValueError(f"Invalid batch: {batch!r} (must be an integer >= 1)")
+    return 8 * a.gap / (lr * a.delta * np.asarray(steps, dtype=float)) + 14 * a.noise_variance / (a.delta * batch)
+
+
+def _is_batch(batch) -> bool:
+    return isinstance(batch, (int, np.integer)) and not isinstance(batch, bool) and batch >= 1
+
+
+def lb_galore_descent_trace(problem: ce.Counterexample, lr: float, steps: int, batch: int,
+                            seed: int = 0) -> pd.DataFrame:
+    """L.B. GaLore (τ = 1, plain SGD, a batch of B at every step) stepped with the library optimizer.
+
+    The gradient fed to :class:`~golore_lab.SubspaceSGD` (``projection="svd"``, ``update_proj_gap=1``) is
+    ∇f + E with E = ξ̄σC, ξ̄ the mean of B draws from the problem's seeded noise stream. One row per step:
+    ``f, f_next, grad_sq`` ‖∇f‖², ``proj_grad_sq`` ‖Π∇f‖², ``error_sq`` ‖E‖²; the lines of
+    :func:`lb_galore_rate_bound` are ``descent_bound`` = −(η/4)‖Π∇f‖² + (3η/4)‖E‖²,
+    ``capture_bound`` = (δ/2)‖∇f‖² − 4‖E‖² and ``combined_bound`` = −(ηδ/8)‖∇f‖² + (7η/4)‖E‖².
+    """
+    delta = problem.r / problem.n
+    X = torch.nn.Parameter(problem.x0.clone())
+    opt = SubspaceSGD([{"params": [X], "rank": problem.r, "update_proj_gap": 1, "proj_type": "left",
+                        "projection": "svd"}], lr=lr, seed=seed)
+    stream = problem.noise_periods(torch.Generator().manual_seed(seed), period=1, refresh_batch=batch)
+    rows = []
+    for _ in range(steps):
+        x = X.detach().clone()
+        grad = problem.grad(x)
+        E = problem.noise_matrix(next(stream)[0])
+        X.grad = grad + E
+        opt.step()
+        P = opt.state[X]["proj"]
+        grad_sq, proj_sq, error_sq = _frob_sq(grad), _frob_sq(P.T @ grad), _frob_sq(E)
+        rows.append(dict(f=float(problem.f(x)), f_next=float(problem.f(X.detach())), grad_sq=grad_sq,
+                         proj_grad_sq=proj_sq, error_sq=error_sq,
+                         descent_bound=-lr / 4 * proj_sq + 3 * lr / 4 * error_sq,
+                         capture_bound=delta / 2 * grad_sq - 4 * error_sq,
+                         combined_bound=-lr * delta / 8 * grad_sq + 7 * lr / 4 * error_sq))
+    return pd.DataFrame(rows)
 
 
 def rate_summary(rates: pd.DataFrame, value: str = "avg_grad_sq") -> pd.DataFrame:

@@ -148,3 +148,68 @@ def rates_figure(summary: pd.DataFrame, slopes: dict[str, float], reference_slop
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def floors_figure(frame: pd.DataFrame, problem, assumptions, clip: float = 1e-4) -> plt.Figure:
+    """Two panels: the noise floor of ‖∇f‖² against the step size η, and against the batch B at one η.
+
+    ``frame``: :func:`golore_lab.theory.noise_floors` rows with a ``panel`` column (``"lr"`` or ``"batch"``);
+    ``problem`` the counterexample it ran on; ``assumptions`` its :func:`golore_lab.theory.assumptions`. Markers:
+    the seed mean, bars min–max over seeds; lines: the closed forms and the derived bounds. Floors below
+    ``clip`` (even batches, whose floor is 0) are drawn at ``clip`` as downward triangles.
+    """
+    import numpy as np
+
+    from .. import theory as th
+
+    sigma2, delta, L = assumptions.noise_variance, assumptions.delta, assumptions.smoothness
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.5, 4.3))
+    by_lr = frame[frame.panel == "lr"]
+    lrs = np.geomspace(by_lr.lr.min(), by_lr.lr.max(), 60)
+    for (method, batch), rows in by_lr.groupby(["method", "batch"], sort=False):
+        stats = rows.groupby("lr").floor.agg(["mean", "min", "max"]).reset_index()
+        label = method_label(method) + (f" (B = {batch})" if method != "golore@100" else "")
+        color = method_color(method)
+        style = dict(color=color, ls="none", marker="o" if method != "lb-galore" else ("s" if batch == 3 else "D"),
+                     ms=5, mfc="none" if method == "lb-galore" and batch != 3 else color)
+        ax.errorbar(stats.lr, stats["mean"], yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
+                    label=f"{label}, measured", capsize=2, **style)
+        if method == "golore@100":
+            ax.loglog(lrs, [th.golore_floor(problem, lr) for lr in lrs], "-", color=color, lw=1,
+                      label=r"GoLore closed form $\eta\sigma^2 c_3/(2\delta - \eta c_2)$")
+            ax.loglog(lrs, L * lrs * sigma2, "--", color=color, lw=1, label=r"GoLore bound as $T\to\infty$: $L\eta\,E\|e\|^2$ (τ = 1)")
+        else:
+            ax.loglog(lrs, [th.lb_galore_floor(problem, batch, lr) for lr in lrs], "-", color=color, lw=0.8, alpha=0.8)
+    ax.plot([], [], "k-", lw=0.8, label="SVD methods: the odd/even law (package's)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("step size η (fixed)")
+    ax.set_ylabel(r"floor: mean $\|\nabla f(X_t)\|_F^2$ over $T/2 \leq t \leq T$")
+    ax.set_title("floor vs η: GoLore's noise term ∝ η; the SVD methods' bias does not move", fontsize=10)
+    ax.legend(fontsize=7, loc="center right")
+
+    by_batch = frame[frame.panel == "batch"]
+    sweep_lr = float(by_batch.lr.iloc[0])
+    lb = by_batch[by_batch.method.isin(["lb-galore", "galore"])]
+    stats = lb.groupby("batch").floor.agg(["mean", "min", "max"]).reset_index()
+    shown = stats["mean"].clip(lower=clip)
+    zero = stats["mean"] < clip
+    color = method_color("lb-galore")
+    bx.loglog(stats.batch[~zero], shown[~zero], "s", color=color, ms=5, label="L.B. GaLore (B = 1: GaLore), measured")
+    bx.loglog(stats.batch[zero], shown[zero], "v", color=color, ms=6, mfc="none",
+              label=f"even B: measured floor < {clip:g} (the law: 0)")
+    odd = np.arange(1, int(stats.batch.max()) + 1, 2)
+    bx.loglog(odd, [th.lb_galore_floor(problem, int(b), sweep_lr) for b in odd], "-", color=color, lw=0.8,
+              label="odd B: the odd/even law (package's), exact")
+    batches = np.geomspace(1, stats.batch.max(), 50)
+    bx.loglog(batches, 14 * sigma2 / (delta * batches), "k--", lw=1, label=r"bias bound $14\sigma^2/(\delta B)$ (τ = 1, package's)")
+    golore = by_batch[by_batch.method == "golore@100"].floor.mean()
+    bx.axhline(golore, color=method_color("golore@100"), ls=":", lw=1.2, label=f"GoLore (B = 1) at η = {sweep_lr:g}")
+    bx.set_xlabel("batch size B (every step is a refresh: τ = 1)")
+    bx.set_ylabel(r"floor of $\|\nabla f\|_F^2$")
+    bx.set_title(f"floor vs B at η = {sweep_lr:g}: L.B. GaLore's bias vanishes as B grows", fontsize=10)
+    bx.legend(fontsize=7, loc="lower left")
+    for axis in (ax, bx):
+        axis.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
