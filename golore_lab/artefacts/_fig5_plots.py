@@ -163,7 +163,7 @@ def floors_figure(frame: pd.DataFrame, problem, assumptions, clip: float = 1e-4)
     from .. import theory as th
 
     sigma2, delta, L = assumptions.noise_variance, assumptions.delta, assumptions.smoothness
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.5, 4.3))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.5, 5.4))
     by_lr = frame[frame.panel == "lr"]
     lrs = np.geomspace(by_lr.lr.min(), by_lr.lr.max(), 60)
     for (method, batch), rows in by_lr.groupby(["method", "batch"], sort=False):
@@ -176,7 +176,7 @@ def floors_figure(frame: pd.DataFrame, problem, assumptions, clip: float = 1e-4)
                     label=f"{label}, measured", capsize=2, **style)
         if method == "golore@100":
             ax.loglog(lrs, [th.golore_floor(problem, lr) for lr in lrs], "-", color=color, lw=1,
-                      label=r"GoLore closed form $\eta\sigma^2 c_3/(2\delta - \eta c_2)$")
+                      label=r"GoLore closed form $\eta\sigma^2 c_3/(2\delta - \eta c_2)$ (package's)")
             ax.loglog(lrs, L * lrs * sigma2, "--", color=color, lw=1, label=r"GoLore bound as $T\to\infty$: $L\eta\,E\|e\|^2$ (τ = 1)")
         else:
             ax.loglog(lrs, [th.lb_galore_floor(problem, batch, lr) for lr in lrs], "-", color=color, lw=0.8, alpha=0.8)
@@ -186,7 +186,7 @@ def floors_figure(frame: pd.DataFrame, problem, assumptions, clip: float = 1e-4)
     ax.set_xlabel("step size η (fixed)")
     ax.set_ylabel(r"floor: mean $\|\nabla f(X_t)\|_F^2$ over $T/2 \leq t \leq T$")
     ax.set_title("floor vs η: GoLore's noise term ∝ η; the SVD methods' bias does not move", fontsize=10)
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
 
     by_batch = frame[frame.panel == "batch"]
     sweep_lr = float(by_batch.lr.iloc[0])
@@ -208,7 +208,7 @@ def floors_figure(frame: pd.DataFrame, problem, assumptions, clip: float = 1e-4)
     bx.set_xlabel("batch size B (every step is a refresh: τ = 1)")
     bx.set_ylabel(r"floor of $\|\nabla f\|_F^2$")
     bx.set_title(f"floor vs B at η = {sweep_lr:g}: L.B. GaLore's bias vanishes as B grows", fontsize=10)
-    bx.legend(fontsize=7, loc="lower left")
+    bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     for axis in (ax, bx):
         axis.grid(alpha=0.3, which="both")
     fig.tight_layout()
