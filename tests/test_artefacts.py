@@ -204,7 +204,7 @@ def test_data_are_written_with_six_significant_digits():
 SMALL = {
     "fig5_stiefel_mean": dict(mc_sizes=(8, 16, 32), replicates=2, bias_samples=16),
     "fig5_perturbation_bound": dict(trials=2),
-    "fig5_rates_stochastic": dict(steps=(200, 400), seeds=1),
+    "fig5_rates_stochastic": dict(lrs=(0.1, 0.2), sweep_batches=(2, 3), seeds=1, horizon=20.0),
     "fig5_rate_deterministic": dict(steps=300),
     "fig2_snr_sweep": dict(trials=5, points=4),
 }

@@ -297,12 +297,18 @@ def test_theory_slopes_are_the_figure_data():
     printed = re.search(r"slope (\S+) on log-log", rows["E[PPᵀ] = (r/m)I for Haar P"]).group(1)
     assert _matches(printed, th.loglog_slope(rms.samples, rms.rms))
 
-    slopes = th.rate_slopes(th.rate_summary(_source("rates")), min_steps=1000)
-    cell = rows["O(1/√T) with η = 1/√T (T ≥ 1000)"]
-    for label, names in (("GoLore", GOLORE_100), ("L.B. GaLore (B = ⌈√T⌉)", ("lb-galore",)), ("GaLore", ("galore",))):
-        printed = re.search(rf"{re.escape(label)} ([+−-][\d.]+)", cell).group(1)
-        method = next(name for name in names if name in slopes.index)
-        assert _matches(printed, slopes[method]), (label, printed, slopes[method])
+    floors = _source("rates")
+    cell = rows["noise floor at fixed η, τ = 1 (Figure 5c)"]
+    golore = floors[(floors.panel == "lr") & (floors.method == "golore@100")].groupby("lr")[["floor", "predicted"]].mean()
+    printed = re.search(r"slope ([\d.]+), ([\d.]+)–([\d.]+) of its closed form", cell).groups()
+    ratio = golore.floor / golore.predicted
+    for text, value in zip(printed, (th.loglog_slope(golore.index, golore.floor), ratio.min(), ratio.max())):
+        assert _matches(text, value), (text, value)
+    galore = floors[(floors.panel == "lr") & (floors.method == "galore")].groupby("lr").floor.mean()
+    assert _matches(re.search(r"GaLore's stays ≥ ([\d.]+)", cell).group(1), galore.min())
+    b3 = floors[(floors.method == "lb-galore") & (floors.batch == 3) & (floors.lr == 0.01) & (floors.panel == "lr")]
+    assert _matches(re.search(r"B = 3: ([\d.]+) at η = 0.01", cell).group(1), b3.floor.mean())
+    assert _matches(re.search(r"B = 3: ([\d.]+) at η = 0.01", cell).group(1), th.lb_galore_floor(ce.Counterexample(), 3, 0.01))
 
     deterministic = _source("deterministic")
     late = deterministic[deterministic.steps >= 256]
