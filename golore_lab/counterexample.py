@@ -251,7 +251,8 @@ PAPER = {
     "adamw": dict(optimizer="adamw", steps=100_000, lr=3e-5, update_proj_gap=100,
                   methods=("full", "galore", "lb-galore", "golore@50")),
 }
-"""The paper's Figure 1 settings (its §2 and Figure 1): τ = 100, lr 3e-5, L.B. batch 100."""
+"""The settings of the paper's Figure 1 as the authors' toy script runs them: τ = 100, lr 3e-5. The L.B. batch
+of 100 is not stated with the figure; it is the batch that reproduces it."""
 
 
 def run(problem: Counterexample, methods: Iterable[str] = ("full", "galore", "lb-galore", "golore@75"),
@@ -267,8 +268,8 @@ def run(problem: Counterexample, methods: Iterable[str] = ("full", "galore", "lb
     1 for full training), ``top_sv`` = the largest singular value of M = X₁₁ + D (GaLore keeps a direction of
     M at a refresh iff its singular value exceeds σ). One row per run every ``log_every`` steps from step 0. ``optimizer`` is ``"sgd"`` (``momentum`` 0 is the
     paper's MSGD panel; torch's ``momentum``/``dampening`` otherwise) or ``"adamw"``. ``weight_decay`` is
-    0 in the paper; it is the optimizers' own (coupled L2 for SGD, decoupled for AdamW). The
-    matrix is projected on the left (P ∈ St(n, r), the paper's convention). Seed s drives the run's noise
+    0 in the authors' toy script; it is the optimizers' own (coupled L2 for SGD, decoupled for AdamW). The
+    matrix is projected on the left (P ∈ St(n, r), the authors' convention). Seed s drives the run's noise
     (a ``torch.Generator`` seeded with s) and its random projections (the optimizer's ``seed=s``); all methods
     with the same seed see the same noise until their batches differ.
 

@@ -1,8 +1,9 @@
-"""The convergence theory of He et al. (arXiv 2410.11289), one checkable fact per function.
+"""Convergence facts behind He et al. (arXiv 2410.11289), one checkable fact per function.
 
-``docs/theory.md`` states each result, derives it and says which of the paper's statements it corresponds to;
-every function's docstring carries its own derivation. The constants here are derived in this repository from
-the assumptions below; they are not the paper's theorem constants. Notation: a weight X (m × n, here the counterexample's
+``docs/theory.md`` states each result, derives it and names the abstract's claim it bears on; every function's
+docstring carries its own derivation. Every statement, constant and closed form here is this package's own,
+derived from the assumptions below; none is a theorem constant of the paper. The stochastic arguments
+(GoLore, L.B. GaLore) cover τ = 1 only. Notation: a weight X (m × n, here the counterexample's
 10 × 10), a left basis P ∈ St(m, r), its projector Π = PPᵀ, δ = r/m, step size η, refresh period τ.
 
 Assumptions (A):
@@ -16,8 +17,10 @@ Careful with the name σ: in :class:`~golore_lab.counterexample.Counterexample` 
 Functions here call the assumption's value ``noise_variance``.
 
 The sections follow the notebook ``05_convergence_proofs`` and ``docs/theory.md``: assumptions,
-non-convergence, Haar moments, the perturbation bound, the odd/even batch law of L.B. GaLore, GoLore's descent
-and rate, deterministic GaLore's rate. The runners (``*_rates``,
+non-convergence (and what weight decay does to it), Haar moments, the perturbation bound and the tie-free
+capture range, the odd/even batch law of L.B. GaLore (the package's), GoLore's descent, the noise floor at a
+fixed step (the experiment that tests the stochastic results), L.B. GaLore's τ = 1 bound, deterministic
+GaLore's rate. The runners (``*_rates``,
 ``*_trace``) use the library's optimizers and the counterexample's fast engine, and return tidy DataFrames.
 """
 from __future__ import annotations
@@ -210,8 +213,9 @@ def golore_bases(dim: int, rank: int, count: int, seed: int = 0) -> Tensor:
 
     Exactly the library's draws: :func:`golore_lab.projection.random_projection` fed the counter-based
     generator :func:`golore_lab.projection.refresh_generator` (``seed``, parameter 0, step k). Returns a
-    float64 tensor (count, dim, rank). So the Monte Carlo below tests the sampler *and* the seeding scheme
-    (draws of successive refreshes must be independent).
+    float64 tensor (count, dim, rank). So the Monte Carlo below tests the sampler *and* the seeding scheme, as
+    far as a mean can: its closed-form error needs the draws of successive refreshes to be uncorrelated, which
+    independence implies but does not follow from.
     """
     shape = torch.empty(dim, 1, dtype=torch.float64)
     return torch.stack([proj.random_projection(shape, rank, "left", proj.refresh_generator(seed, 0, k))
@@ -520,6 +524,9 @@ def refresh_threshold(problem: ce.Counterexample, batch: int) -> RefreshThreshol
 
 def lb_galore_plateau(problem: ce.Counterexample, batch: int) -> float:
     """Where L.B. GaLore with a refresh batch of B ends on the counterexample, as ητ → 0: f* + ½Σᵢ min(sᵢ(M₀), θ)².
+
+    The package's own law (not the paper's), for plain SGD and the two-point noise; ``noise="gaussian"`` has
+    θ = 0 (:func:`refresh_threshold`) and gives f*.
 
     θ = σ/B for odd B, 0 for even B (:func:`refresh_threshold`), so even batches reach f* and odd ones stall;
     B = 1 is GaLore's plateau. The law, for the subspace step P N with plain SGD (derivation in
