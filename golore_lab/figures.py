@@ -59,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
                 continue
             print(f"{name}: {error.reason} ({error.path.name}); computing", file=sys.stderr)
-            frames[name] = artefacts.compute(module, config, root)
+            try:
+                frames[name] = artefacts.compute(module, config, root)
+            except artefacts.CacheError as error:   # the result cannot be cached there (a directory in the way)
+                print(f"{name}: not cached: {error}", file=sys.stderr)
+                failed.append(name)
+                continue
             how = "computed"
         print(f"{name}: {how} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     if failed:
