@@ -328,3 +328,37 @@ def test_small_runs_cache_and_plot(tmp_path, name):
     frame = artefacts.compute(module, config, tmp_path)
     assert len(frame) and isinstance(module.plot(frame), matplotlib.figure.Figure)
     assert [p.suffix for p in sorted(tmp_path.iterdir())] == [".csv", ".json"]
+
+
+# ------------------------------------------------------------------ damaged manifests and data files
+@pytest.mark.parametrize("damage, reason", [
+    (lambda r: {k: v for k, v in r.items() if k != "sha256"}, "incomplete manifest: no sha256"),
+    (lambda r: {k: v for k, v in r.items() if k != "rows_per_group"}, "incomplete manifest: no rows_per_group"),
+    (lambda r: [r], "not a manifest (a JSON list, not an object)"),
+])
+def test_a_manifest_without_its_fields_is_refused_and_recomputed(tmp_path, capsys, damage, reason):
+    name = "fig5_rate_deterministic"
+    out, csv, manifest = _copy(tmp_path, name, "fast")
+    manifest.write_text(json.dumps(damage(json.loads(manifest.read_text()))))
+    config = artefacts.get(name).PRESETS["fast"]
+    with pytest.raises(artefacts.CacheError) as error:
+        artefacts.load_cached(name, config, csv.parent)
+    assert error.value.path == manifest and error.value.reason == reason
+    frame = artefacts.result(name, "fast", root=csv.parent)     # the default mode recomputes
+    assert reason in capsys.readouterr().out and len(frame) == config.steps
+    artefacts.load_cached(name, config, csv.parent)
+
+
+def test_a_data_file_that_is_a_directory_is_named(tmp_path, capsys):
+    name = "fig5_rate_deterministic"
+    out, csv, manifest = _copy(tmp_path, name)
+    csv.unlink()
+    csv.mkdir()
+    with pytest.raises(artefacts.CacheError, match="unreadable data file"):
+        artefacts.load_cached(name, artefacts.get(name).PRESETS["default"], csv.parent)
+    before = (ROOT / "figures" / f"{name}.png").read_bytes()
+    (out / f"{name}.png").write_bytes(before)
+    assert figures.main(["--only", name, "--out", str(out)]) == 1      # recomputed, but cannot be cached there
+    err = capsys.readouterr().err
+    assert f"{name}: not cached: {csv}: a directory where the cache file belongs; nothing was written" in err
+    assert csv.is_dir() and (out / f"{name}.png").read_bytes() == before

@@ -114,6 +114,14 @@ def test_metrics_never_hold_nan_or_infinity(task, tmp_path):
     assert "nan" not in (tmp_path / "metrics.csv").read_text().lower()
 
 
+def test_non_finite_numbers_are_written_as_null():
+    from golore_lab.lm.metrics import MetricsLog, json_row
+
+    assert json_row({"step": 1, "val_ppl": math.inf, "grad_norm": math.nan, "lr": 0.5}) == \
+        '{"step": 1, "val_ppl": null, "grad_norm": null, "lr": 0.5}'
+    assert MetricsLog(None, ["val_ppl"])._csv_lines([{"step": 1, "val_ppl": math.inf}]) == "1,,,,,,,,\r\n"
+
+
 # ------------------------------------------------------------------------------------- damaged checkpoints
 def _random_bytes(path):
     path.write_bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0),
