@@ -6,6 +6,12 @@ always does; ``--no-recompute`` refuses instead, exit 1). Only when *every* sele
 the outputs written, atomically: ``OUT/NAME.png`` and, for tables, ``OUT/NAME.md`` (``NAME-PRESET.*`` for a
 preset other than ``default``, so a quick run never overwrites the committed figures). A damaged cache is
 reported by name and is never plotted; nothing is rewritten from a partial set.
+
+Beside every PNG lies its stamp ``NAME.stamp.json`` (:mod:`golore_lab.artefacts.stamp`: the sha256 of the
+data, of the plotting code and of the PNG, and the matplotlib version). A figure whose stamp matches is left
+untouched -- Agg may anti-alias a few pixels differently on another CPU, and a re-plot of unchanged inputs
+must not rewrite a tracked file; ``--redraw`` draws it anyway. Tables are text and are always rewritten (the
+same numbers give the same bytes).
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="recompute instead of reusing cached results")
     parser.add_argument("--no-recompute", action="store_true",
                         help="refuse (exit 1) instead of recomputing a missing or damaged cache")
+    parser.add_argument("--redraw", action="store_true",
+                        help="draw every figure even where its stamp says data, code and matplotlib are unchanged")
     parser.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.force and args.no_recompute:
@@ -51,20 +59,33 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
                 continue
             print(f"{name}: {error.reason} ({error.path.name}); computing", file=sys.stderr)
-            frames[name] = artefacts.compute(module, config, root)
+            try:
+                frames[name] = artefacts.compute(module, config, root)
+            except artefacts.CacheError as error:   # the result cannot be cached there (a directory in the way)
+                print(f"{name}: not cached: {error}", file=sys.stderr)
+                failed.append(name)
+                continue
             how = "computed"
         print(f"{name}: {how} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     if failed:
         print(f"not written: no figure or table, because these inputs failed: {', '.join(failed)}", file=sys.stderr)
         return 1
 
+    from .artefacts import stamp
     from .plotting import png_bytes
 
     suffix = "" if args.preset == "default" else f"-{args.preset}"
     outputs = {}  # rendered in memory first: a plot that fails leaves every file as it was
     for name in names:
         module = artefacts.get(name)
-        outputs[args.out / f"{name}{suffix}.png"] = png_bytes(module.plot(frames[name]))
+        png = args.out / f"{name}{suffix}.png"
+        csv, _ = artefacts.cache.cache_paths(root, name, module.PRESETS[args.preset])
+        inputs = stamp.expected_stamp(module, csv)
+        if not args.redraw and stamp.is_current(png, inputs):
+            print(f"{png}: unchanged (data, plotting code and matplotlib as stamped)", file=sys.stderr)
+        else:
+            outputs[png] = png_bytes(module.plot(frames[name]))
+            outputs[stamp.stamp_path(png)] = stamp.stamp_bytes(inputs, outputs[png])
         if hasattr(module, "table"):
             outputs[args.out / f"{name}{suffix}.md"] = module.table(frames[name]).encode()
     for path, data in outputs.items():

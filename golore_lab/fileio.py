@@ -36,16 +36,31 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def append_bytes(path: Path, data: bytes) -> None:
-    """Append ``data`` to ``path`` with one ``write`` on an ``O_APPEND`` descriptor.
+def append_bytes(path: Path, data: bytes, durable: bool = False) -> None:
+    """Append ``data`` to ``path`` with one ``write`` on an ``O_APPEND`` descriptor (``durable``: then fsync).
 
     Lines appended this way by a process that is killed can leave at most the last line torn (a prefix of
     ``data``), never an earlier line damaged: readers that drop a final line without its newline see whole lines.
+    With ``durable`` the line is on disk when this returns (as a checkpoint is), so a power loss cannot lose a row
+    logged before the checkpoint that follows it.
     """
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def truncate(path: Path, size: int) -> None:
+    """Cut ``path`` back to ``size`` bytes (undoing a failed append), best effort: a file that cannot be opened
+    is left as it is (a torn last line is then dropped by its reader)."""
+    try:
+        with open(path, "r+b") as handle:
+            handle.truncate(size)
+            os.fsync(handle.fileno())
+    except OSError:
+        pass

@@ -26,8 +26,8 @@ STYLE = {
 GREY = "#777777"
 #: the figures' resolution (pixels per inch)
 DPI = 130
-#: the matplotlib version that rendered the committed PNGs (``make setup`` installs it): Agg draws the same
-#: bytes for the same numbers and version, so a re-plot leaves them unchanged; another version may move pixels
+#: the matplotlib version that rendered the committed PNGs (``make setup`` installs it); another version may
+#: move pixels. It is part of every figure's stamp (:mod:`golore_lab.artefacts.stamp`)
 RENDERED_WITH = "3.11.2"
 
 
@@ -77,8 +77,10 @@ def legend_below(ax, ncol: int = 2, y: float = -0.2, **kwargs):
 def png_bytes(fig: plt.Figure) -> bytes:
     """The figure as PNG bytes without volatile metadata (no software version), then closed.
 
-    Agg renders a figure to the same pixels for the same data and matplotlib version, so a re-plot from the
-    committed caches reproduces the committed PNG byte for byte.
+    For the same data and matplotlib version Agg draws the same picture, but not always the same bytes on
+    another CPU (anti-aliasing may differ by a colour level on a few pixels): ``python -m golore_lab figures``
+    therefore leaves a PNG whose stamp matches alone (:mod:`golore_lab.artefacts.stamp`), and the tests compare
+    pictures within a tolerance.
     """
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})

@@ -97,7 +97,7 @@ def test_a_damaged_line_before_the_last_is_named(task, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     lines[1] = "garbage"
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a metrics row"):
+    with pytest.raises(RunError, match=r"metrics.jsonl: line 2 is not a metrics row \(not JSON"):
         train(task, replace(cfg, resume=True))
 
 

@@ -12,7 +12,9 @@ configuration plus the artefact name, computed without reading any file. The pre
 configuration, so two presets never share a file. :func:`load` accepts a cache only if the manifest belongs to
 this artefact and configuration, the CSV's bytes hash to the recorded sha256, and every expected group is
 present with its recorded row count; anything else is a :class:`CacheError` naming the file and the defect.
-:func:`store` refuses to cache an incomplete result (a group missing or empty).
+:func:`store` refuses to cache an incomplete result (a group missing or empty). A manifest that is not an object
+or lacks a field (``sha256``, ``rows_per_group``, ...) and a data file that is a directory are
+:class:`CacheError` too, so the default mode recomputes instead of crashing.
 """
 from __future__ import annotations
 
@@ -85,6 +87,9 @@ def store(root: Path, name: str, config, frame: pd.DataFrame, group_by: tuple[st
     if set(counts) != wanted or not all(counts.values()):
         missing, extra = sorted(wanted - set(counts)), sorted(set(counts) - wanted)
         raise ValueError(f"{name}: incomplete result, not cached (missing groups {missing}, unexpected {extra})")
+    for path in (csv, manifest):
+        if path.is_dir():
+            raise CacheError(path, "a directory where the cache file belongs; nothing was written (move it away)")
     data = csv_bytes(frame)
     atomic_write_bytes(csv, data)
     record = {"version": MANIFEST_VERSION, "artefact": name, "key": cache_key(name, config),
@@ -102,12 +107,20 @@ def load(root: Path, name: str, config, group_by: tuple[str, ...], expected_grou
         record = json.loads(manifest.read_text())
     except (OSError, ValueError) as error:
         raise CacheError(manifest, f"unreadable manifest ({error})") from None
+    if not isinstance(record, dict):
+        raise CacheError(manifest, f"not a manifest (a JSON {type(record).__name__}, not an object)")
     if record.get("version") != MANIFEST_VERSION or record.get("artefact") != name \
             or record.get("key") != cache_key(name, config) or record.get("config") != _jsonable(config):
         raise CacheError(manifest, "manifest of another artefact, configuration or format")
+    problem = _manifest_problem(record)
+    if problem:
+        raise CacheError(manifest, f"incomplete manifest: {problem}")
     if not csv.exists():
         raise CacheError(csv, "data file missing")
-    data = csv.read_bytes()
+    try:
+        data = csv.read_bytes()
+    except OSError as error:   # a directory, unreadable
+        raise CacheError(csv, f"unreadable data file ({error.strerror or error})") from None
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         lines = data.count(b"\n") - 1
         raise CacheError(csv, f"sha256 mismatch: the file changed since it was written "
@@ -125,6 +138,17 @@ def load(root: Path, name: str, config, group_by: tuple[str, ...], expected_grou
         raise CacheError(csv, f"incomplete: {len(frame)} rows of {record['rows']}; groups with wrong counts: "
                               f"{short[:5]}{' ...' if len(short) > 5 else ''}")
     return frame
+
+
+def _manifest_problem(record: dict) -> str | None:
+    """What a manifest lacks (None if it has every field :func:`load` reads, of the right type)."""
+    kinds = {"sha256": str, "rows": int, "group_by": list, "rows_per_group": dict}
+    for key, kind in kinds.items():
+        if not isinstance(record.get(key), kind):
+            return f"no {key}" if key not in record else f"{key} is not a {kind.__name__}"
+    if not all(isinstance(n, int) for n in record["rows_per_group"].values()):
+        return "rows_per_group holds a count that is not an integer"
+    return None
 
 
 def _jsonable(config) -> dict:

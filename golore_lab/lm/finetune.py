@@ -112,6 +112,18 @@ class TaskConfig:
     split_seed: int = 0
     eval_batch: int = 64
 
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"Invalid task: {self.task!r} (choose from {', '.join(TASKS)})")
+        if self.max_length is not None and self.max_length < 3:
+            raise ValueError(f"Invalid max_length: {self.max_length} (must be >= 3: [CLS] token [SEP])")
+        for name in ("train_examples", "val_examples", "test_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"Invalid {name}: {value} (must be >= 1, or None for the whole split)")
+        if self.eval_batch < 1:
+            raise ValueError(f"Invalid eval_batch: {self.eval_batch} (must be >= 1)")
+
 
 class ClassificationTask:
     """Sequence classification with all-MiniLM-L6-v2 -- implements the loop's ``Task`` protocol.
@@ -127,7 +139,7 @@ class ClassificationTask:
         self.config = config
         self.splits = load_splits(config.task, split_seed=config.split_seed)
         self.tokenizer = load_tokenizer()
-        max_length = self.max_length = config.max_length or MAX_LENGTH[config.task]
+        max_length = self.max_length = MAX_LENGTH[config.task] if config.max_length is None else config.max_length
         if max_length < 3:
             raise ValueError(f"Invalid max_length: {max_length} (must be >= 3: [CLS] token [SEP])")
         self.train = encode(subsample(self.splits.train, config.train_examples, config.split_seed), self.tokenizer,
@@ -227,7 +239,7 @@ def recipe(preset: str = "cpu", task: str = "movie-reviews", optimizer: str = "a
 
     ``eval_every`` defaults to one epoch (per-epoch validation metrics), or the whole run if it is shorter.
     """
-    from golore_lab.lm.train import TrainConfig
+    from golore_lab.lm.config import MAX_STEPS, TrainConfig
 
     if preset not in PRESETS:
         raise ValueError(f"Invalid preset: {preset!r} (choose from {', '.join(PRESETS)})")
@@ -241,11 +253,16 @@ def recipe(preset: str = "cpu", task: str = "movie-reviews", optimizer: str = "a
     preset_epochs = train.pop("epochs", None)
     epochs = preset_epochs if epochs is None else epochs
     train.update({k: v for k, v in train_overrides.items() if v is not None})
+    if not isinstance(train["batch_size"], int) or train["batch_size"] < 1:
+        raise ValueError(f"Invalid batch_size: {train['batch_size']} (must be >= 1)")
     n_train = len(subsample(load_splits(task, split_seed=task_cfg.split_seed).train, task_cfg.train_examples, 0))
     per_epoch = math.ceil(n_train / train["batch_size"])
     if epochs is not None and "steps" not in {k for k, v in train_overrides.items() if v is not None}:
-        if not epochs > 0:
-            raise ValueError(f"Invalid epochs: {epochs} (must be > 0)")
+        if not (math.isfinite(epochs) and epochs > 0):
+            raise ValueError(f"Invalid epochs: {epochs} (must be a finite number > 0)")
+        if epochs * per_epoch > MAX_STEPS:
+            raise ValueError(f"Invalid epochs: {epochs:g} (that is {epochs * per_epoch:.3g} steps of "
+                             f"{train['batch_size']} examples; at most {MAX_STEPS:.0e} steps)")
         train["steps"] = max(1, math.ceil(epochs * per_epoch))
     train.setdefault("eval_every", min(per_epoch, train["steps"]))
     return task_cfg, TrainConfig(optimizer=optimizer, **train)
@@ -270,31 +287,34 @@ def run(task_cfg: TaskConfig, train_cfg, task: "ClassificationTask | None" = Non
         summary["test"] = task.test(result.model)
         if train_cfg.out_dir:
             blob = {"step": result.step, **summary["val"], **summary["test"]}
-            atomic_write_bytes(Path(train_cfg.out_dir) / "test_metrics.json", json.dumps(blob, indent=1).encode())
+            from golore_lab.lm.metrics import json_row
+
+            clean = json.loads(json_row(blob))   # non-finite numbers as null, as in the metrics files
+            atomic_write_bytes(Path(train_cfg.out_dir) / "test_metrics.json", json.dumps(clean, indent=1).encode())
     summary["wall_s"] = time.perf_counter() - start
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    from golore_lab.lm.train import RunError, TrainConfig, add_train_arguments
+    from golore_lab.lm.config import finite_float, positive_int, run_program, thread_count
+    from golore_lab.lm.metrics import json_row
+    from golore_lab.lm.train import TrainConfig, add_train_arguments
 
     parser = argparse.ArgumentParser(prog="python -m golore_lab finetune", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("--task", default="movie-reviews", choices=TASKS, help="classification task")
     parser.add_argument("--preset", default="cpu", choices=list(PRESETS), help="run size (see PRESETS)")
-    parser.add_argument("--epochs", type=float, default=None, help="passes over the training set (sets --steps)")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the preset's)")
-    parser.add_argument("--train-examples", type=int, default=None, help="subsample the training split")
-    parser.add_argument("--val-examples", type=int, default=None, help="subsample the validation split")
+    parser.add_argument("--epochs", type=finite_float, default=None, help="passes over the training set (sets --steps)")
+    parser.add_argument("--max-length", type=positive_int, default=None,
+                        help="tokens per example (default: the preset's)")
+    parser.add_argument("--train-examples", type=positive_int, default=None, help="subsample the training split")
+    parser.add_argument("--val-examples", type=positive_int, default=None, help="subsample the validation split")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--prepare", action="store_true",
                         help="only fetch and split both tasks into the cache (then everything runs offline)")
-    add_train_arguments(parser)
     names = {f.name for f in fields(TrainConfig)}
-    for action in parser._actions:  # preset-dependent defaults are resolved after parsing
-        if action.dest in names and action.dest not in ("method", "optimizer"):
-            action.default = None
+    add_train_arguments(parser, deferred=frozenset(names - {"method", "optimizer"}))
     args = parser.parse_args(argv)
     if args.prepare:
         from golore_lab.lm.tasks import cache_root, prepare
@@ -308,8 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cached under {cache_root()}")
         return 0
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"invalid --threads {args.threads} (must be >= 1)")
         torch.set_num_threads(args.threads)
     task_over = {k: getattr(args, k) for k in ("max_length", "train_examples", "val_examples")
                  if getattr(args, k) is not None}
@@ -319,15 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         task_cfg, train_cfg = recipe(args.preset, args.task, args.optimizer, epochs=args.epochs,
                                      task_overrides=task_over, **given)
-        summary = run(task_cfg, train_cfg)
     except (ValueError, FetchError, FileNotFoundError) as err:
         parser.error(str(err))
-    except RunError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 1
-    if summary["test"]:
-        print(json.dumps({"step": summary["step"], **summary["val"], **summary["test"]}))
-    return 0
+    status, summary = run_program(parser, lambda: run(task_cfg, train_cfg))
+    if status == 0 and summary["test"]:
+        print(json_row({"step": summary["step"], **summary["val"], **summary["test"]}))
+    return status
 
 
 EXAMPLES = """examples:

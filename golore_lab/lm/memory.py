@@ -30,6 +30,7 @@ on the safe side there. The check keeps a quarter of the available memory in res
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,8 @@ def choose_micro_batch(per_rank: int, need: Callable[[int], StepMemory], availab
     budget = HEADROOM * available
     if need(first).total <= budget:
         return first, None
-    fits = [m for m in range(min(first, per_rank), 0, -1) if per_rank % m == 0 and need(m).total <= budget]
+    largest = next((m for m in divisors(per_rank) if m <= first and need(m).total <= budget), None)
+    fits = [] if largest is None else [largest]   # need(m) grows with m: the first that fits is the largest
     have = f"{available / GiB:.2f} GiB available ({HEADROOM:.0%} of it may be planned)"
     if not fits:
         raise MemoryError(f"a step needs {need(1).describe()} even with micro-batches of 1 example, and the machine "
@@ -193,6 +195,12 @@ def choose_micro_batch(per_rank: int, need: Callable[[int], StepMemory], availab
     return fits[0], (f"memory: a step with micro-batches of {first} needs {need(first).describe()}, the machine has "
                      f"{have}; training with micro-batches of {fits[0]} ({per_rank // fits[0]} accumulated per step, "
                      "same batch)")
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n`` >= 1, largest first, in O(sqrt n) (the micro-batch candidates)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)}, reverse=True)
 
 
 def local_world_size() -> int:

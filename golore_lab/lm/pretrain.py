@@ -36,8 +36,10 @@ optimizers (under DDP only the low-rank factors are all-reduced between refreshe
 
 ``--model 60m`` with its batch of 512 needs more memory than a CPU machine has for one micro-batch of 512: the
 program then accumulates smaller micro-batches (same batch; it says so), or refuses naming the size it needs
-(:mod:`golore_lab.lm.memory`). Exit status: 0 done, 1 the run stopped (divergence, full disk, folder in use;
-the message says what is kept), 2 bad options.
+(:mod:`golore_lab.lm.memory`). Exit status: 0 done; 1 the run stopped (divergence -- a non-finite loss or
+perplexity, or a loss above ``DIVERGENCE_FACTOR`` times its start --, a damaged checkpoint or metrics file, a
+read-only or full disk, a folder in use; the message says what is kept); 2 bad options; 130 / 143 stopped by
+SIGINT / SIGTERM between two steps, after the checkpoint of the last one (``--resume`` continues).
 """
 from __future__ import annotations
 
@@ -57,7 +59,9 @@ from torch import nn
 from .data import DEFAULT_VOCAB, Corpus, ensure_corpus
 from .memory import llama_activation_bytes
 from .model import LlamaConfig, build_model, llama_param_groups
-from .train import RunError, TrainConfig, add_train_arguments, stream_indices, train
+from .config import positive_int, run_program, thread_count
+from .metrics import json_row
+from .train import TrainConfig, add_train_arguments, stream_indices, train
 
 #: Learning rates of the CPU preset: the best of {1e-3, 3e-3, 1e-2} (AdamW) and {0.1, 0.3, 1, 3} (SGD) for
 #: full training over 100 steps, then used for every method.
@@ -95,7 +99,7 @@ class LMTask:
     def __init__(self, corpus: Corpus, model_cfg: LlamaConfig, seq_len: int | None = None,
                  eval_windows: int = 48, eval_batch: int = 16):
         self.model_cfg = replace(model_cfg, vocab_size=corpus.vocab_size)
-        self.seq_len = seq_len or model_cfg.max_seq_len
+        self.seq_len = model_cfg.max_seq_len if seq_len is None else seq_len
         if not 1 <= self.seq_len <= self.model_cfg.max_seq_len:
             raise ValueError(f"Invalid seq_len: {self.seq_len} (must be in [1, max_seq_len = {model_cfg.max_seq_len}])")
         self.train_tokens = torch.from_numpy(corpus.train.astype(np.int64))
@@ -149,24 +153,24 @@ class LMTask:
         return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf}
 
 
+#: the TrainConfig fields whose default is the model preset's recipe (resolved after parsing)
+RECIPE_FIELDS = frozenset(f.name for f in fields(TrainConfig)) - {"method", "optimizer", "path"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m golore_lab pretrain", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="cpu", choices=["tiny", "cpu", "late", "60m"],
                         help="model preset and recipe")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per example (default: the preset's)")
-    parser.add_argument("--eval-windows", type=int, default=48, help="validation windows per evaluation")
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help="BPE vocabulary of the corpus")
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help="tokens per example (default: the preset's)")
+    parser.add_argument("--eval-windows", type=positive_int, default=48, help="validation windows per evaluation")
+    parser.add_argument("--vocab-size", type=positive_int, default=DEFAULT_VOCAB, help="BPE vocabulary of the corpus")
     parser.add_argument("--cache", type=Path, default=None, help="data cache root (default: $GOLORE_LAB_CACHE)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    add_train_arguments(parser)
-    for action in parser._actions:  # recipe-dependent defaults are resolved after parsing
-        if action.dest in {f.name for f in fields(TrainConfig)} and action.dest not in ("method", "optimizer", "path"):
-            action.default = None
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads (CPU)")
+    add_train_arguments(parser, deferred=RECIPE_FIELDS)
     args = parser.parse_args(argv)
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"invalid --threads {args.threads} (must be >= 1)")
         torch.set_num_threads(args.threads)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     try:
@@ -175,13 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         task = LMTask(corpus, LlamaConfig.preset(args.model), seq_len=args.seq_len, eval_windows=args.eval_windows)
     except (ValueError, RuntimeError) as err:
         parser.error(str(err))
-    try:
-        result = train(task, cfg)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    except RunError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 1
-    if result.final and int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"step": result.step, **result.final}))
-    return 0
+    status, result = run_program(parser, lambda: train(task, cfg))
+    if status == 0 and result.final and int(os.environ.get("RANK", "0")) == 0:
+        print(json_row({"step": result.step, **result.final}))
+    return status
