@@ -88,7 +88,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- optim.py
     Mutant("weight-decay-coupled", "optim.py",
            '    def _decay(self, group: dict[str, Any], p: Tensor) -> None:\n        if group["weight_decay"]:\n'
-           '            p.mul_(1 - group["lr"] * group["weight_decay"])',
+           '            p.mul_(1 - self._lr(group) * group["weight_decay"])',
            '    def _regularize(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> Tensor:\n'
            '        return grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else grad',
            "AdamW's weight decay coupled (L2 in the gradient) instead of decoupled"),

@@ -76,6 +76,38 @@ def _saved_callable(value: Any) -> bool:
     return isinstance(value, str) and value.startswith("<callable")
 
 
+#: torch.optim keys that change the algorithm and that these optimizers do not implement: refused when true
+TORCH_ONLY_KEYS = ("amsgrad", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+
+#: param-group keys added after the first state dicts were saved: a saved group without one takes the default
+OPTIONAL_KEYS = ("maximize",)
+
+
+def nonfinite_flags(tensors: list[Tensor], group=None, sync: bool = True) -> Tensor:
+    """One bool per tensor: True where it holds an inf or a NaN. Exact for every finite value, in any dtype.
+
+    ``sync`` (one host read allowed): one fused 2-norm per tensor (accumulated in float32 for half types), then,
+    only for the tensors whose norm is not finite -- a non-finite entry, or finite entries whose norm overflows
+    (float32 entries ~1e19, float64 ~1e154) -- an element-wise ``isfinite``. Else (no host read): the inf-norm
+    max |x|, finite exactly when every entry is. ``group``: the flags of row shards are or-ed over the ranks.
+    """
+    halves = {torch.float16, torch.bfloat16}
+    order = 2 if sync else math.inf
+    norms = [torch.linalg.vector_norm(t, order, dtype=torch.float32) if t.dtype in halves else None for t in tensors]
+    rest = [t for t, n in zip(tensors, norms) if n is None]
+    fused = iter(torch._foreach_norm(rest, order) if rest else [])
+    norms = [next(fused) if n is None else n for n in norms]
+    device = norms[0].device
+    bad = ~torch.isfinite(torch.stack([n.to(device) for n in norms]))
+    if group is not None:
+        bad = distributed.all_reduce_sum(bad.double(), group) > 0
+    if sync and bool(bad.any()):  # the rare case: tell an overflowing norm from a non-finite entry
+        exact = torch.stack([~torch.isfinite(t).all().to(device) if flag else torch.zeros((), dtype=torch.bool,
+                             device=device) for t, flag in zip(tensors, bad.tolist())])
+        bad = exact if group is None else distributed.all_reduce_sum(exact.double(), group) > 0
+    return bad
+
+
 def _subclasses(cls: type) -> list[type]:
     return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
@@ -135,9 +167,13 @@ def _bucket_key(plan: _Plan) -> tuple:
             plan.state.get("proj") is None)
 
 
-def _local_state(state: dict[str, Any]) -> dict[str, Any]:
-    """The state with local shards for DTensors (views sharing storage) and without the basis."""
-    return {key: distributed.local(value) for key, value in state.items() if key != "proj"}
+def _local_state(state: dict[str, Any], real: bool = False) -> dict[str, Any]:
+    """The state with local shards for DTensors (views sharing storage) and without the basis; ``real``: complex
+    tensors as their ``torch.view_as_real`` views (a complex parameter's rule runs on those, as torch.optim's)."""
+    local = {key: distributed.local(value) for key, value in state.items() if key != "proj"}
+    if real:
+        local = {key: torch.view_as_real(v) if torch.is_tensor(v) and v.is_complex() else v for key, v in local.items()}
+    return local
 
 
 def _auto_fixed(live: dict[str, Any], group: dict[str, Any], p: Tensor, shard: "distributed.Sharding", side: str,
@@ -191,8 +227,8 @@ class SubspaceOptimizer(Optimizer):
     :meth:`add_param_group` and in :meth:`load_state_dict`, naming the bad value.
 
     Non-finite gradients: ``step()`` raises ``FloatingPointError`` naming the parameter, before any parameter
-    or state is modified (the check is one fused 2-norm over the projected gradients, read on the host once per
-    step: the step's only host synchronisation). On a GPU that one read stalls the host's queue; set
+    or state is modified (the check, :func:`nonfinite_flags`, is one fused 2-norm over the projected gradients,
+    read on the host once per step: the step's only host synchronisation; exact for every finite value). On a GPU that one read stalls the host's queue; set
     ``optimizer.finite_check = "deferred"`` to keep the flags on the device instead (a step then never waits)
     and call :meth:`raise_if_nonfinite` where the loop synchronises anyway (e.g. when it logs the loss); the
     price is that the steps are applied before the error, as ``torch.optim`` applies them. Refresh steps still
@@ -217,6 +253,28 @@ class SubspaceOptimizer(Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         self._refresh_hooks: OrderedDict[int, Callable[["SubspaceOptimizer", Refresh], None]] = OrderedDict()
         super().__init__(params, defaults)
+        self._install_checkpoint_hooks()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """As ``Optimizer.__setstate__`` (unpickling, ``copy.deepcopy``, every ``load_state_dict``): torch keeps only
+        ``defaults``, ``state`` and ``param_groups``; the refresh hooks start empty and the checkpoint hooks are
+        installed again, as torch re-creates its own hook tables."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("_refresh_hooks", OrderedDict())
+        self._install_checkpoint_hooks()
+
+    def _install_checkpoint_hooks(self) -> None:
+        """The state-dict layout and the load checks, through torch's own state-dict hooks (once per object)."""
+        if "_checkpoint_hooks" in self.__dict__:
+            return
+        self._checkpoint_hooks = (self.register_state_dict_post_hook(SubspaceOptimizer._saved_layout),
+                                  self.register_load_state_dict_pre_hook(SubspaceOptimizer._checked_load),
+                                  self.register_load_state_dict_post_hook(SubspaceOptimizer._finish_load))
+
+    @classmethod
+    def _known_keys(cls) -> set[str]:
+        """The param-group keys this optimizer reads (besides ``params`` and ``param_names``)."""
+        return {*cls.rule_keys, *SUBSPACE_DEFAULTS}
 
     @classmethod
     def _defaults(cls, rule: dict[str, Any], subspace: dict[str, Any]) -> dict[str, Any]:
@@ -242,10 +300,6 @@ class SubspaceOptimizer(Optimizer):
         Numbers are stored as Python numbers and ``switch_step`` is resolved from ``switch_fraction`` and
         ``total_steps`` when those are given.
         """
-        allowed = set(self.defaults) | {"params", "param_names"}
-        unknown = sorted(set(param_group) - allowed)
-        if unknown:
-            raise ValueError(f"Unknown param-group key(s) {unknown} (allowed: {sorted(allowed - {'params'})})")
         super().add_param_group(param_group)
         try:
             checked = self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
@@ -257,10 +311,16 @@ class SubspaceOptimizer(Optimizer):
     def _check_group(self, group: Mapping[str, Any], index: int) -> dict[str, Any]:
         """The validated hyper-parameters and subspace settings of ``group`` (its ``params`` are this optimizer's
         group ``index``); raises ``ValueError`` naming the first bad value."""
+        spec.check_group_keys(group, self._known_keys() | {"params", "param_names"})
+        for key in TORCH_ONLY_KEYS:
+            if group.get(key):
+                raise ValueError(f"Invalid {key}: {group[key]!r} ({type(self).__name__} does not implement "
+                                 f"torch.optim's {key}; leave it out or False)")
         checked = {**self._check_rule(group), **spec.check_subspace(group)}
         if checked["rank"] is not None:
             for i, p in enumerate(group["params"]):
-                spec.check_rank_fits(checked["rank"], tuple(p.shape), self._param_name(group, index, i))
+                spec.check_rank_fits(checked["rank"], tuple(p.shape), self._param_name(group, index, i),
+                                     p.is_complex())
         return checked
 
     def _check_rule(self, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -290,7 +350,11 @@ class SubspaceOptimizer(Optimizer):
         rank's share of the period's pair products over the ranks, so ``state_dict()`` is then a collective
         (one all-reduce for all such parameters): call it on every rank, as ``get_optimizer_state_dict`` does.
         """
-        state = super().state_dict()
+        return super().state_dict()
+
+    @staticmethod
+    def _saved_layout(self: "SubspaceOptimizer", state: dict[str, Any]) -> dict[str, Any]:
+        """The state-dict post hook: a projector callable by its name, GoLore@auto's sharded layout."""
         for group in state["param_groups"]:
             if callable(group["projection"]):
                 group["projection"] = spec.describe_setting(group["projection"])
@@ -312,10 +376,36 @@ class SubspaceOptimizer(Optimizer):
         the switch of a resumed run); the saved state must still fit them. The rule's hyper-parameters (``lr``,
         ``betas``, ``momentum`` ...) are taken from the state dict, as torch does: a scheduler's learning rate
         must survive a resume. A projector callable is saved by name; the optimizer keeps its own object.
+
+        The checks run in a load-state-dict pre-hook placed after the user's (``register_load_state_dict_pre_hook``),
+        so they see the dict those hooks return (an upgraded older layout, a changed ``lr``); torch then loads that
+        dict, and a post-hook placed before the user's puts the checked settings into the groups.
         """
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"Not an optimizer state dict (must be a dict with 'state' and 'param_groups'): "
+                             f"{type(state_dict).__name__}")
+        _, pre, post = self._checkpoint_hooks
+        self._optimizer_load_state_dict_pre_hooks.move_to_end(pre.id)
+        self._optimizer_load_state_dict_post_hooks.move_to_end(post.id, last=False)
+        self._keep_settings = keep_settings
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self.__dict__.pop("_keep_settings", None)
+            self.__dict__.pop("_loading", None)
+
+    @staticmethod
+    def _checked_load(self: "SubspaceOptimizer", state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The load pre-hook: GoLore@auto's saved layout turned live, then every check, before anything changes."""
         state_dict = self._auto_loaded(state_dict)
-        settings = self._check_loadable(state_dict, keep_settings)
-        super().load_state_dict(state_dict)
+        self._loading = (state_dict, self._check_loadable(state_dict, self.__dict__.get("_keep_settings", False)))
+        return state_dict
+
+    @staticmethod
+    def _finish_load(self: "SubspaceOptimizer") -> None:
+        """The load post-hook: the checked settings (Python numbers, the live projector, kept settings) and
+        GoLore@auto's statistic dtypes."""
+        state_dict, settings = self.__dict__.pop("_loading")
         self._restore_statistic_dtypes(state_dict)
         for group, checked in zip(self.param_groups, settings):
             # a tensor lr stays torch's own copy of the saved one
@@ -349,13 +439,14 @@ class SubspaceOptimizer(Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"The state dict has {len(saved_groups)} param group(s), this {cls} has "
                              f"{len(self.param_groups)}")
-        expected = set(self.defaults) | {"params"}
+        expected = self._known_keys() | {"params"}
         out = []
         for index, (live, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            # keys a learning-rate scheduler added to the live group (e.g. "initial_lr") travel with it
-            keys = set(saved) - {"param_names"} - (set(live) - expected - {"param_names"})
-            if keys != expected:
-                raise ValueError(self._foreign_keys(index, keys, expected))
+            if not isinstance(saved, Mapping):
+                raise ValueError(f"Param group {index} of the state dict is a {type(saved).__name__}, not a dict")
+            keys = set(saved) | set(OPTIONAL_KEYS)  # other keys ("initial_lr", "name") travel with the group
+            if not expected <= keys:
+                raise ValueError(self._foreign_keys(index, set(saved), expected))
             if len(saved["params"]) != len(live["params"]):
                 raise ValueError(f"Param group {index} of the state dict has {len(saved['params'])} parameter(s), "
                                  f"this {cls}'s has {len(live['params'])}")
@@ -385,13 +476,13 @@ class SubspaceOptimizer(Optimizer):
 
     def _foreign_keys(self, index: int, keys: set[str], expected: set[str]) -> str:
         cls = type(self).__name__
-        missing, extra = sorted(expected - keys), sorted(keys - expected)
-        what = f"param group {index} of the state dict lacks keys {missing} and has keys {extra}"
+        missing = sorted(expected - keys - set(OPTIONAL_KEYS))
+        what = f"param group {index} of the state dict lacks keys {missing}"
         if not keys & (set(SUBSPACE_DEFAULTS) - {"foreach"}):  # torch.optim groups have "foreach" too
             return (f"Not a subspace optimizer's state dict (a torch.optim one?): {what}; it cannot be loaded "
                     f"into {cls}")
         for other in _subclasses(SubspaceOptimizer):
-            if other is not type(self) and keys == set(other.rule_keys) | set(SUBSPACE_DEFAULTS) | {"params"}:
+            if other is not type(self) and other._known_keys() - set(OPTIONAL_KEYS) <= keys:
                 return f"A {other.__name__} state dict cannot be loaded into {cls}: {what}"
         return f"Not a {cls} state dict: {what}"
 
@@ -455,7 +546,7 @@ class SubspaceOptimizer(Optimizer):
                 loss = closure()
         plans, refreshes = self._plan()
         self._check_finite([plan.grad for plan in plans], [plan.name for plan in plans],
-                           self._process_group(plans), [plan.position for plan in plans])
+                           self._process_group(plans), [plan.position for plan in plans], [plan.raw for plan in plans])
         for refresh in refreshes:
             for hook in list(self._refresh_hooks.values()):
                 hook(self, refresh)
@@ -478,8 +569,12 @@ class SubspaceOptimizer(Optimizer):
                     raise RuntimeError(f"Parameter {name} has a sparse gradient, which subspace optimizers do not "
                                        "support")
                 shard = distributed.sharding(p, name)
-                weight = distributed.local(p)
-                grad = self._regularize(group, weight, distributed.local(p.grad))  # local rows when sharded
+                weight, grad = distributed.local(p), distributed.local(p.grad)  # local rows when sharded
+                if group["maximize"]:
+                    grad = -grad
+                if weight.is_complex():  # full space only (a rank group refuses complex): as torch.optim, on
+                    weight, grad = torch.view_as_real(weight), torch.view_as_real(grad)  # (..., 2) real views
+                grad = self._regularize(group, weight, grad)
                 state = self.state[p]
                 plan = _Plan(group, name, position, p, weight, state, state.get("step", 0), None, state.get("proj"),
                              None, grad, shard, grad)
@@ -524,6 +619,9 @@ class SubspaceOptimizer(Optimizer):
                          [proj.resolve(group["projection"])(g, group["rank"], side,
                                                             proj.refresh_generator(group["seed"], plan.position, count))
                           for plan, g in zip(bucket, grads)])
+                if kind == "custom":
+                    for plan, grad, basis in zip(bucket, grads, bases):
+                        self._check_basis(basis, group, grad, side, plan.position)
             for plan, basis in zip(bucket, bases):
                 plan.new_basis = plan.basis = basis.to(first.weight.device, first.weight.dtype)
         for plan, projected in zip(bucket, batched.project([plan.grad for plan in bucket],
@@ -755,10 +853,16 @@ class SubspaceOptimizer(Optimizer):
         if group["state_on_refresh"] == "reset":
             state["moment_start"] = count  # the bias correction restarts with the moments
 
+    @staticmethod
+    def _lr(group: dict[str, Any]) -> float | Tensor:
+        """The group's learning rate; a one-element tensor of any shape as a 0-dim view (it follows the tensor)."""
+        lr = group["lr"]
+        return lr.view(()) if torch.is_tensor(lr) and lr.dim() else lr
+
     def _update(self, plan: "_Plan") -> None:
         """Phase 2 for one parameter: carry the state at a refresh, apply the rule, update W (its local rows)."""
         group, state, side, basis = plan.group, plan.state, plan.side, plan.basis
-        tensors = _local_state(state)
+        tensors = _local_state(state, plan.param.is_complex())
         if plan.new_basis is not None:
             if "proj" in state:
                 self._refresh_state(group, tensors, side, proj.transport(side, state["proj"], plan.new_basis),
@@ -769,7 +873,7 @@ class SubspaceOptimizer(Optimizer):
                                                          plan.count + 1 - tensors.get("moment_start", 0))
         self._store_state(state, tensors, plan)
         self._auto_update(state, plan.auto, plan.grad, plan.count)
-        p, lr = plan.weight, group["lr"]
+        p, lr = plan.weight, self._lr(group)
         self._decay(group, p)
         if side is None:  # full space: one fused update, no temporary the size of p
             if torch.is_tensor(lr):
@@ -811,7 +915,7 @@ class SubspaceOptimizer(Optimizer):
         for plan, tensors in zip(plans, states):
             self._store_state(plan.state, tensors, plan)
             self._decay(group, plan.weight)
-        lr, alpha = group["lr"], -group["scale"] * factor
+        lr, alpha = self._lr(group), -group["scale"] * factor
         if torch.is_tensor(lr):
             torch._foreach_mul_(directions, lr)
         else:
@@ -860,6 +964,9 @@ class SubspaceOptimizer(Optimizer):
     def _store_state(state: dict[str, Any], tensors: dict[str, Any], plan: "_Plan") -> None:
         """Write the rule's local state back; a sharded parameter's row-sharded moments become DTensors again."""
         sharded_rows = plan.shard is not None and plan.side != "left"
+        if plan.param.is_complex():  # the rule ran on real views (..., 2): the state is kept complex, as torch's
+            tensors = {key: torch.view_as_complex(value) if torch.is_tensor(value) and key != "step" else value
+                       for key, value in tensors.items()}
         for key, value in tensors.items():
             if sharded_rows and torch.is_tensor(value) and key != "proj":
                 old = state.get(key)
@@ -878,29 +985,19 @@ class SubspaceOptimizer(Optimizer):
         return next(iter(meshes.values())).group if meshes else None
 
     def _check_finite(self, tensors: list[Tensor], names: list[str], group=None,
-                      positions: list[int] | None = None) -> None:
-        """Raise ``FloatingPointError`` naming the first parameter whose tensor is not finite.
-
-        One fused 2-norm per tensor (accumulated in float32 for half types; an inf-norm is 8x slower on CPU; a
-        norm that overflows float32 counts as non-finite), then ONE host read of the result: the only host
-        synchronisation of a regular step. Sharded: the squared local norms are summed over ``group`` (one
-        all-reduce of one number per parameter), so all ranks see the same flags. With
-        ``finite_check = "deferred"`` and ``positions`` given, the flags are accumulated on the device instead
-        and read by :meth:`raise_if_nonfinite`.
+                      positions: list[int] | None = None, raws: list[Tensor] | None = None) -> None:
+        """Raise ``FloatingPointError`` naming the first parameter whose tensor is not finite
+        (:func:`nonfinite_flags`: exact for every finite value, one host read). Sharded: the
+        flags are summed over ``group``, so all ranks see the same ones. With ``finite_check = "deferred"`` and
+        ``positions`` given, the flags are accumulated on the device instead and read by :meth:`raise_if_nonfinite`.
+        ``raws``: the gradients the ``tensors`` were projected from, to say so when only a projection overflowed.
         """
         if not tensors:
             return
-        halves = {torch.float16, torch.bfloat16}
-        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) if t.dtype in halves else None for t in tensors]
-        rest = [t for t, n in zip(tensors, norms) if n is None]
-        fused = iter(torch._foreach_norm(rest, 2) if rest else [])
-        norms = [next(fused) if n is None else n for n in norms]
-        device = norms[0].device
-        norms = torch.stack([n.to(device, torch.float32) for n in norms])
-        if group is not None:
-            norms = distributed.all_reduce_sum(norms.double().square(), group)
-        bad = ~torch.isfinite(norms)
-        if self.finite_check == "deferred" and positions is not None:
+        deferred = self.finite_check == "deferred" and positions is not None
+        bad = nonfinite_flags(tensors, group, sync=not deferred)
+        if deferred:
+            device = bad.device
             flags = self.__dict__.get("_nonfinite")
             if flags is None or flags.device != device:
                 flags = self.__dict__["_nonfinite"] = torch.zeros(sum(len(g["params"]) for g in self.param_groups),
@@ -912,8 +1009,13 @@ class SubspaceOptimizer(Optimizer):
             flags[index] = flags[index] | bad
             return
         if bool(bad.any()):
+            first = int(bad.to(torch.uint8).argmax())
+            if raws is not None and raws[first] is not tensors[first] and bool(torch.isfinite(raws[first]).all()):
+                raise FloatingPointError(
+                    f"The projected gradient of parameter {names[first]} overflows although its gradient is finite; "
+                    "step skipped, no parameter or optimizer state was changed")
             raise FloatingPointError(
-                f"Non-finite gradient in parameter {names[int(bad.to(torch.uint8).argmax())]}; "
+                f"Non-finite gradient in parameter {names[first]}; "
                 "step skipped, no parameter or optimizer state was changed"
             )
 
@@ -977,12 +1079,12 @@ class SubspaceAdamW(SubspaceOptimizer):
     model).
     """
 
-    rule_keys = ("lr", "betas", "eps", "weight_decay")
+    rule_keys = ("lr", "betas", "eps", "weight_decay", "maximize")
     rule_state = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, **subspace: Any) -> None:
-        rule = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, maximize: bool = False, **subspace: Any) -> None:
+        rule = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, self._defaults(rule, subspace))
 
     def _check_rule(self, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -990,7 +1092,7 @@ class SubspaceAdamW(SubspaceOptimizer):
 
     def _decay(self, group: dict[str, Any], p: Tensor) -> None:
         if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.mul_(1 - self._lr(group) * group["weight_decay"])
 
     def _direction(self, group: dict[str, Any], state: dict[str, Any], grad: Tensor,
                    count: int) -> tuple[Tensor, Tensor, float]:
@@ -1029,7 +1131,7 @@ class SubspaceAdamW(SubspaceOptimizer):
         one pass over each tensor instead of eight element-wise kernels -- the embeddings and head of an LLM are
         most of a subspace step's element-wise work. Bias correction from each parameter's ``step``."""
         group = plans[0].group
-        states = [_local_state(plan.state) for plan in plans]
+        states = [_local_state(plan.state, plan.param.is_complex()) for plan in plans]
         for plan, tensors in zip(plans, states):
             if "exp_avg" not in tensors:
                 tensors["exp_avg"] = torch.zeros_like(plan.grad)
@@ -1038,7 +1140,7 @@ class SubspaceAdamW(SubspaceOptimizer):
         beta1, beta2 = group["betas"]
         batched.fused_adamw_([plan.weight for plan in plans], [plan.grad for plan in plans],
                              [t["exp_avg"] for t in states], [t["exp_avg_sq"] for t in states],
-                             [plan.count + 1 for plan in plans], group["lr"], beta1, beta2, group["eps"],
+                             [plan.count + 1 for plan in plans], self._lr(group), beta1, beta2, group["eps"],
                              group["weight_decay"])
         for plan, tensors in zip(plans, states):
             self._store_state(plan.state, tensors, plan)
@@ -1054,12 +1156,14 @@ class SubspaceSGD(SubspaceOptimizer):
     ``momentum_buffer`` is projected (``"project"``, the paper's MP), kept, or dropped (``"reset"``).
     """
 
-    rule_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+    rule_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
     rule_state = ("momentum_buffer",)
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, **subspace: Any) -> None:
-        rule = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 **subspace: Any) -> None:
+        rule = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                    maximize=maximize)
         super().__init__(params, self._defaults(rule, subspace))
 
     def _check_rule(self, group: Mapping[str, Any]) -> dict[str, Any]:

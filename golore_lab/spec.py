@@ -23,11 +23,12 @@ Subspace settings (:data:`SUBSPACE_DEFAULTS`, one value per param group or per w
 
 Numbers may be Python or numpy scalars (``np.int64``, ``np.float32``); they are stored as Python ``int`` /
 ``float`` so that a state dict stays loadable with ``torch.load(..., weights_only=True)``. ``bool`` is not an
-integer here (``update_proj_gap=True`` is refused). A learning rate may also be a 0-dim floating tensor, which
-LR schedulers and ``torch.compile`` use; it is kept as given.
+integer here (``update_proj_gap=True`` is refused). A learning rate may also be a floating tensor of one element
+(any shape), which LR schedulers and ``torch.compile`` use; it is kept as given.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from dataclasses import dataclass
@@ -160,8 +161,16 @@ def resolve_switch(switch_step: int | None, switch_fraction: Any, total_steps: i
     return {"switch_step": resolved, "switch_fraction": fraction, "total_steps": total_steps}
 
 
-def check_rank_fits(rank: int, shape: tuple[int, ...], name: str) -> None:
-    """A rank-r group holds matrices with min(m, n) >= r; ``name`` names the parameter in the error."""
+def check_rank_fits(rank: int, shape: tuple[int, ...], name: str, is_complex: bool = False) -> None:
+    """A rank-r group holds real matrices with min(m, n) >= r; ``name`` names the parameter in the error.
+
+    A complex matrix is refused: the projectors (an SVD, a Haar-random basis, the transport of the moments) are
+    real-orthogonal, and a real basis of a complex gradient would train a different method than the one named.
+    """
+    if is_complex:
+        raise ValueError(f"Parameter {name} is complex: a group with a rank holds real matrices only (put complex "
+                         "parameters in a group without 'rank', where the rule runs on torch.view_as_real as "
+                         "torch.optim's does)")
     if len(shape) != 2:
         raise ValueError(f"Parameter {name} has shape {tuple(shape)}: a group with a rank must hold matrices only "
                          "(put vectors and conv kernels in a group without 'rank')")
@@ -179,17 +188,26 @@ def describe_setting(value: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------- rule hyper-parameters
 def check_lr(lr: Any) -> float | Tensor:
-    """A finite learning rate >= 0: a number, or a 0-dim floating tensor (kept as the same tensor)."""
+    """A finite learning rate >= 0: a number, or a floating tensor of one element (any shape, as ``torch.optim``
+    takes it; kept as the same tensor)."""
     if isinstance(lr, Tensor):
-        if lr.dim() == 0 and lr.is_floating_point() and math.isfinite(float(lr)) and float(lr) >= 0:
+        if lr.numel() == 1 and lr.is_floating_point() and math.isfinite(float(lr)) and float(lr) >= 0:
             return lr
     elif is_real(lr) and lr >= 0:
         return float(lr)
-    raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite number >= 0 or a 0-dim floating tensor)")
+    raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite number >= 0 or a floating tensor of one "
+                     "element)")
+
+
+def _maximize(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"Invalid maximize: {value!r} (must be True or False)")
 
 
 def check_adamw(hyper: Mapping[str, Any]) -> dict[str, Any]:
-    """``lr``, ``betas`` (each in [0, 1)), ``eps`` >= 0 and ``weight_decay`` >= 0 of the AdamW rule, validated."""
+    """``lr``, ``betas`` (each in [0, 1)), ``eps`` >= 0, ``weight_decay`` >= 0 and ``maximize`` of the AdamW rule,
+    validated (a group without ``maximize``, as older state dicts are, minimizes)."""
     betas = hyper["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair)")
@@ -198,11 +216,13 @@ def check_adamw(hyper: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
     return {"lr": check_lr(hyper["lr"]), "betas": (float(betas[0]), float(betas[1])),
             "eps": _number("epsilon value", hyper["eps"]),
-            "weight_decay": _number("weight_decay", hyper["weight_decay"])}
+            "weight_decay": _number("weight_decay", hyper["weight_decay"]),
+            "maximize": _maximize(hyper.get("maximize", False))}
 
 
 def check_sgd(hyper: Mapping[str, Any]) -> dict[str, Any]:
-    """``lr``, ``momentum`` >= 0, ``dampening``, ``weight_decay`` >= 0 and ``nesterov`` of the SGD rule, validated.
+    """``lr``, ``momentum`` >= 0, ``dampening``, ``weight_decay`` >= 0, ``nesterov`` and ``maximize`` of the SGD
+    rule, validated.
 
     As ``torch.optim.SGD``: Nesterov needs a momentum > 0 and zero dampening.
     """
@@ -217,7 +237,34 @@ def check_sgd(hyper: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening "
                          f"(got momentum={hyper['momentum']!r}, dampening={dampening!r})")
     return {"lr": check_lr(hyper["lr"]), "momentum": momentum, "dampening": float(dampening),
-            "weight_decay": _number("weight_decay", hyper["weight_decay"]), "nesterov": bool(nesterov)}
+            "weight_decay": _number("weight_decay", hyper["weight_decay"]), "nesterov": bool(nesterov),
+            "maximize": _maximize(hyper.get("maximize", False))}
+
+
+def check_group_keys(keys: Iterable[str], known: Iterable[str]) -> None:
+    """Refuse a param-group key that looks like a misspelling of a ``known`` one, naming the key it resembles.
+
+    Other keys are kept, as ``torch.optim`` keeps them (``"name"`` for logging, timm's ``"lr_scale"``). A key
+    resembles a known key when their :class:`difflib.SequenceMatcher` ratio is >= 0.75 (``rnak`` ~ ``rank``,
+    ``update_proj_gaps`` ~ ``update_proj_gap``, ``beta`` ~ ``betas``) unless it is that key with whole words
+    added (``lr_scale``, ``weight_decay_scale``: ``scale`` / ``weight_decay`` and ``_``-joined words).
+    """
+    known = sorted(set(known))
+    for key in keys:
+        if key in known or not isinstance(key, str):
+            continue
+        close = [(difflib.SequenceMatcher(None, key, k).ratio(), k) for k in known
+                 if not _composite(key, k)]
+        ratio, meant = max(close, default=(0.0, None))
+        if ratio >= 0.75:
+            raise ValueError(f"Unknown param-group key {key!r}: did you mean {meant!r}? (other keys are kept, as "
+                             "torch.optim keeps them; a key this close to a known one is taken for a misspelling)")
+
+
+def _composite(key: str, known: str) -> bool:
+    """``key`` is ``known`` with whole ``_``-separated words added (``lr_scale`` of ``scale``)."""
+    words, inner = key.split("_"), known.split("_")
+    return any(words[i:i + len(inner)] == inner for i in range(len(words) - len(inner) + 1))
 
 
 # ---------------------------------------------------------------------------------------------- what gets a rank
