@@ -44,14 +44,18 @@ Sharded parameters go through :mod:`golore_lab.distributed`'s operation objects 
 """
 from __future__ import annotations
 
-from .. import spec
+from .. import batched, distributed, rules, spec, switching  # noqa: F401 (importable from here, as before)
+from .. import projection as proj  # noqa: F401
 from ..spec import SUBSPACE_DEFAULTS
 from .adamw import AdamWRule, SubspaceAdamW
-from .auto import _Auto, _auto_fixed
-from .base import TORCH_ONLY_KEYS, SubspaceOptimizer
-from .checkpoint import OPTIONAL_KEYS
+from .auto import _Auto, _auto_fixed  # noqa: F401
+from .base import TORCH_ONLY_KEYS, SubspaceOptimizer  # noqa: F401
+from .checkpoint import OPTIONAL_KEYS  # noqa: F401
+from .checkpoint import saved_callable as _saved_callable  # noqa: F401
+from .checkpoint import subclasses as _subclasses  # noqa: F401
 from .finite import nonfinite_flags
-from .records import Basis, Refresh, Target
+from .functional import local_state as _local_state  # noqa: F401
+from .records import Basis, Refresh, Target  # noqa: F401
 from .sgd import SGDRule, SubspaceSGD
 
 __all__ = ["SubspaceOptimizer", "SubspaceAdamW", "SubspaceSGD", "Refresh", "microbatches", "AdamWRule", "SGDRule",
