@@ -101,7 +101,7 @@ class Local:
         return (grad @ basis if side == "right" else basis.T @ grad), None
 
     @staticmethod
-    def rows(basis: Tensor) -> Tensor:
+    def local_rows(basis: Tensor) -> Tensor:
         """The rows of a left basis (m, r) this process updates: all."""
         return basis
 
@@ -160,7 +160,8 @@ class RowShards(Sharding):
         rank = basis.shape[1]
         return both[:rank], both[rank:]  # (r, n), (q, n)
 
-    def rows(self, basis: Tensor) -> Tensor:
+    def local_rows(self, basis: Tensor) -> Tensor:
+        """This rank's rows [offset, offset + rows) of a left basis (m, r)."""
         return basis[self.offset:self.offset + self.rows]
 
     def store(self, value: Any, old: Any, side: str | None) -> Any:

@@ -5,7 +5,8 @@ state-dict round-trip, deepcopy / pickle, hook and cross-path equality tests run
 Paths: ``per-tensor`` and ``foreach`` (the two phase-1/phase-2 routes of a rank group), ``fused`` (full-space AdamW
 in torch's fused kernel), ``fsdp`` (FSDP2 ``fully_shard`` over a one-rank gloo group in this process: the
 parameters are row-sharded DTensors and every step takes the sharded operations), ``auto`` (GoLore@auto) and
-``auto-fsdp``, and ``wrapper`` (:class:`golore_lab.SubspaceModel` trained by a torch optimizer). A test that does
+``auto-fsdp``, the same on the left (sharded) side (``*-left``), and ``wrapper`` / ``auto-wrapper``
+(:class:`golore_lab.SubspaceModel` trained by a torch optimizer). A test that does
 not apply to a path says why in :data:`NOT_APPLICABLE`. The two-rank FSDP runs are ``tests/test_fsdp.py``'s.
 
 Cross-path tolerances: float64 throughout; paths that group the same BLAS/LAPACK work differently (a stacked
@@ -60,6 +61,12 @@ PATHS = {info.name: info for info in [
     PathInfo("fsdp", dict(SUBSPACE), sharded=True, reference="per-tensor", tolerance=TOL),
     PathInfo("auto", dict(AUTO)),
     PathInfo("auto-fsdp", dict(AUTO), sharded=True, reference="auto", tolerance=TOL),
+    # the sharded side projected: R (and GoLore@auto's probe view) all-reduced at every step, the basis's local rows
+    PathInfo("per-tensor-left", {**SUBSPACE, "proj_type": "left", "foreach": False}),
+    PathInfo("fsdp-left", {**SUBSPACE, "proj_type": "left"}, sharded=True, reference="per-tensor-left",
+             tolerance=TOL),
+    PathInfo("auto-left", {**AUTO, "proj_type": "left"}),
+    PathInfo("auto-fsdp-left", {**AUTO, "proj_type": "left"}, sharded=True, reference="auto-left", tolerance=TOL),
     # torch.optim.SGD's coupled decay would decay the wrapper's factors, not the weights: the wrapper refuses it
     PathInfo("wrapper", dict(SUBSPACE), wrapper=True, reference="per-tensor", tolerance=TOL,
              hyper={"weight_decay": 0.0}),
@@ -70,6 +77,8 @@ NOT_APPLICABLE = {
     ("round_trip", "auto-wrapper"): "as for wrapper",
     ("copies", "fsdp"): "an FSDP2 module holds communication state; deepcopy of a sharded model is not supported",
     ("copies", "auto-fsdp"): "as for fsdp",
+    ("copies", "fsdp-left"): "as for fsdp",
+    ("copies", "auto-fsdp-left"): "as for fsdp",
     ("copies", "wrapper"): "the optimizer is torch's own",
     ("copies", "auto-wrapper"): "as for wrapper",
     ("hooks", "wrapper"): "the optimizer is torch's own",

@@ -99,7 +99,7 @@ def _one(rule: Any, group: dict[str, Any], target: Target, grad: Tensor, basis: 
     else:
         alpha *= lr
     if side == "left":
-        p.addmm_(target.ops.rows(basis.basis), direction, alpha=alpha)  # W += α P N, (m, r) @ (r, n)
+        p.addmm_(target.ops.local_rows(basis.basis), direction, alpha=alpha)  # W += α P N, (m, r) @ (r, n)
     else:
         p.addmm_(direction, basis.basis.T, alpha=alpha)  # W += α N Qᵀ, (m, r) @ (r, n)
 
