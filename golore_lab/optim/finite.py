@@ -36,6 +36,12 @@ def nonfinite_flags(tensors: list[Tensor], group=None, sync: bool = True) -> Ten
     return bad
 
 
+def _finite(tensor: Tensor, group=None) -> bool:
+    """Whether every entry is finite, on every rank of ``group`` (one all-reduce; the error path only)."""
+    bad = (~torch.isfinite(tensor).all()).double()
+    return not bool(bad if group is None else distributed.all_reduce_sum(bad, group))
+
+
 class FiniteChecks:
     """The optimizer's checks (a mixin of :class:`golore_lab.optim.SubspaceOptimizer`).
 
@@ -62,7 +68,7 @@ class FiniteChecks:
             return
         if bool(bad.any()):
             first = int(bad.to(torch.uint8).argmax())
-            if raws is not None and raws[first] is not tensors[first] and bool(torch.isfinite(raws[first]).all()):
+            if raws is not None and raws[first] is not tensors[first] and _finite(raws[first], group):
                 raise FloatingPointError(
                     f"The projected gradient of parameter {names[first]} overflows although its gradient is finite; "
                     "step skipped, no parameter or optimizer state was changed")
