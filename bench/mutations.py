@@ -2,7 +2,7 @@
 
     python bench/mutations.py [--tests-rev REV] [--jobs 2] [--only NAME ...] [--json PATH]
 
-Each mutant is one small source edit of ``golore_lab/projection.py``, ``rules.py`` or ``optim.py`` (and a few of
+Each mutant is one small source edit of ``golore_lab/projection.py``, ``rules.py`` or ``optim/`` (and a few of
 ``spec.py`` and ``wrapper.py``) that a plausible bug would make: the Haar sampler without its sign fix, the momentum
 carried with Oᵀ instead of O, weight decay coupled instead of decoupled, the switch one step late, ... For each one,
 the package is copied to a temporary folder, the edit applied there (the working tree is never touched), and
@@ -53,7 +53,7 @@ class Mutant:
 
 MUTANTS = [
     # ---------------------------------------------------------------- projection.py
-    Mutant("haar-no-sign-fix", "projection.py", "    return q * signs", "    return q",
+    Mutant("haar-no-sign-fix", "projection.py", "    return q * signs.unsqueeze(-2)", "    return q",
            "Haar sampler without the sign fix of diag(R)"),
     Mutant("haar-uniform-entries", "projection.py", "z = torch.randn(dim, rank,", "z = torch.rand(dim, rank,",
            "random basis from uniform instead of Gaussian entries"),
@@ -85,35 +85,37 @@ MUTANTS = [
     Mutant("reset-zeroes-sgd-buffer", "rules.py", 'state.pop("momentum_buffer", None)',
            'state["momentum_buffer"].zero_() if "momentum_buffer" in state else None',
            '"reset" zeroes the SGD buffer instead of restarting it from R'),
-    # ---------------------------------------------------------------- optim.py
-    Mutant("weight-decay-coupled", "optim.py",
-           '    def _decay(self, group: dict[str, Any], p: Tensor) -> None:\n        if group["weight_decay"]:\n'
-           '            p.mul_(1 - group["lr"] * group["weight_decay"])',
-           '    def _regularize(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> Tensor:\n'
-           '        return grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else grad',
+    # ---------------------------------------------------------------- optim/
+    Mutant("weight-decay-coupled", "optim/adamw.py",
+           '        return grad\n\n    @staticmethod\n    def decay(group: dict[str, Any], p: Tensor, lr: float | Tensor) -> None:\n'
+           '        if group["weight_decay"]:\n            p.mul_(1 - lr * group["weight_decay"])',
+           '        return grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else grad\n\n'
+           '    @staticmethod\n    def decay(group: dict[str, Any], p: Tensor, lr: float | Tensor) -> None:\n'
+           '        pass',
            "AdamW's weight decay coupled (L2 in the gradient) instead of decoupled"),
-    Mutant("sgd-weight-decay-dropped", "optim.py",
+    Mutant("sgd-weight-decay-dropped", "optim/sgd.py",
            'return grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else grad', "return grad",
            "SGD's weight decay ignored"),
-    Mutant("scale-applied-twice", "optim.py", '        alpha = -group["scale"] * factor\n',
-           '        alpha = -group["scale"] ** 2 * factor\n', "scale α applied twice"),
-    Mutant("refresh-phase", "optim.py", 'self.count % self.group["update_proj_gap"] == 0',
+    Mutant("scale-applied-twice", "optim/functional.py",
+           '  # (r, n) or (m, r)\n    alpha = -group["scale"] * factor\n',
+           '  # (r, n) or (m, r)\n    alpha = -group["scale"] ** 2 * factor\n', "scale α applied twice"),
+    Mutant("refresh-phase", "optim/records.py", 'self.count % self.group["update_proj_gap"] == 0',
            'self.count % self.group["update_proj_gap"] == 1', "refresh at count % gap == 1"),
-    Mutant("refresh-due-phase", "optim.py", 'if not state or state["step"] % group["update_proj_gap"] == 0:',
+    Mutant("refresh-due-phase", "optim/base.py", 'if not state or state["step"] % group["update_proj_gap"] == 0:',
            'if not state or state["step"] % group["update_proj_gap"] == 1:', "refresh_due() one step late"),
-    Mutant("switch-off-by-one", "optim.py", "if random or (spec.is_int(switch) and count >= switch):",
+    Mutant("switch-off-by-one", "optim/bases.py", "if random or (spec.is_int(switch) and count >= switch):",
            "if random or (spec.is_int(switch) and count > switch):", "switch_step compared with > instead of >="),
-    Mutant("finite-check-skipped", "optim.py", "        if not tensors:\n            return",
+    Mutant("finite-check-skipped", "optim/finite.py", "        if not tensors:\n            return",
            "        if True:\n            return", "non-finite gradients not checked"),
-    Mutant("reset-keeps-bias-correction", "optim.py",
+    Mutant("reset-keeps-bias-correction", "optim/functional.py",
            'state["moment_start"] = count  # the bias correction restarts with the moments', "pass",
            '"reset" does not restart the bias correction'),
-    Mutant("projector-unchecked", "optim.py", 'if kind == "custom":\n            self._check_basis',
-           'if False:\n            self._check_basis', "a user projector's result is not checked"),
-    Mutant("load-state-shapes-unchecked", "optim.py",
+    Mutant("projector-unchecked", "optim/bases.py", 'if kind == "custom":\n        check_basis',
+           'if False:\n        check_basis', "a user projector's result is not checked"),
+    Mutant("load-state-shapes-unchecked", "optim/checkpoint.py",
            "self._check_param_state(state, checked, p, self._param_name(live, index, i))", "pass",
            "load_state_dict does not check state shapes"),
-    Mutant("load-settings-unchecked", "optim.py", "if mine != theirs and not keep_settings:", "if False:",
+    Mutant("load-settings-unchecked", "optim/checkpoint.py", "if mine != theirs and not keep_settings:", "if False:",
            "load_state_dict lets saved subspace settings win silently"),
     # ---------------------------------------------------------------- spec.py, wrapper.py
     Mutant("bool-is-int", "spec.py",

@@ -42,10 +42,7 @@ def random_bases(shape: tuple[int, int], rank: int, side: str, generators: list[
     orthonormalized by one batched QR with the signs of diag(R) folded in. B tensors (dim, r)."""
     dim = shape[0] if side == "left" else shape[1]
     z = torch.stack([torch.randn(dim, rank, generator=g, dtype=proj.compute_dtype(dtype)) for g in generators])
-    q, r = torch.linalg.qr(z)  # (B, dim, r), (B, r, r)
-    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
-    signs[signs == 0] = 1.0
-    return list((q * signs.unsqueeze(-2)).unbind(0))
+    return list(proj.haar_q(*torch.linalg.qr(z)).unbind(0))  # (B, dim, r) from the (B, dim, r), (B, r, r) QR
 
 
 def project(grads: list[Tensor], bases: list[Tensor], side: str) -> list[Tensor]:

@@ -34,21 +34,30 @@ Every rank takes the same decisions (refresh steps, SVD or random, GoLore@auto's
 counters and from numbers summed over the ranks, which are equal on all ranks, so nothing else is communicated.
 
 To train a model with FSDP2, shard it with :func:`shard_model` and build the optimizer over its parameters.
+
+The optimizer reaches all of this through one object per parameter (:func:`ops`): :data:`LOCAL` for a plain
+tensor, a :class:`RowShards` for a row-sharded DTensor, with the same methods (the side, the projection, the rows
+of the basis a rank updates, the input of a projector, the layout of a new basis, the state's layout), so the
+optimizer's mathematics is written once, without a branch on sharding.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from . import projection as proj
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # torch without DTensor: every parameter is a plain tensor
     DTensor = Replicate = Shard = None
 
-__all__ = ["Sharding", "sharding", "shard_model", "gram_right_basis", "gram_matrix", "right_basis", "all_reduce_sum"]
+__all__ = ["Sharding", "RowShards", "Local", "LOCAL", "ops", "sharding", "shard_model", "gram_right_basis",
+           "gram_matrix", "right_basis", "all_reduce_sum"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,124 @@ class Sharding:
         return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
 
 
-def sharding(param: Tensor, name: str) -> Sharding | None:
+class Local:
+    """The one-process operations of a plain (unsharded) parameter; see :class:`RowShards` for the sharded ones."""
+
+    shard = None   # what GoLore@auto's steps take: the Sharding, or None
+    group = None   # the process group of the collectives: none
+
+    @staticmethod
+    def side(shape: tuple[int, int], proj_type: str) -> str:
+        return proj.projected_side(shape, proj_type)
+
+    @staticmethod
+    def project(grad: Tensor, basis: Tensor, side: str, probe: Tensor | None = None) -> tuple[Tensor, None]:
+        """R = Pᵀ G (r, n) or G Q (m, r); no probe view (GoLore@auto computes its own)."""
+        return (grad @ basis if side == "right" else basis.T @ grad), None
+
+    @staticmethod
+    def local_rows(basis: Tensor) -> Tensor:
+        """The rows of a left basis (m, r) this process updates: all."""
+        return basis
+
+    @staticmethod
+    def wrap(local: Tensor) -> Tensor:
+        return local
+
+    @staticmethod
+    def store(value: Any, old: Any, side: str | None) -> Any:
+        """A state tensor as the optimizer keeps it."""
+        return value
+
+    @staticmethod
+    def special_basis(kind: str, grad: Tensor, side: str, rank: int, gram: Tensor | None, name: str) -> None:
+        """A basis that takes another way than a projector (:class:`RowShards`: the right SVD basis); none."""
+        return None
+
+    @staticmethod
+    def projector_input(kind: str, grad: Tensor) -> Tensor:
+        """The (m, n) matrix a projector is called with: the gradient."""
+        return grad
+
+    @staticmethod
+    def place(basis: Tensor, device: torch.device) -> Tensor:
+        return basis.to(device)
+
+
+LOCAL = Local()
+
+
+@dataclass(frozen=True)
+class RowShards(Sharding):
+    """The operations of a row-sharded (``Shard(0)``) parameter: what :class:`Local` does, on this rank's rows."""
+
+    @property
+    def shard(self) -> "RowShards":
+        return self
+
+    @staticmethod
+    def side(shape: tuple[int, int], proj_type: str) -> str:
+        return sharded_side(proj_type)
+
+    def project(self, grad: Tensor, basis: Tensor, side: str,
+                probe: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """R = G_k Q (local rows, right side) or Pᵀ G = Σ_k P_kᵀ G_k (left side: one all-reduce per step).
+
+        GoLore@auto on the left side: with ``probe`` Π (m, q), the same all-reduce carries ΠᵀG = Σ_k Π_kᵀ G_k
+        ((r + q) × n numbers instead of r × n), returned as the second value.
+        """
+        if side == "right":
+            return grad @ basis, None  # (m_k, r): local rows of G Q
+        rows = slice(self.offset, self.offset + self.rows)
+        if probe is None:
+            return all_reduce_sum(basis[rows].T @ grad, self.group), None  # (r, n), one collective per step
+        both = all_reduce_sum(torch.cat([basis[rows], probe[rows]], 1).T @ grad, self.group)
+        rank = basis.shape[1]
+        return both[:rank], both[rank:]  # (r, n), (q, n)
+
+    def local_rows(self, basis: Tensor) -> Tensor:
+        """This rank's rows [offset, offset + rows) of a left basis (m, r)."""
+        return basis[self.offset:self.offset + self.rows]
+
+    def store(self, value: Any, old: Any, side: str | None) -> Any:
+        """Row-sharded moments (right side, full space) become DTensors again (a new one only for new storage)."""
+        if side == "left" or not torch.is_tensor(value):
+            return value
+        if old is None or local(old).data_ptr() != value.data_ptr():
+            return self.wrap(value)
+        return old
+
+    def special_basis(self, kind: str, grad: Tensor, side: str, rank: int, gram: Tensor | None,
+                      name: str) -> Tensor | None:
+        """GaLore's right basis from the all-reduced Gram matrix (``gram``: already all-reduced by GoLore@auto)."""
+        if kind != "svd" or side != "right":
+            return None
+        try:
+            if gram is None:
+                gram = gram_matrix(grad, self.group)[0]
+            return right_basis(gram, rank).to(grad.device)
+        except FloatingPointError:
+            raise FloatingPointError(f"Non-finite gradient in parameter {name}; step skipped, no parameter "
+                                     "or optimizer state was changed") from None
+
+    def projector_input(self, kind: str, grad: Tensor) -> Tensor:
+        """A random basis needs only the shape (a meta tensor); any other the full gradient (one all-gather)."""
+        if kind == "random":
+            return torch.empty(self.shape, dtype=grad.dtype, device="meta")
+        return self.wrap(grad).full_tensor()  # (m, n): one all-gather at this refresh
+
+    @staticmethod
+    def place(basis: Tensor, device: torch.device) -> Tensor:
+        # as a DCP checkpoint stores it: a resumed step multiplies with the same layout
+        return basis.to(device).contiguous()  # (a QR's Q is column-major; BLAS rounds by layout)
+
+
+def ops(param: Tensor, name: str) -> Local | RowShards:
+    """The operations of ``param``: its :class:`RowShards` when it is a row-sharded DTensor, else :data:`LOCAL`."""
+    return sharding(param, name) or LOCAL
+
+
+def sharding(param: Tensor, name: str) -> RowShards | None:
     """The row sharding of ``param`` (a DTensor on a 1-D mesh with placement ``Shard(0)``), or None for a
     plain tensor. Any other placement is a ``ValueError`` naming it and the parameter ``name``."""
     if DTensor is None or not isinstance(param, DTensor):
@@ -89,7 +215,7 @@ def sharding(param: Tensor, name: str) -> Sharding | None:
     rows = param.to_local().shape[0]
     chunk = -(-shape[0] // param.device_mesh.size())  # torch.chunk's split, which FSDP2 uses
     offset = min(chunk * param.device_mesh.get_local_rank(), shape[0])
-    return Sharding(param.device_mesh, shape, offset, rows)
+    return RowShards(param.device_mesh, shape, offset, rows)
 
 
 def sharded_side(proj_type: str) -> str:

@@ -78,10 +78,15 @@ def random_stiefel(dim: int, rank: int, generator: torch.Generator, dtype: torch
     device.
     """
     z = torch.randn(dim, rank, generator=generator, dtype=compute_dtype(dtype))
-    q, r = torch.linalg.qr(z)  # q (dim, rank), r (rank, rank)
-    signs = torch.sign(torch.diagonal(r))
+    return haar_q(*torch.linalg.qr(z))  # q (dim, rank), r (rank, rank)
+
+
+def haar_q(q: Tensor, r: Tensor) -> Tensor:
+    """Q of a thin QR Z = Q R with the signs of diag(R) folded in (a zero counts as +), so that the factorisation
+    is unique and Q of a Gaussian Z is Haar distributed. Batched: q (..., dim, r), r (..., r, r)."""
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     signs[signs == 0] = 1.0
-    return q * signs
+    return q * signs.unsqueeze(-2)
 
 
 def random_projection(grad: Tensor, rank: int, side: str, generator: torch.Generator) -> Tensor:

@@ -1,4 +1,5 @@
-"""One specification of a subspace method: its settings, the rules' hyper-parameters, and what gets a rank.
+"""One specification of a subspace method: its settings and the rules' hyper-parameters (what gets a rank, the
+model's param groups, is :mod:`golore_lab.groups`, re-exported here).
 
 Every API of the package that takes these values checks them here, with the same messages:
 :class:`golore_lab.optim.SubspaceAdamW` / :class:`~golore_lab.optim.SubspaceSGD` (constructor,
@@ -23,18 +24,18 @@ Subspace settings (:data:`SUBSPACE_DEFAULTS`, one value per param group or per w
 
 Numbers may be Python or numpy scalars (``np.int64``, ``np.float32``); they are stored as Python ``int`` /
 ``float`` so that a state dict stays loadable with ``torch.load(..., weights_only=True)``. ``bool`` is not an
-integer here (``update_proj_gap=True`` is refused). A learning rate may also be a 0-dim floating tensor, which
-LR schedulers and ``torch.compile`` use; it is kept as given.
+integer here (``update_proj_gap=True`` is refused). A learning rate may also be a floating tensor of one element
+(any shape), which LR schedulers and ``torch.compile`` use; it is kept as given.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import projection as proj
 from . import rules
@@ -160,8 +161,16 @@ def resolve_switch(switch_step: int | None, switch_fraction: Any, total_steps: i
     return {"switch_step": resolved, "switch_fraction": fraction, "total_steps": total_steps}
 
 
-def check_rank_fits(rank: int, shape: tuple[int, ...], name: str) -> None:
-    """A rank-r group holds matrices with min(m, n) >= r; ``name`` names the parameter in the error."""
+def check_rank_fits(rank: int, shape: tuple[int, ...], name: str, is_complex: bool = False) -> None:
+    """A rank-r group holds real matrices with min(m, n) >= r; ``name`` names the parameter in the error.
+
+    A complex matrix is refused: the projectors (an SVD, a Haar-random basis, the transport of the moments) are
+    real-orthogonal, and a real basis of a complex gradient would train a different method than the one named.
+    """
+    if is_complex:
+        raise ValueError(f"Parameter {name} is complex: a group with a rank holds real matrices only (put complex "
+                         "parameters in a group without 'rank', where the rule runs on torch.view_as_real as "
+                         "torch.optim's does)")
     if len(shape) != 2:
         raise ValueError(f"Parameter {name} has shape {tuple(shape)}: a group with a rank must hold matrices only "
                          "(put vectors and conv kernels in a group without 'rank')")
@@ -179,17 +188,26 @@ def describe_setting(value: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------- rule hyper-parameters
 def check_lr(lr: Any) -> float | Tensor:
-    """A finite learning rate >= 0: a number, or a 0-dim floating tensor (kept as the same tensor)."""
+    """A finite learning rate >= 0: a number, or a floating tensor of one element (any shape, as ``torch.optim``
+    takes it; kept as the same tensor)."""
     if isinstance(lr, Tensor):
-        if lr.dim() == 0 and lr.is_floating_point() and math.isfinite(float(lr)) and float(lr) >= 0:
+        if lr.numel() == 1 and lr.is_floating_point() and math.isfinite(float(lr)) and float(lr) >= 0:
             return lr
     elif is_real(lr) and lr >= 0:
         return float(lr)
-    raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite number >= 0 or a 0-dim floating tensor)")
+    raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite number >= 0 or a floating tensor of one "
+                     "element)")
+
+
+def _maximize(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"Invalid maximize: {value!r} (must be True or False)")
 
 
 def check_adamw(hyper: Mapping[str, Any]) -> dict[str, Any]:
-    """``lr``, ``betas`` (each in [0, 1)), ``eps`` >= 0 and ``weight_decay`` >= 0 of the AdamW rule, validated."""
+    """``lr``, ``betas`` (each in [0, 1)), ``eps`` >= 0, ``weight_decay`` >= 0 and ``maximize`` of the AdamW rule,
+    validated (a group without ``maximize``, as older state dicts are, minimizes)."""
     betas = hyper["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair)")
@@ -198,11 +216,13 @@ def check_adamw(hyper: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
     return {"lr": check_lr(hyper["lr"]), "betas": (float(betas[0]), float(betas[1])),
             "eps": _number("epsilon value", hyper["eps"]),
-            "weight_decay": _number("weight_decay", hyper["weight_decay"])}
+            "weight_decay": _number("weight_decay", hyper["weight_decay"]),
+            "maximize": _maximize(hyper.get("maximize", False))}
 
 
 def check_sgd(hyper: Mapping[str, Any]) -> dict[str, Any]:
-    """``lr``, ``momentum`` >= 0, ``dampening``, ``weight_decay`` >= 0 and ``nesterov`` of the SGD rule, validated.
+    """``lr``, ``momentum`` >= 0, ``dampening``, ``weight_decay`` >= 0, ``nesterov`` and ``maximize`` of the SGD
+    rule, validated.
 
     As ``torch.optim.SGD``: Nesterov needs a momentum > 0 and zero dampening.
     """
@@ -217,147 +237,36 @@ def check_sgd(hyper: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening "
                          f"(got momentum={hyper['momentum']!r}, dampening={dampening!r})")
     return {"lr": check_lr(hyper["lr"]), "momentum": momentum, "dampening": float(dampening),
-            "weight_decay": _number("weight_decay", hyper["weight_decay"]), "nesterov": bool(nesterov)}
+            "weight_decay": _number("weight_decay", hyper["weight_decay"]), "nesterov": bool(nesterov),
+            "maximize": _maximize(hyper.get("maximize", False))}
 
 
-# ---------------------------------------------------------------------------------------------- what gets a rank
-Targets = Sequence[str] | Callable[[str, nn.Module], bool] | nn.Module | Sequence[nn.Module] | str
+def check_group_keys(keys: Iterable[str], known: Iterable[str]) -> None:
+    """Refuse a param-group key that looks like a misspelling of a ``known`` one, naming the key it resembles.
 
-
-def select_linears(model: nn.Module, target_modules: Targets | None) -> list[tuple[str, nn.Linear]]:
-    """The ``nn.Linear`` modules of ``model`` named by ``target_modules``, as (qualified name, module), in
-    ``named_modules()`` order.
-
-    ``target_modules`` is one of: substrings of the qualified module name (a str or a list of them, as the
-    authors' README: ``["attn", "mlp"]``); a predicate ``(name, module) -> bool``; modules of ``model`` (one or
-    a list); or ``None`` for every ``nn.Linear``. A substring that matches no ``nn.Linear``, or a module that
-    is not an ``nn.Linear`` of ``model``, is a ``ValueError`` naming it (a typo would otherwise train nothing
-    in the subspace).
+    Other keys are kept, as ``torch.optim`` keeps them (``"name"`` for logging, timm's ``"lr_scale"``). A key
+    resembles a known key when their :class:`difflib.SequenceMatcher` ratio is >= 0.75 (``rnak`` ~ ``rank``,
+    ``update_proj_gaps`` ~ ``update_proj_gap``, ``beta`` ~ ``betas``) unless it is that key with whole words
+    added (``lr_scale``, ``weight_decay_scale``: ``scale`` / ``weight_decay`` and ``_``-joined words).
     """
-    linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    if target_modules is None:
-        return linears
-    if isinstance(target_modules, (str, nn.Module)):
-        target_modules = [target_modules]
-    if callable(target_modules):
-        return [(name, mod) for name, mod in linears if target_modules(name, mod)]
-    items = list(target_modules)
-    if all(isinstance(item, nn.Module) for item in items):
-        wanted = {id(item) for item in items}
-        for item in items:
-            if not any(item is mod for _, mod in linears):
-                raise ValueError(f"Target module {type(item).__name__} {_short(item)} is not an nn.Linear of "
-                                 f"{type(model).__name__}")
-        return [(name, mod) for name, mod in linears if id(mod) in wanted]
-    if not all(isinstance(item, str) for item in items):
-        raise ValueError(f"Invalid target_modules: {target_modules!r} (must be substrings of module names, a "
-                         "predicate (name, module) -> bool, or modules of the model)")
-    for pattern in items:
-        if not any(pattern in name for name, _ in linears):
-            names = [name for name, _ in linears]
-            more = " ..." if len(names) > 8 else ""
-            raise ValueError(f"Target module pattern {pattern!r} matches no nn.Linear of {type(model).__name__} "
-                             f"(its linears: {names[:8]}{more})")
-    return [(name, mod) for name, mod in linears if any(pattern in name for pattern in items)]
-
-
-def _short(module: nn.Module) -> str:
-    text = repr(module).replace("\n", " ")
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-@dataclass(frozen=True)
-class Choice:
-    """Where :func:`subspace_param_groups` put one parameter, and why."""
-
-    name: str
-    shape: tuple[int, ...]
-    rank: int | None
-    reason: str
-
-
-def subspace_param_groups(model: nn.Module, rank: int, target_modules: Targets | None = None, min_dim: int = 0,
-                          **group_keys: Any) -> list[dict[str, Any]]:
-    """galore-style param groups: ``[{"params": matrices, "rank": rank, **group_keys}, {"params": the rest}]``.
-
-    A parameter gets the rank when it is the weight of an ``nn.Linear`` chosen by ``target_modules`` (see
-    :func:`select_linears`; ``None``: every ``nn.Linear``) with min(m, n) >= max(rank, min_dim). Everything
-    else -- embeddings, heads smaller than the rank, norms, biases, linears not targeted -- goes to a
-    full-space group (plain AdamW / SGD). Both groups carry ``param_names``; :func:`describe_param_groups`
-    lists the choice by name. The rank group comes first and keeps ``named_parameters()`` order, which is the
-    order :class:`golore_lab.wrapper.SubspaceModel` gives its layers' default positions (the random bases then
-    agree). A parameter shared by several modules (tied weights) is listed once, under its first name; frozen
-    parameters (``requires_grad=False``) are left out.
-    ``group_keys`` (``update_proj_gap``, ``scale``, ``switch_fraction`` ...) go to the rank group and are
-    validated like the optimizer's. The full-space group is left out when empty; no matrix qualifying is a
-    ``ValueError``.
-
-    Example::
-
-        groups = subspace_param_groups(model, rank=128, target_modules=["attn", "mlp"], update_proj_gap=200)
-        print(describe_param_groups(groups))
-        opt = SubspaceAdamW(groups, lr=1e-3, weight_decay=0.01)
-    """
-    settings = check_subspace({"rank": rank, **group_keys})
-    rank = settings["rank"]
-    if rank is None:
-        raise ValueError("Invalid rank: None (subspace_param_groups needs an integer rank >= 1)")
-    min_dim = _integer("min_dim", min_dim, 0)
-    targeted = {id(mod.weight) for _, mod in select_linears(model, target_modules)}
-    matrices: list[tuple[str, nn.Parameter]] = []
-    others: list[tuple[str, nn.Parameter]] = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
+    known = sorted(set(known))
+    for key in keys:
+        if key in known or not isinstance(key, str):
             continue
-        if id(p) in targeted and p.dim() == 2 and min(p.shape) >= max(rank, min_dim):
-            matrices.append((name, p))
-        else:
-            others.append((name, p))
-    if not matrices:
-        raise ValueError(f"No matrix qualifies for rank {rank}: no targeted nn.Linear weight has "
-                         f"min(m, n) >= max(rank, min_dim) = {max(rank, min_dim)}")
-    groups = [{"params": [p for _, p in matrices], "param_names": [n for n, _ in matrices], "rank": rank,
-               **group_keys}]
-    if others:
-        groups.append({"params": [p for _, p in others], "param_names": [n for n, _ in others]})
-    return groups
+        close = [(difflib.SequenceMatcher(None, key, k).ratio(), k) for k in known
+                 if not _composite(key, k)]
+        ratio, meant = max(close, default=(0.0, None))
+        if ratio >= 0.75:
+            raise ValueError(f"Unknown param-group key {key!r}: did you mean {meant!r}? (other keys are kept, as "
+                             "torch.optim keeps them; a key this close to a known one is taken for a misspelling)")
 
 
-def param_group_choices(groups: Iterable[Mapping[str, Any]]) -> list[Choice]:
-    """One :class:`Choice` per parameter of ``groups`` (as :func:`subspace_param_groups` builds them), in order.
-
-    The reason a matrix stayed in the full space is read from its shape: below the largest rank of the
-    groups, or else not a targeted ``nn.Linear`` weight (or below ``min_dim``).
-    """
-    groups = list(groups)
-    out = []
-    ranks = [g["rank"] for g in groups if g.get("rank") is not None]
-    for index, group in enumerate(groups):
-        names = group.get("param_names") or [f"param_groups[{index}]['params'][{i}]"
-                                             for i in range(len(group["params"]))]
-        rank = group.get("rank")
-        for name, p in zip(names, group["params"]):
-            shape = tuple(p.shape)
-            if rank is not None:
-                reason = f"subspace, rank {rank}"
-            elif p.dim() != 2:
-                reason = f"full space ({p.dim()}-d)"
-            elif ranks and min(shape) < max(ranks):
-                reason = f"full space (min(m, n) = {min(shape)} < rank {max(ranks)})"
-            else:
-                reason = "full space (not a targeted nn.Linear weight, or below min_dim)"
-            out.append(Choice(name, shape, rank, reason))
-    return out
+def _composite(key: str, known: str) -> bool:
+    """``key`` is ``known`` with whole ``_``-separated words added (``lr_scale`` of ``scale``)."""
+    words, inner = key.split("_"), known.split("_")
+    return any(words[i:i + len(inner)] == inner for i in range(len(words) - len(inner) + 1))
 
 
-def describe_param_groups(groups: Iterable[Mapping[str, Any]]) -> str:
-    """A printable table of :func:`param_group_choices`: name, shape, where it is trained and why."""
-    choices = param_group_choices(groups)
-    width = max((len(c.name) for c in choices), default=4)
-    lines = [f"{'name':<{width}}  {'shape':<14} trained in"]
-    lines += [f"{c.name:<{width}}  {str(c.shape):<14} {c.reason}" for c in choices]
-    in_subspace = sum(math.prod(c.shape) for c in choices if c.rank is not None)
-    total = sum(math.prod(c.shape) for c in choices)
-    lines.append(f"{sum(c.rank is not None for c in choices)} of {len(choices)} parameters "
-                 f"({in_subspace} of {total} numbers) in a subspace")
-    return "\n".join(lines)
+# what gets a rank (its own module; imported here, after the checks it uses, so that spec names it all)
+from .groups import (Choice, Targets, describe_param_groups, param_group_choices,  # noqa: E402
+                     select_linears, subspace_param_groups)

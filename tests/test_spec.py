@@ -65,8 +65,11 @@ def test_switch_resolution_is_the_method_names():
 def test_learning_rate():
     lr = torch.tensor(0.01)
     assert check_lr(lr) is lr and check_lr(np.float32(0.5)) == 0.5 and type(check_lr(np.float32(0.5))) is float
+    for shape in ((1,), (1, 1)):  # one element, any shape, as torch.optim takes it
+        one = torch.full(shape, 0.01)
+        assert check_lr(one) is one
     for bad, shown in [(-1.0, r"-1.0"), (float("nan"), r"nan"), (True, r"True"), ("0.1", r"'0.1'"),
-                       (torch.tensor([0.1]), r"tensor\(\[0.1000\]\)"), (torch.tensor(2), r"tensor\(2\)")]:
+                       (torch.tensor([0.1, 0.2]), r"tensor\(\[0.1000, 0.2000\]\)"), (torch.tensor(2), r"tensor\(2\)")]:
         with pytest.raises(ValueError, match=r"Invalid learning rate: " + shown):
             check_lr(bad)
 
