@@ -25,7 +25,7 @@ id 1, for T5).
 Splits: with ``val_data`` (or ``val_split`` for a ``datasets`` name, e.g. C4's ``validation``) the validation
 tokens come from there; otherwise document ``i`` of the source goes to validation iff ``i % val_every == 0``
 (the rule of :mod:`golore_lab.lm.data`). ``max_documents`` / ``max_tokens`` stop reading early (C4's English
-training split has about 365 M documents, by its dataset card; the paper's 10k steps of 512 x 256 tokens use 1.3 B tokens).
+training split has about 365 M documents, by its dataset card; 10k steps of 512 x 256 tokens use 1.3 B tokens).
 
 Cache: ``CACHE/corpora/<name>-<key>/`` with ``train.npy``, ``val.npy`` (token ids, ``uint16`` when the
 tokenizer's vocabulary fits, else ``uint32``), the tokenizer (``tokenizer.json``; ``tokenizer/`` for a
