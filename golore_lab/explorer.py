@@ -91,7 +91,7 @@ def draw(summary: pd.DataFrame, settings: Settings) -> plt.Figure:
     axes[1].axhline(problem.r / problem.n, color="k", ls="--", lw=0.9, label=f"r/m = {problem.r / problem.n:g}")
     axes[1].set(ylabel="κ = ‖Pᵀ∇f‖² / ‖∇f‖²", ylim=(-0.03, 1.03), title="what the subspace captures")
     band_plot(axes[2], top)
-    axes[2].axhline(problem.noise_sigma, color=GREY, ls=":", lw=1.2, label=f"ν = {problem.noise_sigma:g}")
+    axes[2].axhline(problem.noise_sigma, color=GREY, ls=":", lw=1.2, label=f"ν = {problem.noise_sigma:.3g}")
     axes[2].set(ylabel="largest sᵢ(M_t)", title="largest singular value of M = X₁₁ + D")
     for ax in axes:
         ax.set_xlabel("step")

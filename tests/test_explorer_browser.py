@@ -87,7 +87,11 @@ def lab(tmp_path):
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
          "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}",
          "--LabApp.news_url=None", "--LabApp.extension_manager=readonly", "--ServerApp.terminals_enabled=False",
-         "--ServerApp.allow_root=True"],
+         "--ServerApp.allow_root=True",
+         # should the test process die without its teardown, the server stops by itself: idle kernels are culled
+         # after BUDGET seconds, and a server without kernels and activity shuts down a minute later
+         f"--MappingKernelManager.cull_idle_timeout={BUDGET}", "--MappingKernelManager.cull_interval=30",
+         "--MappingKernelManager.cull_connected=True", "--ServerApp.shutdown_no_activity_timeout=60"],
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -149,9 +153,12 @@ def _explorer_cell(driver):
 
 
 def _figure(cell) -> str:
-    """The src of the figure in the explorer's output widget ('' while there is none)."""
+    """The src of the figure in the explorer's output widget ('' while there is none); fails at once on an error."""
     from selenium.webdriver.common.by import By
 
+    errors = cell.find_elements(By.CSS_SELECTOR, '.jp-OutputArea [data-mime-type="application/vnd.jupyter.stderr"]')
+    if any("Error" in e.text for e in errors):
+        pytest.fail("the explorer's cell raised:\n" + "\n".join(e.text for e in errors), pytrace=False)
     images = cell.find_elements(By.CSS_SELECTOR, ".jp-OutputArea .widget-output img")
     return images[0].get_attribute("src") if images else ""
 
@@ -180,7 +187,8 @@ def test_moving_a_slider_redraws_the_figure(lab, browser, tmp_path):
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", handle)
         moved = time.perf_counter()
         ActionChains(browser).click_and_hold(handle).move_by_offset(-80, 0).release().perform()
-        WebDriverWait(browser, deadline.left(), poll_frequency=0.25).until(lambda d: _figure(cell) not in ("", first))
+        WebDriverWait(browser, min(deadline.left(), 90), poll_frequency=0.25).until(  # a re-run takes seconds
+            lambda d: _figure(cell) not in ("", first))
         redrawn = time.perf_counter() - moved
         new_readout = slider.find_element(By.CSS_SELECTOR, ".widget-readout").text
     except Exception:
