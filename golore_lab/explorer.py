@@ -13,6 +13,7 @@ widgets render and a PNG of the default settings where they do not (the web view
 from __future__ import annotations
 
 import base64
+import io
 from dataclasses import asdict, dataclass, replace
 
 import matplotlib.pyplot as plt
@@ -20,7 +21,7 @@ import pandas as pd
 
 from . import counterexample as ce
 from . import theory as th
-from .plotting import GREY, band_plot, legend_below, png_bytes
+from .plotting import GREY, band_plot, legend_below
 
 METHODS = ("full", "galore", "lb-galore", "golore@100")
 NOISE_LAWS = {"±1 (two-point)": "anisotropic", "Gaussian": "gaussian"}
@@ -106,6 +107,14 @@ def draw(summary: pd.DataFrame, settings: Settings) -> plt.Figure:
     return fig
 
 
+def png(fig: plt.Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes, then closed (100 dpi: a third less time to render than the package's 130)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def figure(**controls) -> plt.Figure:
     """The explorer's callback: :func:`draw` of :func:`compute` at ``Settings(**controls)``."""
     settings = Settings(**controls)
@@ -167,16 +176,16 @@ class Explorer:
         start = time.perf_counter()
         try:
             summary = compute(self.settings)
-            png = png_bytes(draw(summary, self.settings))
+            image = png(draw(summary, self.settings))
         except ValueError as error:  # a setting the optimizers refuse: say so, keep the last figure
             self.status.value = f"<b>{error}</b>"
             return b""
-        self.summary, self.png = summary, png  # what the figure shows (explorer.final reads the summary)
+        self.summary, self.png = summary, image  # what the figure shows (explorer.final reads the summary)
         with self.output:
             clear_output(wait=True)
-            display(Image(png))
+            display(Image(image))
         self.status.value = f"ran in {time.perf_counter() - start:.1f} s"
-        return png
+        return image
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.box._repr_mimebundle_(**kwargs)

@@ -163,7 +163,7 @@ def _figure(cell) -> str:
     return images[0].get_attribute("src") if images else ""
 
 
-def test_moving_a_slider_redraws_the_figure(lab, browser, tmp_path):
+def test_moving_a_slider_redraws_the_figure(browser, lab, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
