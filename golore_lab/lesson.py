@@ -1,14 +1,14 @@
 """Helpers of notebook 01 (the counterexample as a lesson): the pictures, the students' numpy exercise and its
 check, and the optional odd/even section, so that the notebook's cells stay short enough to read aloud.
 
-* :func:`trace` steps GaLore, GoLore or full training on the counterexample with plain SGD and logs what the
-  fast engine logs (loss, captured fraction κ) plus **every** singular value of M = X₁₁ + D, not only the
+* :func:`trace` steps full training, GaLore, GoLore@X or L.B. GaLore on the counterexample with plain SGD and
+  logs what the fast engine logs (loss, captured fraction κ) plus **every** singular value of M = X₁₁ + D, not only the
   largest. It reads the engine's noise stream and draws the engine's random bases, so its numbers are the
   engine's (``tests/test_lesson.py`` holds them to :func:`golore_lab.counterexample.run`).
 * :func:`numpy_galore` is the solution of the exercise "write the counterexample in 20 lines of numpy";
   :func:`check_numpy_galore` compares a student's function with the engine.
-* :func:`lb_galore_ends` (B = 1 is GaLore) and friends run the package's own odd/even batch law of L.B. GaLore (``docs/theory.md``
-  section 4), which holds for the two-point noise ξ = ±1 and plain SGD only.
+* :func:`lb_galore_ends` (B = 1 is GaLore) and friends run the package's own odd/even batch law of L.B. GaLore
+  (``docs/theory.md`` section 4), which holds for the two-point noise ξ = ±1 and plain SGD only.
 """
 from __future__ import annotations
 
@@ -30,12 +30,14 @@ LR, GAP, STEPS = 3e-3, 10, 6000
 
 
 def trace(problem: ce.Counterexample, methods: Iterable[str] = ("galore", "golore@100"), steps: int = STEPS,
-          lr: float = LR, update_proj_gap: int = GAP, seed: int = 0, log_every: int = 10) -> pd.DataFrame:
+          lr: float = LR, update_proj_gap: int = GAP, seed: int = 0, log_every: int = 10,
+          batch: int = 100) -> pd.DataFrame:
     """Plain SGD in the subspace, step by step, logging all singular values of M = X₁₁ + D.
 
     One row per (method, logged step): ``method, step, loss, captured, s1 … sk`` (k = n − r; ``captured`` =
     ‖Pᵀ∇f(X)‖²/‖∇f(X)‖² for the basis of the step that led to X, NaN at step 0, 1 for full training). The
-    noise and the random bases are those of :func:`golore_lab.counterexample.run` with ``seeds=[seed]``.
+    noise and the random bases are those of :func:`golore_lab.counterexample.run` with ``seeds=[seed]`` (and
+    ``batch``, L.B. GaLore's refresh batch).
     ``frame.attrs["final_X"]`` maps each method to its last iterate (an (n, n) float64 tensor).
     """
     if not isinstance(steps, int) or steps < 1 or not isinstance(log_every, int) or steps % log_every:
@@ -45,7 +47,10 @@ def trace(problem: ce.Counterexample, methods: Iterable[str] = ("galore", "golor
     B, D = problem.B.numpy(), problem.B[:k, :k].numpy()
     frames, final = [], {}
     for name in methods:
-        method = ce.run_method(name, steps)
+        method = ce.run_method(name, steps, batch=batch)
+        if method.auto:
+            raise ValueError(f"Invalid method: {name!r} (trace runs full, galore, golore@X and lb-galore; "
+                             "golore@auto needs the optimizer engine of counterexample.run)")
         stream = problem.noise_periods(torch.Generator().manual_seed(seed), update_proj_gap, method.refresh_batch)
         X, P, rows = problem.x0.numpy().copy(), None, []
         for t in range(steps + 1):

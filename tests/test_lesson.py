@@ -23,8 +23,8 @@ def test_trace_is_the_engine_with_all_singular_values(noise):
     problem = ce.Counterexample(noise=noise)
     methods = ["full", "galore", "golore@100", "golore@50", "lb-galore"]
     kwargs = dict(steps=600, lr=3e-3, update_proj_gap=10, log_every=10)
-    mine = lesson.trace(problem, methods, seed=3, **kwargs)
-    engine = ce.run(problem, methods=methods, seeds=[3], batch=100, engine="fast", **kwargs)
+    mine = lesson.trace(problem, methods, seed=3, batch=5, **kwargs)
+    engine = ce.run(problem, methods=methods, seeds=[3], batch=5, engine="fast", **kwargs)
     assert len(mine) == len(engine)
     for column, reference in (("loss", "loss"), ("captured", "captured"), ("s1", "top_sv")):
         a, b = mine[column].to_numpy(), engine[reference].to_numpy()
@@ -48,9 +48,11 @@ def test_trace_singular_values_add_up_to_the_loss(problem):
     assert lesson.singular_values(frame).shape[1] == problem.n - problem.r
 
 
-def test_trace_refuses_a_log_interval_that_does_not_divide_the_steps(problem):
+def test_trace_refuses_what_it_cannot_run(problem):
     with pytest.raises(ValueError, match="log_every"):
         lesson.trace(problem, steps=100, log_every=7)
+    with pytest.raises(ValueError, match="Invalid method: 'golore@auto'"):
+        lesson.trace(problem, ["golore@auto"], steps=100)
 
 
 def test_the_solution_passes_the_check(problem, capsys):
