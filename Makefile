@@ -3,6 +3,7 @@
 #                  committed caches in figures/data/runs; a missing or damaged cache is recomputed)
 #   make test      set up .venv and run the tests
 #   make notebooks execute the notebooks in place at the default preset (they are committed executed)
+#   make browser   install Debian's chromium and chromium-driver (root, apt-get) and run the browser test alone
 # The set-up pins the CPU build of torch (TORCH=...) and the matplotlib that rendered the committed figures
 # (MATPLOTLIB=..., golore_lab.plotting.RENDERED_WITH: other versions draw other bytes); the package itself only
 # asks for ranges.
@@ -11,7 +12,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 MATPLOTLIB ?= matplotlib==3.11.2
 
-.PHONY: setup figures notebooks test bench clean
+.PHONY: setup figures notebooks test browser bench clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +31,11 @@ notebooks: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+browser: setup
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+	$(PY) -m pytest -q -m browser
 
 bench: setup
 	$(PY) bench/optimizer_step.py
