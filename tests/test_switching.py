@@ -313,39 +313,45 @@ def _drive(problem, optimizer="sgd", steps=2000, lr=3e-4, gap=100, seed=0, switc
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_no_b_instance_switches_within_two_tests(optimizer):
-    # B = 0: the SVD picks the noise block at step 0 and captures none of ∇f; the first or second test (refresh 1
-    # or 2) sees it, and every later refresh is random.
+def test_no_b_instance_switches_within_five_tests(optimizer):
+    # B = 0: the SVD picks the noise block at step 0 and captures none of ∇f; a test within the first five
+    # refreshes sees it, and every later refresh is random. (Each test's power is only about one half here:
+    # E D̄ ≈ −0.5 against sd D̄ ≈ 0.34, the ±σ noise of the 49 disjoint pairs' products x_j.)
     problem = ce.Counterexample(linear_term=False)
     first = []
     for seed in range(5):
         f, opt, events = _drive(problem, optimizer, steps=600, seed=seed)
         (entry,) = opt.switch_log()
         at = entry["step"] // 100
-        assert at in (1, 2), entry
+        assert 1 <= at <= 5, entry
         assert [e.kind for e in events] == ["svd"] * at + ["random"] * (6 - at)
         assert events[0].test is None and events[at].test.switch and not any(e.test for e in events[at + 1:])
         assert not any(e.test.switch for e in events[1:at])
         assert entry["signal"] < entry["random_signal"] and entry["t"] == events[at].test.t < events[at].test.threshold
         assert f < problem.f(problem.x0).item()  # GaLore stays at 0.75 forever; auto moves
         first.append(at == 1)
-    assert sum(first) >= 3  # mostly at the first test
+    assert sum(first) >= 1  # at the first test in some seeds
 
 
 def test_bf16_parameter_keeps_float32_sums_and_switches_like_float64():
+    # the no-B instance, seed 0: the float64 run's tests switch at step 200 (t = −3.4, far from the threshold);
+    # the bf16 run's pair products are kept in float32 and its tests take the same decisions
     problem = ce.Counterexample(linear_term=False)
-    X = torch.nn.Parameter(problem.x0.to(torch.bfloat16))
-    opt = SubspaceAdamW([X], lr=3e-4, rank=problem.r, update_proj_gap=100, proj_type="left", switch_step="auto")
-    stream = problem.noise_periods(torch.Generator().manual_seed(0), 100)
-    for t in range(150):
-        if t % 100 == 0:
-            block = next(stream)
-        X.grad = problem.stochastic_grad(X.detach().double(), block[t % 100]).to(torch.bfloat16)
-        opt.step()
-        if t == 50:
-            assert opt.state[X]["auto_pairs"].dtype == torch.float32 and opt.state[X]["auto_probe"].dtype == X.dtype
-    (entry,) = opt.switch_log()
-    assert entry["step"] == 100
+    logs = []
+    for dtype in (torch.bfloat16, torch.float64):
+        X = torch.nn.Parameter(problem.x0.to(dtype))
+        opt = SubspaceAdamW([X], lr=3e-4, rank=problem.r, update_proj_gap=100, proj_type="left", switch_step="auto")
+        stream = problem.noise_periods(torch.Generator().manual_seed(0), 100)
+        for t in range(250):
+            if t % 100 == 0:
+                block = next(stream)
+            X.grad = problem.stochastic_grad(X.detach().double(), block[t % 100]).to(dtype)
+            opt.step()
+            if t == 50 and dtype == torch.bfloat16:
+                assert opt.state[X]["auto_pairs"].dtype == torch.float32 and opt.state[X]["auto_probe"].dtype == dtype
+        logs.append(opt.switch_log())
+    (entry,), (reference,) = logs
+    assert entry["step"] == reference["step"] == 200
 
 
 def test_right_projection_is_the_transpose_of_the_left():
@@ -421,6 +427,56 @@ def test_checkpoint_round_trip_weights_only_mid_period():
             o.step()
     assert torch.equal(X, Y)
     assert opt.switch_log() and opt.switch_log() == twin.switch_log()
+
+
+def _fixed_layout(live: dict, gap: int, mark: bool) -> dict:
+    """``live`` in the fixed layout of ``SubspaceOptimizer._auto_saved`` (as a sharded parameter's is saved),
+    with or without the mark row of the disjoint-pair test."""
+    pairs = torch.zeros(gap - 2, 2, dtype=live["auto_pairs"].dtype)
+    pairs[:live["auto_pairs"].shape[0]] = live["auto_pairs"]
+    if mark:
+        pairs[(gap - 1) // 2] = math.nan
+    return {**live, "auto_pairs": pairs, "auto_switched_at": -1, "auto_signal": math.nan,
+            "auto_random_signal": math.nan, "auto_t": math.nan}
+
+
+def test_checkpoint_of_the_previous_test_mid_period_is_refused():
+    # The previous test kept steps − 1 overlapping pair products on one probe; the current one keeps ⌊steps/2⌋.
+    # Such a state more than two steps into a period is refused with a clear message (live layout, and the
+    # fixed layout without its mark); the fixed layout with the mark loads and continues exactly.
+    problem = ce.Counterexample()
+    f, opt, _ = _drive(problem, "adamw", steps=145, lr=3e-3, gap=10)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # a copy (opt.state_dict() holds the live tensors)
+    live = saved["state"][0]
+    assert live["auto_steps"] == 4 and live["auto_pairs"].shape[0] == 2
+
+    def twin():
+        (X,) = opt.param_groups[0]["params"]
+        Y = torch.nn.Parameter(X.detach().clone())
+        return Y, SubspaceAdamW([Y], lr=3e-3, eps=1e-6, rank=problem.r, update_proj_gap=10, proj_type="left",
+                                switch_step="auto", seed=0)
+
+    old = {**live, "auto_pairs": torch.cat([live["auto_pairs"], live["auto_pairs"][:1]])}  # 3 = steps − 1 pairs
+    for state in (old, _fixed_layout(live, 10, mark=False)):
+        Y, other = twin()
+        with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] holds 3 pair products after 4 "
+                                             r"steps .* saved mid-period by the previous test"):
+            other.load_state_dict({**saved, "state": {0: state}})
+        assert not other.state  # nothing changed
+    Y, other = twin()
+    other.load_state_dict({**saved, "state": {0: _fixed_layout(live, 10, mark=True)}})
+    assert torch.equal(other.state[Y]["auto_pairs"], live["auto_pairs"])
+    (X,) = opt.param_groups[0]["params"]
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(300):
+        sign = torch.randint(0, 2, (), generator=gen, dtype=torch.float64) * 2 - 1
+        for p, o in ((X, opt), (Y, other)):
+            p.grad = problem.stochastic_grad(p.detach(), sign)
+            o.step()
+    assert torch.equal(X, Y) and opt.switch_log() == other.switch_log()
 
 
 def test_ddp_ranks_decide_the_same_without_communication(tmp_path):
