@@ -223,6 +223,23 @@ def test_resume_mid_period_is_bit_identical_through_the_switch(optimizer):
     assert same_state(straight.state_dict(), resumed.state_dict())
 
 
+def test_extra_state_of_the_previous_test_mid_period_is_refused():
+    """A layer's ``_extra_state`` saved mid-period by the previous test (steps − 1 overlapping pair products on one
+    probe) cannot be continued: the load names the layer; this test's own state (⌊steps/2⌋ pairs) loads."""
+    wrapped, opt, _, _ = make_pair("sgd", "left", 3e-3, gap=10)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        step(wrapped, opt, signs(g, 1))
+    saved = save_load({"model": wrapped.state_dict()})["model"]
+    extra = saved["model.lin._extra_state"]
+    assert extra["auto_steps"] == 4 and extra["auto_pairs"].shape[0] == 2
+    fresh, _, _, _ = make_pair("sgd", "left", 3e-3, gap=10)
+    fresh.load_state_dict(saved)
+    old = {**extra, "auto_pairs": torch.cat([extra["auto_pairs"], extra["auto_pairs"][:1]])}
+    with pytest.raises(ValueError, match="layer 'lin' holds 3 pair products after 4 steps"):
+        fresh.load_state_dict({**saved, "model.lin._extra_state": old})
+
+
 def test_layer_whose_basis_spans_its_side_has_no_probe_and_never_switches():
     """rank = d on the projected side: nothing lies outside the basis (q = 0), as on the optimizer path."""
     torch.manual_seed(0)
