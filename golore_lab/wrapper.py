@@ -60,9 +60,9 @@ captured full gradient accumulates over them like ``.grad`` does.
 **GoLore@auto** (``switch_step="auto"``). Each layer takes the optimizer path's test (:mod:`golore_lab.switching`,
 ``docs/when_to_switch.md``) at each refresh, on the period that ends: does the SVD basis capture less of the true
 gradient than a random one? The test needs two views of each step's gradient G: R_t = PᵀG, which is the factor's
-gradient, and ΠᵀG on a probe basis Π (m, q), q = min(r, m − r), Haar-random in the complement of span(P), drawn
-at the refresh from the stream (``seed``, −1 − ``position``, step) as on the optimizer path (right side: G Q and
-G Π, Π (n, q)). The second comes without forming G: the layer holds a *probe factor* C, (q, n) (right side
+gradient, and Π_jᵀG on a probe basis Π_j (m, q), q = min(r, m − r), Haar-random in the complement of span(P),
+drawn fresh for each pair of steps at its first step from the stream (``seed``, −1 − ``position``, step) as on
+the optimizer path (right side: G Q and G Π_j, Π_j (n, q)). The second comes without forming G: the layer holds a *probe factor* C, (q, n) (right side
 (m, q)), a parameter that stays zero and enters the layer through an identity whose backward sets
 C.grad = ΠᵀG = Σ (gy Π)ᵀ x (:class:`_ProbeView`) -- two thin products in the backward, no extra forward or
 backward, nothing m × n. C.grad accumulates over micro-batches, and DDP averages it with the factors' gradients
@@ -167,8 +167,9 @@ class SubspaceLinear(nn.Module):
     Built from an ``nn.Linear`` by :class:`SubspaceModel`; ``weight`` and ``bias`` keep ``nn.Linear``'s names and
     shapes, so a merged state dict is an ``nn.Linear`` state dict. ``side`` is the optimizer's
     ``projected_side(weight.shape, proj_type)``: ``"left"`` gives P (m, r), B (r, n); ``"right"`` gives
-    Q (n, r), B (m, r). ``position`` is the parameter index the optimizer path would give this weight (it seeds
-    the random bases); ``step`` counts optimizer steps taken on the factor.
+    Q (n, r), B (m, r). ``position`` is the parameter index the optimizer path would give this weight (with
+    ``seed``, it seeds the random bases and GoLore@auto's probes); ``step`` counts optimizer steps taken on the
+    factor.
 
     GoLore@auto (``auto``): ``auto_state`` holds the statistic's state (:data:`golore_lab.switching.STATE_KEYS`,
     the optimizer path's per-parameter entries), and ``probe_factor`` C, (q, n) on the left side or (m, q) on the
@@ -177,8 +178,9 @@ class SubspaceLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, name: str, rank: int, scale: float, side: str, position: int,
-                 update_proj_gap: int, auto: bool = False):
+                 update_proj_gap: int, auto: bool = False, seed: int = 0):
         super().__init__()
+        self.seed = seed
         m, n = linear.weight.shape
         self.name, self.rank, self.scale, self.side, self.position = name, rank, float(scale), side, position
         self.update_proj_gap = update_proj_gap
@@ -197,6 +199,7 @@ class SubspaceLinear(nn.Module):
         self.step = 0
         self.full_grad: Tensor | None = None   # G (m, n) of the current refresh step, summed over micro-batches
         self._refreshed_at: int | None = None
+        self._probe: tuple[int, Tensor | None] | None = None  # (step, its pair probe): drawn once per step
 
     @property
     def due(self) -> bool:
@@ -212,15 +215,22 @@ class SubspaceLinear(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         if self.auto_state is not None:
+            switching.check_period(state, f"layer {self.name!r}")
             self.auto_state = {key: value.to(self.weight.device) if torch.is_tensor(value) else value
                                for key, value in state.items() if key in switching.STATE_KEYS}
-        self.full_grad, self._refreshed_at = None, None
+        self.full_grad, self._refreshed_at, self._probe = None, None, None
 
     def _active_probe(self) -> Tensor | None:
-        """GoLore@auto's probe basis Π when this step's views go into the period (not at a refresh step), else None."""
-        if self.probe_factor is None or self.step % self.update_proj_gap == 0:
+        """GoLore@auto's pair probe Π_j when this step's views go into the period, else None (a refresh step, no
+        period, or the period's last step when it would open a pair): :func:`golore_lab.switching.next_probe`,
+        drawn once per step (a fresh one at the first step of a pair)."""
+        if (self.probe_factor is None or self.step % self.update_proj_gap == 0
+                or "auto_steps" not in self.auto_state):
             return None
-        return self.auto_state.get("auto_probe")
+        if self._probe is None or self._probe[0] != self.step:
+            seed = proj.derive_seed(self.seed, -1 - self.position, self.step)
+            self._probe = (self.step, switching.next_probe(self.auto_state, self.proj, seed, self.update_proj_gap))
+        return self._probe[1]
 
     def _accumulate_period(self) -> None:
         """GoLore@auto, once per optimizer step (after the micro-batches and DDP's all-reduce, before the step):
@@ -228,8 +238,9 @@ class SubspaceLinear(nn.Module):
         optimizer holding C never steps it."""
         if self.probe_factor is None:
             return
-        if self.factor.grad is not None and self.probe_factor.grad is not None and self._active_probe() is not None:
-            switching.accumulate(self.auto_state, self.factor.grad, self.probe_factor.grad)
+        probe = self._active_probe()
+        if self.factor.grad is not None and self.probe_factor.grad is not None and probe is not None:
+            switching.accumulate(self.auto_state, self.factor.grad, self.probe_factor.grad, probe)
         self.probe_factor.grad = None
 
     def delta(self) -> Tensor:
@@ -318,7 +329,8 @@ class SubspaceModel(nn.Module):
         for i, (name, mod) in enumerate(targets):
             side = proj.projected_side(tuple(mod.weight.shape), settings["proj_type"])
             layer = SubspaceLinear(mod, name, settings["rank"], settings["scale"], side, int(positions.get(name, i)),
-                                   settings["update_proj_gap"], auto=settings["switch_step"] == "auto")
+                                   settings["update_proj_gap"], auto=settings["switch_step"] == "auto",
+                                   seed=settings["seed"])
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
             self.layers[name] = layer
@@ -529,14 +541,14 @@ class SubspaceModel(nn.Module):
     def _start_or_switch(self, layer: SubspaceLinear, new: Tensor, count: int,
                          test: switching.SwitchTest | None) -> None:
         """GoLore@auto at a refresh, as the optimizer path's ``_auto_update``: record the switch, or start the
-        period of the new basis with its probe, drawn from the stream (seed, −1 − position, step) that no random
-        basis uses (independent of the noise and of P, the same on every DDP rank)."""
+        period of the new basis (its pairs' probes are drawn at their first steps, :meth:`SubspaceLinear._active_probe`,
+        from the stream (seed, −1 − position, step) that no random basis uses: independent of the noise, the same
+        on every DDP rank)."""
+        layer._probe = None
         if test is not None and test.switch:
             switching.record(layer.auto_state, count, test)
         elif layer.probe_factor is not None:
-            generator = torch.Generator().manual_seed(proj.derive_seed(self.seed, -1 - layer.position, count))
-            probe = switching.complement_probe(new, generator)
-            switching.start_period(layer.auto_state, probe.to(new.dtype), tuple(layer.factor.shape), layer.side)
+            switching.start_period(layer.auto_state, new, tuple(layer.factor.shape), layer.side)
 
     def _carry(self, state: dict[str, Any], side: str, transport: Tensor) -> None:
         rules.refresh_state(state, self.state_on_refresh, side, transport)

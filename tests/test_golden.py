@@ -67,14 +67,14 @@ def test_old_state_dict_resumes_bit_identically(case):
     params = [torch.nn.Parameter(p.clone()) for p in old["half"]]
     params, opt = golden.make(case, params)
     opt.load_state_dict(old["state_dict"])
-    golden.advance(params, opt, golden.HALF, golden.STEPS)
+    golden.advance(params, opt, golden.HALF, golden.STEPS, golden.signal_of(case))
     assert_same([p.detach() for p in params], old["final"], "final")
     assert [(r["position"], r["step"]) for r in opt.switch_log()] == old["switch_log"]
 
 
 def test_golden_runs_exercise_what_they_guard():
-    """The auto cases switch within the run (so the switch is under test) and the methods differ."""
-    assert load("adamw-auto-per-tensor")["switch_log"] and load("sgd-auto-foreach")["switch_log"]
+    """The SGD auto cases switch within the run (so the switch is under test) and the methods differ."""
+    assert load("sgd-auto-per-tensor")["switch_log"] and load("sgd-auto-foreach")["switch_log"]
     finals = {case: load(case)["final"][0] for case in golden.CASES if case.endswith("per-tensor")}
     assert not torch.equal(finals["adamw-svd-per-tensor"], finals["adamw-random-per-tensor"])
     assert not torch.equal(finals["adamw-svd-per-tensor"], finals["adamw-switch-per-tensor"])

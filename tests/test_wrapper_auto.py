@@ -28,6 +28,7 @@ from torch import nn
 
 from golore_lab import SubspaceAdamW, SubspaceSGD, switching
 from golore_lab import counterexample as ce
+from golore_lab import projection as proj
 from golore_lab.wrapper import SubspaceModel
 from test_wrapper import save_load
 
@@ -145,28 +146,41 @@ def test_same_tests_switch_and_trajectory_as_the_optimizer_path(case):
 
 
 def test_probe_factor_gradient_is_the_probes_view_and_is_cleared_before_the_step():
-    """Between refreshes C.grad = ΠᵀG (the full gradient of a plain twin), summed over micro-batches, and the
-    pre-step hook puts it into the period (one pair per step) and clears it."""
+    """Between refreshes C.grad = Π_jᵀG (the full gradient of a plain twin), summed over micro-batches, with the
+    pair's probe: a fresh one at the pair's first step (kept with the step's views), the same one at its second
+    (which appends the pair's products); the pre-step hook puts the views into the period and clears C.grad."""
     wrapped, opt, _, _ = make_pair("sgd", "left", 3e-3, gap=10)
     layer = wrapped.layers["lin"]
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         step(wrapped, opt, signs(g, 1))
+    assert layer.auto_state["auto_steps"] == 2 and layer.auto_state["auto_pairs"].shape[0] == 1
     twin = Quadratic(ce.Counterexample(), "left")
-    with torch.no_grad():
-        twin.lin.weight.copy_(layer.merged_weight())
-    batch = signs(g, 2)
-    for sign in batch:
-        (twin(sign) / 2).backward()
-        (wrapped(sign) / 2).backward()
-    G, probe = twin.lin.weight.grad, layer.auto_state["auto_probe"]
-    assert torch.allclose(layer.probe_factor.grad, probe.T @ G, atol=TOL)
-    assert torch.allclose(layer.factor.grad, layer.proj.T @ G, atol=TOL)
-    pairs = layer.auto_state["auto_pairs"].shape[0]
-    opt.step()
-    assert layer.probe_factor.grad is None and layer.auto_state["auto_pairs"].shape[0] == pairs + 1
-    assert torch.allclose(layer.auto_state["auto_probe_prev"], probe.T @ G, atol=TOL)
-    assert torch.allclose(layer.auto_state["auto_prev"], layer.proj.T @ G, atol=TOL)
+    views = []
+    for opens in (True, False):
+        with torch.no_grad():
+            twin.lin.weight.copy_(layer.merged_weight())
+        twin.zero_grad()
+        batch = signs(g, 2)
+        for sign in batch:
+            (twin(sign) / 2).backward()
+            (wrapped(sign) / 2).backward()
+        G, probe = twin.lin.weight.grad, layer._active_probe()
+        expected = switching.complement_probe(layer.proj, torch.Generator().manual_seed(
+            proj.derive_seed(0, -1 - layer.position, layer.step)))
+        assert (probe is layer.auto_state["auto_probe"]) != opens
+        assert torch.allclose(probe, expected if opens else layer.auto_state["auto_probe"], atol=TOL)
+        assert torch.allclose(layer.probe_factor.grad, probe.T @ G, atol=TOL)
+        assert torch.allclose(layer.factor.grad, layer.proj.T @ G, atol=TOL)
+        pairs = layer.auto_state["auto_pairs"].shape[0]
+        views.append((layer.proj.T @ G, probe.T @ G))
+        opt.step()
+        assert layer.probe_factor.grad is None and layer.auto_state["auto_pairs"].shape[0] == pairs + (not opens)
+        assert layer.auto_state["auto_probe"] is probe
+        opt.zero_grad()
+    (Ra, Va), (Rb, Vb) = views
+    last = layer.auto_state["auto_pairs"][-1]
+    assert torch.allclose(last, torch.stack([(Ra * Rb).sum(), (Va * Vb).sum()]), rtol=1e-10)
 
 
 def same_state(a: dict, b: dict) -> bool:
@@ -207,6 +221,23 @@ def test_resume_mid_period_is_bit_identical_through_the_switch(optimizer):
         step(resumed, opt2, signs(g, 1))
     assert straight.switch_log() and straight.switch_log() == resumed.switch_log()
     assert same_state(straight.state_dict(), resumed.state_dict())
+
+
+def test_extra_state_of_the_previous_test_mid_period_is_refused():
+    """A layer's ``_extra_state`` saved mid-period by the previous test (steps − 1 overlapping pair products on one
+    probe) cannot be continued: the load names the layer; this test's own state (⌊steps/2⌋ pairs) loads."""
+    wrapped, opt, _, _ = make_pair("sgd", "left", 3e-3, gap=10)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        step(wrapped, opt, signs(g, 1))
+    saved = save_load({"model": wrapped.state_dict()})["model"]
+    extra = saved["model.lin._extra_state"]
+    assert extra["auto_steps"] == 4 and extra["auto_pairs"].shape[0] == 2
+    fresh, _, _, _ = make_pair("sgd", "left", 3e-3, gap=10)
+    fresh.load_state_dict(saved)
+    old = {**extra, "auto_pairs": torch.cat([extra["auto_pairs"], extra["auto_pairs"][:1]])}
+    with pytest.raises(ValueError, match="layer 'lin' holds 3 pair products after 4 steps"):
+        fresh.load_state_dict({**saved, "model.lin._extra_state": old})
 
 
 def test_layer_whose_basis_spans_its_side_has_no_probe_and_never_switches():

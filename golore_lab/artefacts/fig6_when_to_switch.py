@@ -179,6 +179,35 @@ def run(config: Config, workers: int = 2, log=print) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).reindex(columns=columns)
 
 
+def rerun(config: Config, frame: pd.DataFrame, methods: tuple[str, ...] = ("golore@auto",), workers: int = 2,
+          log=print) -> pd.DataFrame:
+    """``frame`` (a complete result of ``config``) with the tune and final runs of ``methods`` computed again and
+    everything else kept: for a change of code that only those methods run (GoLore@auto's test). The methods'
+    tuned learning rates come from their new tune runs. The committed default cache was last updated so::
+
+        from golore_lab.artefacts import cache, fig6_when_to_switch as f6
+        config = f6.PRESETS["default"]
+        old = cache.load(root, f6.NAME, config, f6.GROUP_BY, f6.expected_groups(config))
+        cache.store(root, f6.NAME, config, f6.rerun(config, old), f6.GROUP_BY, f6.expected_groups(config))
+    """
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    kept = frame[~frame.method.isin(methods) | (frame.part == "kappa")]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        tune = [job.result() for job in [pool.submit(_train_job, config, "tune", m, lr, config.tune_seed)
+                                         for m in methods for lr in config.lrs]]
+        lrs = tuned_lrs(pd.concat(tune, ignore_index=True))
+        log(f"{NAME}: rerun {list(methods)}: tuned learning rates {lrs} ({time.perf_counter() - start:.0f} s)")
+        final = [job.result() for job in [pool.submit(_train_job, config, "final", m, lrs[m], s)
+                                          for m in methods for s in config.seeds]]
+    log(f"{NAME}: rerun done ({time.perf_counter() - start:.0f} s)")
+    order = {m: i for i, m in enumerate(config.methods)}
+    out = pd.concat([kept, *tune, *final], ignore_index=True).reindex(columns=frame.columns)
+    parts = {"kappa": 0, "tune": 1, "final": 2}
+    return (out.assign(_p=out.part.map(parts), _m=out.method.map(order))
+            .sort_values(["_p", "_m", "seed", "lr"], kind="stable").drop(columns=["_p", "_m"]).reset_index(drop=True))
+
+
 # ------------------------------------------------------------------------------------------------ analysis
 def final_losses(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, seed) of the ``final`` part: the last evaluation's val_loss and val_ppl, and lr."""

@@ -28,14 +28,14 @@ class _Auto:
     """GoLore@auto's part of one parameter's step, from phase 1 (:meth:`SubspaceOptimizer._auto_plan`) to phase 2
     (:meth:`SubspaceOptimizer._auto_update`).
 
-    ``side`` is the projected side. Between refreshes (``refresh`` False): ``view``, the probe's view of the
-    gradient, ΠᵀG (q, n) or GΠ (m, q) (local rows for a row-sharded matrix on the right side); for a row-sharded
-    matrix projected on the left,
-    ``view`` is None until the step's projection (:meth:`golore_lab.distributed.RowShards.project`) fills it from
-    the all-reduce it shares with R,
-    using ``probe`` Π (m, q). At a refresh: ``test`` (None for the first one), and ``seed`` of the next period's
-    probe, None when the test switches; ``gram``, for a row-sharded matrix on the right side whose refresh is an
-    SVD, the Gram matrix GᵀG that was all-reduced together with the period's pair products.
+    ``side`` is the projected side. Between refreshes (``refresh`` False): ``probe``, the step's pair probe Π_j
+    (d, q) (:func:`golore_lab.switching.next_probe`: fresh when the step opens a pair), and ``view``, its view
+    of the gradient, Π_jᵀG (q, n) or GΠ_j (m, q) (local rows for a row-sharded matrix on the right side); for a
+    row-sharded matrix projected on the left, ``view`` is None until the step's projection
+    (:meth:`golore_lab.distributed.RowShards.project`) fills it from the all-reduce it shares with R. At a
+    refresh: ``test`` (None for the first one: the period then starts); ``gram``, for a row-sharded matrix on the
+    right side whose refresh is an SVD, the Gram matrix GᵀG that was all-reduced together with the period's pair
+    products.
     """
 
     side: str
@@ -43,7 +43,6 @@ class _Auto:
     test: switching.SwitchTest | None = None
     view: Tensor | None = None
     probe: Tensor | None = None
-    seed: int | None = None
     gram: Tensor | None = None
 
 
@@ -51,7 +50,7 @@ def _auto_fixed(live: dict[str, Any], group: dict[str, Any], p: Tensor, shard: "
                 name: str) -> dict[str, Any]:
     """One row-sharded parameter's state ``live`` with its GoLore@auto entries in the layout of
     :meth:`SubspaceOptimizer._auto_saved` (a new dict; the pairs not yet summed over the ranks)."""
-    (m, n), rank = shard.shape, group["rank"]
+    (m, n), rank, gap = shard.shape, group["rank"], group["update_proj_gap"]
     dim = m if side == "left" else n
     q = min(rank, dim - rank)
     device = distributed.local(p).device
@@ -60,13 +59,14 @@ def _auto_fixed(live: dict[str, Any], group: dict[str, Any], p: Tensor, shard: "
     views = ((rank, n), (q, n)) if side == "left" else ((shard.rows, rank), (shard.rows, q))
     prev, probe_prev = ((live["auto_prev"], live["auto_probe_prev"]) if period else
                         (torch.zeros(shape, dtype=dtype, device=device) for shape in views))
-    capacity = group["update_proj_gap"] - 2  # the most pairs a period has
-    pairs = torch.zeros(capacity, 2, dtype=dtype, device=device)
+    capacity = (gap - 1) // 2  # the most pairs a period has
+    pairs = torch.zeros(gap - 2, 2, dtype=dtype, device=device)  # rows 0 .. capacity - 1; gap - 2 > capacity
+    pairs[capacity] = math.nan  # the disjoint-pair test's mark (switching.check_period: see _auto_loaded)
     if period:
         held = live["auto_pairs"].shape[0]
         if held > capacity:
             raise ValueError(f"The GoLore@auto state of parameter {name} holds {held} pairs, more than a period of "
-                             f"update_proj_gap={group['update_proj_gap']} has ({capacity})")
+                             f"update_proj_gap={gap} has ({capacity})")
         pairs[:held] = live["auto_pairs"]
     fixed = {key: value for key, value in live.items() if key not in switching.STATE_KEYS}
     fixed.update(
@@ -99,12 +99,17 @@ class AutoSteps:
         if group["switch_step"] != "auto" or switching.switched(state):
             return None
         if not refresh:
-            probe = state.get("auto_probe")
-            if probe is None:  # no probe: switch_step set to "auto" mid-period, or rank = the projected side
+            if "auto_steps" not in state:  # no period: switch_step set to "auto" mid-period, or rank = the side
+                return None
+            # a fresh probe per pair, from the stream (seed, −1 − position, step) that no parameter's random basis
+            # uses: independent of the noise, and the same on every DDP / FSDP rank (from the replicated basis)
+            probe = switching.next_probe(state, state["proj"], proj.derive_seed(group["seed"], -1 - position, count),
+                                         group["update_proj_gap"])
+            if probe is None:  # the period's last step would open a pair that this refresh cannot close
                 return None
             if side == "left" and shard is not None:
                 return _Auto(side, False, probe=probe)  # the view comes with R's all-reduce
-            return _Auto(side, False, view=probe.T @ grad if side == "left" else grad @ probe)
+            return _Auto(side, False, view=probe.T @ grad if side == "left" else grad @ probe, probe=probe)
         reduce = gram = None
         if side == "right" and shard is not None:
             pairs = state.get("auto_pairs")
@@ -115,11 +120,7 @@ class AutoSteps:
             if summed is not None:  # rounded to the pairs' dtype, as a checkpoint keeps them (_auto_saved)
                 reduce = lambda _: summed.to(pairs.dtype)
         test = switching.decide(state, group["rank"], reduce)
-        if test is not None and test.switch:
-            return _Auto(side, True, test)
-        # the probe's stream (position −1 − i) is one no parameter's random basis uses: independent of the noise
-        # and of P, and the same on every DDP / FSDP rank
-        return _Auto(side, True, test, seed=proj.derive_seed(group["seed"], -1 - position, count), gram=gram)
+        return _Auto(side, True, test, gram=None if test is not None and test.switch else gram)
 
     @staticmethod
     def _auto_update(state: dict[str, Any], plan: _Auto | None, projected: Tensor, count: int) -> None:
@@ -127,13 +128,11 @@ class AutoSteps:
         if plan is None:
             return
         if not plan.refresh:
-            switching.accumulate(state, projected, plan.view)
-        elif plan.seed is None:
+            switching.accumulate(state, projected, plan.view, plan.probe)
+        elif plan.test is not None and plan.test.switch:
             switching.record(state, count, plan.test)
         elif min(state["proj"].shape) < max(state["proj"].shape):  # else nothing lies outside the subspace
-            # Π (d, q) from the replicated basis: the same on every rank, which uses its rows where it needs them
-            probe = switching.complement_probe(state["proj"], torch.Generator().manual_seed(plan.seed))
-            switching.start_period(state, probe.to(projected.dtype), tuple(projected.shape), plan.side)
+            switching.start_period(state, state["proj"], tuple(projected.shape), plan.side)
 
     def _auto_saved(self, state_dict: dict[str, Any]) -> None:
         """Put each row-sharded parameter's GoLore@auto state in ``state_dict`` (``Optimizer.state_dict``'s) in
@@ -145,9 +144,11 @@ class AutoSteps:
         ``auto_signal``, ``auto_random_signal``, ``auto_t`` (NaN until switched), ``auto_probe`` Π (d, q),
         ``auto_prev`` and ``auto_probe_prev`` (zeros outside a period; on the right side row-sharded DTensors
         (m, r) and (m, q) like the moments, so any world size re-cuts them exactly; on the left side (r, n) and
-        (q, n), equal on every rank), and ``auto_pairs`` (gap − 2, 2): the period's J pair products, zero-padded,
-        summed over the ranks on the right side (one all-reduce here for all parameters, in float64, rounded to
-        their dtype as the test rounds them), so that a resume at any world size has the exact sums.
+        (q, n), equal on every rank), and ``auto_pairs`` (gap − 2, 2): the period's J pair products in its first
+        rows, zero-padded, row ⌊(gap − 1)/2⌋ (past the last pair a period can have) NaN, the mark of the
+        disjoint-pair test (the previous test's layout had no mark), summed over the ranks on the right side
+        (one all-reduce here for all parameters, in float64, rounded to their dtype as the test rounds them), so
+        that a resume at any world size has the exact sums.
         """
         shares: dict[Any, tuple[distributed.Sharding, list[dict[str, Any]]]] = {}
         for gi, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
@@ -175,6 +176,10 @@ class AutoSteps:
 
         Right side: the saved pair products are the sums over the ranks; the mesh's first rank takes them and
         the others zeros, so that the next test's all-reduce adds the same sums (bit for bit: x + 0 = x).
+
+        A period in progress saved by the previous GoLore@auto test (one probe per period, overlapping pairs) is
+        refused with a ``ValueError`` (:func:`golore_lab.switching.check_period`; in this layout: no mark row
+        and more than two steps into the period); its switch record, or a state between periods, loads.
         """
         if not (isinstance(state_dict, Mapping) and isinstance(state_dict.get("state"), Mapping)
                 and isinstance(state_dict.get("param_groups"), (list, tuple))):
@@ -184,6 +189,8 @@ class AutoSteps:
             ids = saved.get("params", ()) if isinstance(saved, Mapping) else ()
             for pi, (p, index) in enumerate(zip(group["params"], ids)):
                 fixed = states.get(index)
+                if isinstance(fixed, Mapping) and "auto_steps" in fixed and "auto_switched_at" not in fixed:
+                    switching.check_period(fixed, self._param_name(group, gi, pi))  # the live layout
                 if not (isinstance(fixed, Mapping) and {"auto_steps", "auto_switched_at"} <= set(fixed)):
                     continue
                 if not (spec.is_int(fixed["auto_steps"]) and spec.is_int(fixed["auto_switched_at"])):
@@ -195,7 +202,12 @@ class AutoSteps:
                     live.update({key: fixed[key] for key in ("auto_switched_at", "auto_signal", "auto_random_signal",
                                                               "auto_t")})
                 elif fixed["auto_steps"] >= 0:
-                    pairs = fixed["auto_pairs"][:max(fixed["auto_steps"] - 1, 0)].clone()
+                    saved_pairs, steps = fixed["auto_pairs"], fixed["auto_steps"]
+                    mark = (saved_pairs.shape[0] + 1) // 2  # ⌊(gap − 1)/2⌋ for the saved gap − 2 rows
+                    if steps > 2 and not (saved_pairs.shape[0] > mark and bool(saved_pairs[mark].isnan().all())):
+                        switching.check_period({"auto_steps": steps, "auto_pairs": saved_pairs[:steps - 1]},
+                                               self._param_name(group, gi, pi))
+                    pairs = saved_pairs[:steps // 2].clone()
                     shard = distributed.sharding(p, self._param_name(group, gi, pi))
                     if (shard is not None and distributed.sharded_side(group["proj_type"]) == "right"
                             and shard.mesh.get_local_rank() != 0):
