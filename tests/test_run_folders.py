@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import fields, replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -312,7 +313,7 @@ def test_task_options_are_refused_on_resume(task, stopped_run, option, value):
 def _corpus_of(task):
     from golore_lab.lm.data import Corpus
 
-    return Corpus(train=task.train_tokens.numpy(), val=task.val_tokens.numpy(), vocab_size=task.model_cfg.vocab_size,
+    return Corpus(train=np.asarray(task.train_tokens), val=np.asarray(task.val_tokens), vocab_size=task.model_cfg.vocab_size,
                   eot_id=0, path=None, manifest={"files": task.corpus_files})
 
 
