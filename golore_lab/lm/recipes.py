@@ -103,7 +103,7 @@ class Plan:
     """What a run needs on this machine; :meth:`blockers` says why it cannot start (empty: it can)."""
 
     name: str
-    steps: int
+    steps: int | None                                         # None: unknown (set by the data, which is missing)
     inputs: dict[str, str] = field(default_factory=dict)      # what -> where it comes from
     missing: dict[str, str] = field(default_factory=dict)     # what -> why it is not available
     memory: str = ""                                          # the estimate, described
@@ -115,7 +115,9 @@ class Plan:
 
     @property
     def hours(self) -> float | None:
-        return None if self.seconds_per_step is None else self.seconds_per_step * self.steps / 3600
+        if self.seconds_per_step is None or self.steps is None:
+            return None
+        return self.seconds_per_step * self.steps / 3600
 
     def blockers(self) -> list[str]:
         out = [f"{what} is missing" for what in self.missing]
@@ -134,8 +136,11 @@ class Plan:
         if self.memory:
             lines.append(f"  memory: {self.memory}" + ("" if self.fits else f" -- DOES NOT FIT: {self.memory_note}"))
         if self.seconds_per_step is not None:
-            lines.append(f"  time: {self.seconds_per_step:.3g} s per step ({self.timing}); {self.steps:,} steps "
-                         f"~{_duration(self.hours)}")
+            total = (f"{self.steps:,} steps ~{_duration(self.hours)}" if self.steps is not None
+                     else "the step count depends on the data")
+            lines.append(f"  time: {self.seconds_per_step:.3g} s per step ({self.timing}); {total}")
+        elif "model" in self.missing:
+            lines.append("  time: not measured (the model is missing)")
         blockers = self.blockers()
         if blockers:
             lines.append("  not started: " + "; ".join(blockers))
