@@ -38,8 +38,22 @@ optimizers (under DDP only the low-rank factors are all-reduced between refreshe
 program then accumulates smaller micro-batches (same batch; it says so), or refuses naming the size it needs
 (:mod:`golore_lab.lm.memory`). Exit status: 0 done; 1 the run stopped (divergence -- a non-finite loss or
 perplexity, or a loss above ``DIVERGENCE_FACTOR`` times its start --, a damaged checkpoint or metrics file, a
-read-only or full disk, a folder in use; the message says what is kept); 2 bad options; 130 / 143 stopped by
-SIGINT / SIGTERM between two steps, after the checkpoint of the last one (``--resume`` continues).
+read-only or full disk, a folder in use; the message says what is kept); 2 bad options; 3 a ``--recipe`` this
+machine cannot run (its inputs are missing, a step does not fit in memory, or the measured time per step times
+the steps exceeds ``--max-hours``: the plan printed says which, :mod:`golore_lab.lm.recipes`); 130 / 143 stopped
+by SIGINT / SIGTERM between two steps, after the checkpoint of the last one (``--resume`` continues).
+
+The user's data and model: ``--data PATH_OR_NAME`` (text, JSON Lines -- C4's own ``.json.gz`` shards --, Parquet,
+or a ``datasets`` name) with ``--tokenizer NAME_OR_PATH`` (any Hugging Face tokenizer, or the package's BPE), and
+``--val-data`` / ``--val-split``, ``--text-field``, ``--data-config``: tokenized once into the cache
+(:mod:`golore_lab.lm.corpus`), read through a memory map. ``--model-config NAME_OR_PATH`` takes the model's shape
+from a Hugging Face LLaMA ``config.json`` (or one of :data:`golore_lab.lm.configs.PAPER_CONFIGS`), vocabulary
+included (the corpus' largest token id must fit). ``--recipe paper-60m`` (``paper-130m``, ``paper-350m``,
+``paper-1b``) is the authors' pre-training command (:mod:`golore_lab.lm.recipes`)::
+
+    python -m golore_lab pretrain --recipe paper-60m --plan-only      # what it needs here; starts nothing
+    python -m golore_lab pretrain --recipe paper-60m --prepare-only   # tokenize C4 once
+    torchrun --standalone --nproc-per-node 2 -m golore_lab pretrain --recipe paper-60m --out runs/60m
 """
 from __future__ import annotations
 
@@ -230,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a recipe estimated to take longer here is not started (exit status 3)")
     parser.add_argument("--plan-only", action="store_true",
                         help="with --recipe: print what the run needs here (inputs, memory, time) and exit")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="tokenize the corpus into the cache (as the run would) and exit")
     # method, optimizer and path too: a --recipe sets them (without one they are TrainConfig's defaults)
     add_train_arguments(parser, deferred=frozenset(f.name for f in fields(TrainConfig)))
     return parser
@@ -272,12 +288,21 @@ def load_data(args, options: dict, progress: bool):
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if options["data"] is None:
         return ensure_corpus(args.cache, args.vocab_size, log=log), None
-    from .corpus import load_token_corpus, prepare_corpus
+    import fcntl
 
-    path = prepare_corpus(options["data"], options["tokenizer"] or "bpe", text_field=options["text_field"],
-                          config=options["data_config"], val_data=options["val_data"], val_split=options["val_split"],
-                          max_documents=options["max_documents"], max_tokens=options["max_tokens"],
-                          max_val_documents=options["max_val_documents"], root=args.cache, progress=progress, log=log)
+    from .corpus import load_token_corpus, prepare_corpus
+    from .fetch import cache_root
+
+    # Under torchrun every rank gets here: the first to take the lock tokenizes, the others then find the cache.
+    lock = Path(args.cache or cache_root()) / "corpora" / ".prepare.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        path = prepare_corpus(options["data"], options["tokenizer"] or "bpe", text_field=options["text_field"],
+                              config=options["data_config"], val_data=options["val_data"],
+                              val_split=options["val_split"], max_documents=options["max_documents"],
+                              max_tokens=options["max_tokens"], max_val_documents=options["max_val_documents"],
+                              root=args.cache, progress=progress, log=log)
     source = {k: options[k] for k in ("data", "tokenizer", "text_field", "data_config", "val_data", "val_split")
               if options[k] is not None}
     return load_token_corpus(path), source
@@ -297,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             if options["max_tokens"] is None and options["data"] is not None and options["val_split"] is not None:
                 options["max_tokens"] = corpus_token_budget(cfg.steps, cfg.batch_size, options["seq_len"]
                                                             or model_cfg.max_seq_len)
+        if args.recipe and not args.prepare_only:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 from .train import _distributed
 
@@ -304,13 +330,15 @@ def main(argv: list[str] | None = None) -> int:
             plan = pretrain_plan(args.recipe, cfg, options, model_cfg, args.max_hours)
             if int(os.environ.get("RANK", "0")) == 0:
                 print(plan.describe(), file=sys.stderr)
-            if plan.blockers():
-                return CANNOT_RUN
-            if args.plan_only:
-                return 0
+            if args.plan_only or plan.blockers():
+                return CANNOT_RUN if plan.blockers() else 0
         elif args.plan_only:
             raise ValueError("Invalid plan_only: True without --recipe")
         corpus, source = load_data(args, options, cfg.progress)
+        if args.prepare_only:
+            print(f"{corpus.path}: vocab {corpus.vocab_size}, {len(corpus.train):,} train / {len(corpus.val):,} "
+                  "val tokens")
+            return 0
         task = LMTask(corpus, model_cfg, seq_len=options["seq_len"], eval_windows=options["eval_windows"],
                       keep_vocab=keep_vocab, source=source)
     except (ValueError, RuntimeError) as err:
