@@ -140,3 +140,42 @@ def test_paper_recipe_offline_says_what_it_needs(capsys):
     assert "data: datasets 'allenai/c4' configuration 'en'" in err and "-- MISSING" in err.split("data:")[1]
     assert "llama_60m: d 512, 8 layers, vocab 32000" in err
     assert "per process at micro-batches of" in err and "s per step" in err and "10,000 steps" in err
+
+
+def doc_commands(name: str) -> list[list[str]]:
+    """The ``pretrain`` / ``finetune`` / corpus command lines of docs/reproduce_on_gpu.md (launcher dropped)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "reproduce_on_gpu.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split("  #")[0], comments=True)
+            if name in words:
+                commands.append(words[words.index(name) + 1:])
+    return commands
+
+
+@pytest.mark.parametrize("module, name", [("golore_lab.lm.pretrain", "pretrain"),
+                                          ("golore_lab.lm.finetune", "finetune"),
+                                          ("golore_lab.lm.corpus", "golore_lab.lm.corpus")])
+def test_every_command_of_the_gpu_page_parses(module, name, monkeypatch):
+    """Each command of the page is accepted by its program's parser as written (no option that does not exist)."""
+    import argparse
+    import importlib
+
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        real(self, args, namespace)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    commands = doc_commands(name)
+    assert len(commands) >= 2
+    for argv in commands:
+        with pytest.raises(SystemExit) as exit_:
+            importlib.import_module(module).main(argv)
+        assert exit_.value.code == 0, argv
