@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import fields, replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -312,7 +313,7 @@ def test_task_options_are_refused_on_resume(task, stopped_run, option, value):
 def _corpus_of(task):
     from golore_lab.lm.data import Corpus
 
-    return Corpus(train=task.train_tokens.numpy(), val=task.val_tokens.numpy(), vocab_size=task.model_cfg.vocab_size,
+    return Corpus(train=np.asarray(task.train_tokens), val=np.asarray(task.val_tokens), vocab_size=task.model_cfg.vocab_size,
                   eot_id=0, path=None, manifest={"files": task.corpus_files})
 
 
@@ -361,8 +362,12 @@ def test_every_pretrain_option_is_classified():
             pretrain.main([])
     finally:
         argparse.ArgumentParser.parse_args = real
-    task_options = {"model", "seq_len", "eval_windows", "vocab_size"}
-    not_results = {"cache", "threads"}
+    task_options = {"model", "seq_len", "eval_windows", "vocab_size", "model_config",
+                    # the corpus: its files' sha256 are task options (and --data's names, when given)
+                    "data", "tokenizer", "text_field", "data_config", "val_data", "val_split", "max_tokens",
+                    "max_documents", "max_val_documents",
+                    "recipe"}  # resolves to TrainConfig fields and the options above
+    not_results = {"cache", "threads", "max_hours", "plan_only", "prepare_only"}
     assert set(seen) == {f.name for f in fields(TrainConfig)} | task_options | not_results
 
 

@@ -342,17 +342,20 @@ def cache_key(settings: dict) -> str:
 def prepare_corpus(data: str | Path, tokenizer: str = "bpe", *, text_field: str = "text", config: str | None = None,
                    split: str = "train", data_files: list[str] | None = None, revision: str | None = None,
                    val_data: str | Path | None = None, val_split: str | None = None, val_every: int = VAL_EVERY,
-                   max_documents: int | None = None, max_tokens: int | None = None, dtype: str = "auto",
+                   max_documents: int | None = None, max_tokens: int | None = None,
+                   max_val_documents: int | None = None, dtype: str = "auto",
                    root: Path | None = None, force: bool = False, progress: bool = True, log=None) -> Path:
     """Tokenize ``data`` once into the cache; return the corpus folder (reused while its key and checksums hold).
 
     See the module docstring for what ``data``, ``tokenizer`` and the split options accept. ``max_documents``
     bounds the documents read from the (training) source, ``max_tokens`` stops once the training split holds at
     least that many tokens; both apply before the ``val_every`` split, so the same prefix of the source is read.
+    ``max_val_documents`` bounds the documents read from ``val_data`` / ``val_split`` (default: ``max_documents``).
     """
     if val_every < 2:
         raise ValueError(f"Invalid val_every: {val_every} (must be >= 2)")
-    for name, value in (("max_documents", max_documents), ("max_tokens", max_tokens)):
+    for name, value in (("max_documents", max_documents), ("max_tokens", max_tokens),
+                        ("max_val_documents", max_val_documents)):
         if value is not None and value < 1:
             raise ValueError(f"Invalid {name}: {value} (must be >= 1)")
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -374,6 +377,8 @@ def prepare_corpus(data: str | Path, tokenizer: str = "bpe", *, text_field: str 
                 "val_source": val_source.identity() if val_source else None, "val_every": val_every,
                 "tokenizer": tokenizer if bpe else tok.fingerprint(), "max_documents": max_documents,
                 "max_tokens": max_tokens, "dtype": dtype}
+    if max_val_documents is not None:  # only then: the keys of existing caches stay what they were
+        settings["max_val_documents"] = max_val_documents
     key = cache_key(settings)
     tok_label = (tokenizer if bpe else Path(tokenizer).name or tokenizer).replace("/", "_").replace(":", "")
     out = Path(root or cache_root()) / "corpora" / f"{source.label()}-{tok_label}-{key}"
@@ -384,7 +389,8 @@ def prepare_corpus(data: str | Path, tokenizer: str = "bpe", *, text_field: str 
         except CorruptCacheError as err:
             if out.exists():
                 log(f"golore_lab: rebuilding the corpus cache: {err}")
-    _build(out, source, val_source, tokenizer, tok, settings, val_every, max_documents, max_tokens, dtype, progress)
+    _build(out, source, val_source, tokenizer, tok, settings, val_every, max_documents, max_tokens, dtype, progress,
+           max_documents if max_val_documents is None else max_val_documents)
     manifest = json.loads((out / "manifest.json").read_text())
     log(f"golore_lab: prepared {out}: {manifest['documents']['train']:,} / {manifest['documents']['val']:,} "
         f"documents, {manifest['tokens']['train']:,} train / {manifest['tokens']['val']:,} val tokens")
@@ -399,7 +405,8 @@ def _limited(docs: Iterator[str], max_documents: int | None) -> Iterator[str]:
 
 
 def _build(out: Path, source: Source, val_source: Source | None, spec: str, tok: Tokenizer | None, settings: dict,
-           val_every: int, max_documents: int | None, max_tokens: int | None, dtype: str, progress: bool) -> None:
+           val_every: int, max_documents: int | None, max_tokens: int | None, dtype: str, progress: bool,
+           max_val_documents: int | None = None) -> None:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -413,7 +420,7 @@ def _build(out: Path, source: Source, val_source: Source | None, spec: str, tok:
         skipped = _tokenize(train_docs, tok, writers, None if val_source else val_every, max_tokens, progress,
                             "tokenizing " + source.label())
         if val_source is not None:
-            skipped += _tokenize(_limited(val_source.documents(), max_documents), tok, {"val": writers["val"]},
+            skipped += _tokenize(_limited(val_source.documents(), max_val_documents), tok, {"val": writers["val"]},
                                  None, None, progress, "tokenizing " + val_source.label())
         where = source.label() + (f" + {val_source.label()}" if val_source else "")
         if writers["train"].documents + writers["val"].documents == 0:

@@ -298,11 +298,29 @@ def run(task_cfg: TaskConfig, train_cfg, task: "ClassificationTask | None" = Non
 def main(argv: list[str] | None = None) -> int:
     from golore_lab.lm.config import finite_float, positive_int, run_program, thread_count
     from golore_lab.lm.metrics import json_row
+    from golore_lab.lm.recipes import FINETUNE_RECIPES, MAX_HOURS
     from golore_lab.lm.train import TrainConfig, add_train_arguments
 
     parser = argparse.ArgumentParser(prog="python -m golore_lab finetune", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=EXAMPLES)
-    parser.add_argument("--task", default="movie-reviews", choices=TASKS, help="classification task")
+    parser.add_argument("--task", default=None, metavar="{" + ",".join(TASKS) + ",glue/<name>}",
+                        help="classification task: a built-in one (default: movie-reviews) or a GLUE task "
+                             "(glue/cola, glue/sst2, glue/mrpc, glue/qqp, glue/stsb, glue/mnli, glue/qnli, glue/rte, "
+                             "glue/wnli) with its metrics")
+    parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                        help="any AutoModelForSequenceClassification (a hub name or a saved folder; default: "
+                             "all-MiniLM-L6-v2 of the package)")
+    parser.add_argument("--train-file", default=None, help="CSV / TSV / JSON Lines with GLUE's columns and label")
+    parser.add_argument("--validation-file", default=None, help="the validation examples, as --train-file")
+    parser.add_argument("--glue-source", default="nyu-mll/glue",
+                        help="datasets name of GLUE, or a local folder in its layout (<task>/<split>-*.parquet)")
+    parser.add_argument("--recipe", default=None, choices=sorted(FINETUNE_RECIPES),
+                        help="the authors' fine-tuning command (golore_lab.lm.recipes); explicit options override "
+                             "its values; checked against this machine before it starts")
+    parser.add_argument("--max-hours", type=finite_float, default=MAX_HOURS,
+                        help="a recipe estimated to take longer here is not started (exit status 3)")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="with --recipe: print what the run needs here (inputs, memory, time) and exit")
     parser.add_argument("--preset", default="cpu", choices=list(PRESETS), help="run size (see PRESETS)")
     parser.add_argument("--epochs", type=finite_float, default=None, help="passes over the training set (sets --steps)")
     parser.add_argument("--max-length", type=positive_int, default=None,
@@ -314,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare", action="store_true",
                         help="only fetch and split both tasks into the cache (then everything runs offline)")
     names = {f.name for f in fields(TrainConfig)}
-    add_train_arguments(parser, deferred=frozenset(names - {"method", "optimizer"}))
+    add_train_arguments(parser, deferred=frozenset(names))  # method and optimizer too: a --recipe sets them
     args = parser.parse_args(argv)
     if args.prepare:
         from golore_lab.lm.tasks import cache_root, prepare
@@ -329,6 +347,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if (args.model or args.recipe or args.train_file or args.validation_file
+            or (args.task or "").startswith("glue/")):
+        return hf_main(parser, args, names)
+    if args.plan_only:
+        parser.error("Invalid plan_only: True without --recipe")
+    args.task = args.task or "movie-reviews"
+    args.optimizer = args.optimizer or "adamw"
+    if args.task not in TASKS:
+        parser.error(f"Invalid task: {args.task!r} (choose from {', '.join(TASKS)}, or glue/<name>)")
     task_over = {k: getattr(args, k) for k in ("max_length", "train_examples", "val_examples")
                  if getattr(args, k) is not None}
     task_over["split_seed"] = args.split_seed
@@ -345,6 +372,71 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+def hf_main(parser, args, names) -> int:
+    """``finetune`` with any Hugging Face classifier (:mod:`golore_lab.lm.hftask`), a GLUE task or files."""
+    from golore_lab.lm.config import TrainConfig, run_program
+    from golore_lab.lm.hftask import DEFAULT_MAX_LENGTH, HFClassificationTask, HFTaskConfig, finetune_plan, load_examples
+    from golore_lab.lm.metrics import json_row
+    from golore_lab.lm.recipes import CANNOT_RUN, FINETUNE_RECIPES, Plan, check_input
+    from golore_lab.lm.train import train
+
+    chosen = FINETUNE_RECIPES[args.recipe] if args.recipe else {}
+    preset = PRESETS[args.preset]
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        task_cfg = HFTaskConfig(
+            model=args.model or chosen.get("model"), task=args.task or chosen.get("task"),
+            train_file=args.train_file, validation_file=args.validation_file, glue_source=args.glue_source,
+            max_length=args.max_length or chosen.get("max_length") or preset["task"].get("max_length")
+            or DEFAULT_MAX_LENGTH, train_examples=args.train_examples, val_examples=args.val_examples,
+            split_seed=args.split_seed)
+        if args.recipe:
+            plan = Plan(args.recipe, None, max_hours=args.max_hours)
+            where = (f"files {task_cfg.train_file!r}, {task_cfg.validation_file!r}" if task_cfg.train_file
+                     else f"GLUE {task_cfg.task} from {task_cfg.glue_source!r}")
+            data = check_input(plan, "data", where, lambda: load_examples(task_cfg))
+        else:
+            data = load_examples(task_cfg)
+        optimizer = given.get("optimizer", chosen.get("train", {}).get("optimizer", "adamw"))
+        if chosen:
+            base = {**FINETUNE_DEFAULTS, "log_every": 10, **chosen["train"]}
+            epochs = chosen.get("epochs")
+        else:
+            base = {**FINETUNE_DEFAULTS, "lr": DEFAULT_LR.get(optimizer, DEFAULT_LR["adamw"]), **preset["train"]}
+            if isinstance(base["lr"], dict):
+                base["lr"] = base["lr"].get(optimizer, DEFAULT_LR.get(optimizer, DEFAULT_LR["adamw"]))
+            epochs = base.pop("epochs", None)
+        epochs = args.epochs if args.epochs is not None else epochs
+        train_kw = {**base, **given}
+        if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+            raise ValueError(f"Invalid epochs: {epochs} (must be a finite number > 0)")
+        if data is not None:
+            per_epoch = math.ceil(len(data["train"]) / train_kw["batch_size"])
+            if epochs is not None and "steps" not in given:
+                train_kw["steps"] = max(1, math.ceil(epochs * per_epoch))
+            train_kw.setdefault("eval_every", min(per_epoch, train_kw["steps"]))
+        train_cfg = TrainConfig(**train_kw)
+        if args.recipe:
+            plan.steps = train_cfg.steps if data is not None or "steps" in given or epochs is None else None
+            finetune_plan(plan, task_cfg, train_cfg, data)
+            if rank0:
+                print(plan.describe(), file=sys.stderr)
+            if plan.blockers():
+                return CANNOT_RUN
+            if args.plan_only:
+                return 0
+        elif args.plan_only:
+            raise ValueError("Invalid plan_only: True without --recipe")
+        task = HFClassificationTask(task_cfg, data)
+    except (ValueError, FetchError, FileNotFoundError) as err:
+        parser.error(str(err))
+    status, result = run_program(parser, lambda: train(task, train_cfg))
+    if status == 0 and result.final and rank0:
+        print(json_row({"step": result.step, **result.final}))
+    return status
+
+
 EXAMPLES = """examples:
   python -m golore_lab finetune --prepare
   python -m golore_lab finetune --task movie-reviews --method golore@20 --optimizer adamw --seed 1 --out runs/ft
@@ -353,4 +445,7 @@ EXAMPLES = """examples:
   python -m golore_lab finetune --preset paper --task movie-reviews --method full --out runs/paper
   torchrun --standalone --nproc-per-node 2 -m golore_lab finetune --method galore --out runs/ddp
   torchrun --standalone --nproc-per-node 2 -m golore_lab finetune --method galore --fsdp --out runs/fsdp
+  python -m golore_lab finetune --model roberta-base --task glue/mrpc --method golore@20 --out runs/mrpc
+  python -m golore_lab finetune --model ./my-model --train-file train.csv --validation-file dev.csv --out runs/f
+  python -m golore_lab finetune --recipe paper-glue --out runs/paper-glue       (the authors' RoBERTa/MRPC command)
 """

@@ -38,8 +38,22 @@ optimizers (under DDP only the low-rank factors are all-reduced between refreshe
 program then accumulates smaller micro-batches (same batch; it says so), or refuses naming the size it needs
 (:mod:`golore_lab.lm.memory`). Exit status: 0 done; 1 the run stopped (divergence -- a non-finite loss or
 perplexity, or a loss above ``DIVERGENCE_FACTOR`` times its start --, a damaged checkpoint or metrics file, a
-read-only or full disk, a folder in use; the message says what is kept); 2 bad options; 130 / 143 stopped by
-SIGINT / SIGTERM between two steps, after the checkpoint of the last one (``--resume`` continues).
+read-only or full disk, a folder in use; the message says what is kept); 2 bad options; 3 a ``--recipe`` this
+machine cannot run (its inputs are missing, a step does not fit in memory, or the measured time per step times
+the steps exceeds ``--max-hours``: the plan printed says which, :mod:`golore_lab.lm.recipes`); 130 / 143 stopped
+by SIGINT / SIGTERM between two steps, after the checkpoint of the last one (``--resume`` continues).
+
+The user's data and model: ``--data PATH_OR_NAME`` (text, JSON Lines -- C4's own ``.json.gz`` shards --, Parquet,
+or a ``datasets`` name) with ``--tokenizer NAME_OR_PATH`` (any Hugging Face tokenizer, or the package's BPE), and
+``--val-data`` / ``--val-split``, ``--text-field``, ``--data-config``: tokenized once into the cache
+(:mod:`golore_lab.lm.corpus`), read through a memory map. ``--model-config NAME_OR_PATH`` takes the model's shape
+from a Hugging Face LLaMA ``config.json`` (or one of :data:`golore_lab.lm.configs.PAPER_CONFIGS`), vocabulary
+included (the corpus' largest token id must fit). ``--recipe paper-60m`` (``paper-130m``, ``paper-350m``,
+``paper-1b``) is the authors' pre-training command (:mod:`golore_lab.lm.recipes`)::
+
+    python -m golore_lab pretrain --recipe paper-60m --plan-only      # what it needs here; starts nothing
+    python -m golore_lab pretrain --recipe paper-60m --prepare-only   # tokenize C4 once
+    torchrun --standalone --nproc-per-node 2 -m golore_lab pretrain --recipe paper-60m --out runs/60m
 """
 from __future__ import annotations
 
@@ -59,7 +73,7 @@ from torch import nn
 from .data import DEFAULT_VOCAB, Corpus, ensure_corpus
 from .memory import llama_activation_bytes
 from .model import LlamaConfig, build_model, llama_param_groups
-from .config import positive_int, run_program, thread_count
+from .config import finite_float, positive_int, run_program, thread_count
 from .metrics import json_row
 from .train import TrainConfig, add_train_arguments, stream_indices, train
 
@@ -94,32 +108,53 @@ class LMTask:
     T next-token predictions. Evaluation is the mean loss on ``eval_windows`` validation windows spread evenly
     over the validation split (so both sources are represented; the same tokens for every method and seed) and
     its perplexity exp(loss) (inf when exp overflows, as it does once a run has diverged).
+
+    The token arrays stay as they are given (a memory map for a prepared corpus): each batch reads only its own
+    windows and converts them to int64, so a corpus of billions of tokens is never materialised in memory.
+    ``keep_vocab``: the model's vocabulary is ``model_cfg``'s (a ``--model-config``), checked against the
+    corpus' largest token id; otherwise it is the corpus'. ``source``: what the corpus was made from (recorded
+    in :meth:`options` when given, so a resume with other data names it).
     """
 
     def __init__(self, corpus: Corpus, model_cfg: LlamaConfig, seq_len: int | None = None,
-                 eval_windows: int = 48, eval_batch: int = 16):
-        self.model_cfg = replace(model_cfg, vocab_size=corpus.vocab_size)
+                 eval_windows: int = 48, eval_batch: int = 16, keep_vocab: bool = False,
+                 source: dict | None = None):
+        if keep_vocab:
+            from .configs import check_vocabulary
+
+            check_vocabulary(model_cfg, max_token_id(corpus), source=f"the corpus {corpus.path}")
+            self.model_cfg = model_cfg
+        else:
+            self.model_cfg = replace(model_cfg, vocab_size=corpus.vocab_size)
         self.seq_len = model_cfg.max_seq_len if seq_len is None else seq_len
         if not 1 <= self.seq_len <= self.model_cfg.max_seq_len:
             raise ValueError(f"Invalid seq_len: {self.seq_len} (must be in [1, max_seq_len = {model_cfg.max_seq_len}])")
-        self.train_tokens = torch.from_numpy(corpus.train.astype(np.int64))
-        self.val_tokens = torch.from_numpy(corpus.val.astype(np.int64))
+        self.train_tokens, self.val_tokens = corpus.train, corpus.val
         self.n_train = (len(self.train_tokens) - 1) // self.seq_len
+        if self.n_train < 1:
+            raise ValueError(f"Invalid seq_len: {self.seq_len} (the training split has {len(self.train_tokens)} "
+                             "tokens, not one window)")
         n_val = (len(self.val_tokens) - 1) // self.seq_len
         if eval_windows < 1 or eval_windows > n_val:
             raise ValueError(f"Invalid eval_windows: {eval_windows} (validation has {n_val} windows of {self.seq_len})")
         self.eval_windows, self.eval_batch = eval_windows, eval_batch
         self.corpus_files = dict(corpus.manifest.get("files", {}))
+        self.source = source
         self._eval_starts = torch.linspace(0, n_val - 1, eval_windows).round().long() * self.seq_len
         self._offsets = torch.arange(self.seq_len + 1)
+
+    def _windows(self, tokens, starts: torch.Tensor) -> torch.Tensor:
+        index = (starts[:, None] + self._offsets).numpy()
+        return torch.from_numpy(np.asarray(tokens[index], dtype=np.int64))
 
     def build_model(self, seed: int) -> nn.Module:
         return build_model(self.model_cfg, seed)
 
     def options(self) -> dict:
         """The model's shape, the sequence length, the evaluation windows and the corpus (its files' sha256)."""
-        return {"model": asdict(self.model_cfg), "seq_len": self.seq_len, "eval_windows": self.eval_windows,
-                "eval_batch": self.eval_batch, "corpus": self.corpus_files}
+        out = {"model": asdict(self.model_cfg), "seq_len": self.seq_len, "eval_windows": self.eval_windows,
+               "eval_batch": self.eval_batch, "corpus": self.corpus_files}
+        return {**out, "data": self.source} if self.source else out
 
     def activation_bytes(self, micro_batch: int) -> int:
         c = self.model_cfg
@@ -131,8 +166,7 @@ class LMTask:
 
     def batch(self, start: int, count: int, seed: int) -> torch.Tensor:
         """(count, T + 1) token windows at stream positions start .. start + count - 1."""
-        starts = stream_indices(start, count, self.n_train, seed) * self.seq_len
-        return self.train_tokens[starts[:, None] + self._offsets]
+        return self._windows(self.train_tokens, stream_indices(start, count, self.n_train, seed) * self.seq_len)
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         logits = model(batch[:, :-1])  # (B, T, V)
@@ -145,7 +179,7 @@ class LMTask:
         total, count = 0.0, 0
         for first in range(0, self.eval_windows, self.eval_batch):
             starts = self._eval_starts[first:first + self.eval_batch]
-            windows = self.val_tokens[starts[:, None] + self._offsets].to(next(model.parameters()).device)
+            windows = self._windows(self.val_tokens, starts).to(next(model.parameters()).device)
             logits = model(windows[:, :-1])
             total += float(F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction="sum"))
             count += windows[:, 1:].numel()
@@ -153,30 +187,160 @@ class LMTask:
         return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf}
 
 
+def max_token_id(corpus: Corpus) -> int:
+    """The largest token id of a corpus: its manifest's ``max_token_id`` (a prepared corpus), else the arrays'."""
+    if "max_token_id" in corpus.manifest:
+        return int(corpus.manifest["max_token_id"])
+    return int(max(corpus.train.max(initial=0), corpus.val.max(initial=0)))
+
+
 #: the TrainConfig fields whose default is the model preset's recipe (resolved after parsing)
 RECIPE_FIELDS = frozenset(f.name for f in fields(TrainConfig)) - {"method", "optimizer", "path"}
 
 
-def main(argv: list[str] | None = None) -> int:
+#: program options a recipe sets (besides the TrainConfig fields), with their value when neither gives one
+DATA_OPTIONS = {"data": None, "text_field": "text", "data_config": None, "val_data": None, "val_split": None,
+                "tokenizer": None, "max_tokens": None, "max_documents": None, "max_val_documents": None,
+                "model_config": None, "seq_len": None, "eval_windows": 48}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .recipes import MAX_HOURS, PRETRAIN_RECIPES
+
     parser = argparse.ArgumentParser(prog="python -m golore_lab pretrain", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="cpu", choices=["tiny", "cpu", "late", "60m"],
                         help="model preset and recipe")
+    parser.add_argument("--recipe", default=None, choices=sorted(PRETRAIN_RECIPES),
+                        help="the authors' pre-training command (golore_lab.lm.recipes); explicit options override "
+                             "its values; checked against this machine before it starts")
+    parser.add_argument("--model-config", default=None, metavar="NAME_OR_PATH",
+                        help="a Hugging Face LLaMA config.json, or llama_60m / llama_130m / llama_350m / llama_1b; "
+                             "the vocabulary is the config's (checked against the corpus)")
     parser.add_argument("--seq-len", type=positive_int, default=None,
                         help="tokens per example (default: the preset's)")
-    parser.add_argument("--eval-windows", type=positive_int, default=48, help="validation windows per evaluation")
-    parser.add_argument("--vocab-size", type=positive_int, default=DEFAULT_VOCAB, help="BPE vocabulary of the corpus")
+    parser.add_argument("--eval-windows", type=positive_int, default=None,
+                        help="validation windows per evaluation (default: 48, or the recipe's)")
+    data = parser.add_argument_group("data (default: the built-in corpus, Shakespeare + BBC News, package BPE)")
+    data.add_argument("--data", default=None, metavar="PATH_OR_NAME",
+                      help="text / JSON Lines (.gz: C4 shards) / Parquet files, a folder or glob, or a Hugging Face "
+                           "datasets name (golore_lab.lm.corpus); tokenized once into the cache")
+    data.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
+                      help="with --data: bpe, bpe:V, or any transformers tokenizer name or folder (default: bpe)")
+    data.add_argument("--text-field", default=None, help="JSON / Parquet field holding the text (default: text)")
+    data.add_argument("--data-config", default=None, help="datasets configuration (en for allenai/c4)")
+    data.add_argument("--val-data", default=None, metavar="PATH_OR_NAME",
+                      help="validation files (default: every 20th document of --data)")
+    data.add_argument("--val-split", default=None, help="datasets split for validation (validation for C4)")
+    data.add_argument("--max-tokens", type=positive_int, default=None, help="stop reading --data at this many tokens")
+    data.add_argument("--max-documents", type=positive_int, default=None, help="read at most this many documents")
+    data.add_argument("--max-val-documents", type=positive_int, default=None,
+                      help="read at most this many validation documents (default: --max-documents)")
+    parser.add_argument("--vocab-size", type=positive_int, default=DEFAULT_VOCAB,
+                        help="BPE vocabulary of the built-in corpus")
     parser.add_argument("--cache", type=Path, default=None, help="data cache root (default: $GOLORE_LAB_CACHE)")
     parser.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads (CPU)")
-    add_train_arguments(parser, deferred=RECIPE_FIELDS)
+    parser.add_argument("--max-hours", type=finite_float, default=MAX_HOURS,
+                        help="a recipe estimated to take longer here is not started (exit status 3)")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="with --recipe: print what the run needs here (inputs, memory, time) and exit")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="tokenize the corpus into the cache (as the run would) and exit")
+    # method, optimizer and path too: a --recipe sets them (without one they are TrainConfig's defaults)
+    add_train_arguments(parser, deferred=frozenset(f.name for f in fields(TrainConfig)))
+    return parser
+
+
+def resolve(args) -> tuple[TrainConfig, dict]:
+    """The run's TrainConfig and data options: explicit options, else the recipe's, else the preset's."""
+    from .recipes import PRETRAIN_RECIPES
+
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    if args.recipe:
+        chosen = PRETRAIN_RECIPES[args.recipe]
+        cfg = TrainConfig(**{**chosen["train"], **given})
+    else:
+        chosen = {}
+        cfg = recipe(args.model, **given)
+    options = {}
+    for name, default in DATA_OPTIONS.items():
+        value = getattr(args, name)
+        options[name] = value if value is not None else chosen.get(name, default)
+    if options["tokenizer"] is not None and options["data"] is None:
+        raise ValueError(f"Invalid tokenizer: {options['tokenizer']!r} without --data (the built-in corpus has its "
+                         "own BPE; --vocab-size sets its size)")
+    return cfg, options
+
+
+def model_config(args, options: dict) -> tuple[LlamaConfig, bool]:
+    """The model's shape and whether its vocabulary is its own (a --model-config) rather than the corpus'."""
+    if options["model_config"] is None:
+        return LlamaConfig.preset(args.model), False
+    from .configs import llama_config, load_model_config, max_positions
+
+    hf = load_model_config(options["model_config"])
+    seq = options["seq_len"] or min(LlamaConfig.preset(args.model).max_seq_len, max_positions(hf))
+    return llama_config(hf, max_seq_len=seq), True
+
+
+def load_data(args, options: dict, progress: bool):
+    """The corpus of the run: --data prepared (once) into the cache, or the built-in one."""
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if options["data"] is None:
+        return ensure_corpus(args.cache, args.vocab_size, log=log), None
+    import fcntl
+
+    from .corpus import load_token_corpus, prepare_corpus
+    from .fetch import cache_root
+
+    # Under torchrun every rank gets here: the first to take the lock tokenizes, the others then find the cache.
+    lock = Path(args.cache or cache_root()) / "corpora" / ".prepare.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        path = prepare_corpus(options["data"], options["tokenizer"] or "bpe", text_field=options["text_field"],
+                              config=options["data_config"], val_data=options["val_data"],
+                              val_split=options["val_split"], max_documents=options["max_documents"],
+                              max_tokens=options["max_tokens"], max_val_documents=options["max_val_documents"],
+                              root=args.cache, progress=progress, log=log)
+    source = {k: options[k] for k in ("data", "tokenizer", "text_field", "data_config", "val_data", "val_split")
+              if options[k] is not None}
+    return load_token_corpus(path), source
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     try:
-        cfg = recipe(args.model, **given)
-        corpus = ensure_corpus(args.cache, args.vocab_size, log=lambda m: print(m, file=sys.stderr))
-        task = LMTask(corpus, LlamaConfig.preset(args.model), seq_len=args.seq_len, eval_windows=args.eval_windows)
+        cfg, options = resolve(args)
+        model_cfg, keep_vocab = model_config(args, options)
+        if args.recipe:
+            from .recipes import CANNOT_RUN, corpus_token_budget, pretrain_plan
+
+            if options["max_tokens"] is None and options["data"] is not None and options["val_split"] is not None:
+                options["max_tokens"] = corpus_token_budget(cfg.steps, cfg.batch_size, options["seq_len"]
+                                                            or model_cfg.max_seq_len)
+        if args.recipe and not args.prepare_only:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                from .train import _distributed
+
+                _distributed(cfg.fsdp)  # the ranks agree on the plan's measured time
+            plan = pretrain_plan(args.recipe, cfg, options, model_cfg, args.max_hours)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(plan.describe(), file=sys.stderr)
+            if args.plan_only or plan.blockers():
+                return CANNOT_RUN if plan.blockers() else 0
+        elif args.plan_only:
+            raise ValueError("Invalid plan_only: True without --recipe")
+        corpus, source = load_data(args, options, cfg.progress)
+        if args.prepare_only:
+            print(f"{corpus.path}: vocab {corpus.vocab_size}, {len(corpus.train):,} train / {len(corpus.val):,} "
+                  "val tokens")
+            return 0
+        task = LMTask(corpus, model_cfg, seq_len=options["seq_len"], eval_windows=options["eval_windows"],
+                      keep_vocab=keep_vocab, source=source)
     except (ValueError, RuntimeError) as err:
         parser.error(str(err))
     status, result = run_program(parser, lambda: train(task, cfg))
