@@ -253,6 +253,8 @@ def recipe(preset: str = "cpu", task: str = "movie-reviews", optimizer: str = "a
     preset_epochs = train.pop("epochs", None)
     epochs = preset_epochs if epochs is None else epochs
     train.update({k: v for k, v in train_overrides.items() if v is not None})
+    if train.get("layerwise") and train_overrides.get("grad_clip") is None:
+        train["grad_clip"] = 0.0   # layer-wise steps cannot clip by the global norm
     if not isinstance(train["batch_size"], int) or train["batch_size"] < 1:
         raise ValueError(f"Invalid batch_size: {train['batch_size']} (must be >= 1)")
     n_train = len(subsample(load_splits(task, split_seed=task_cfg.split_seed).train, task_cfg.train_examples, 0))
@@ -353,4 +355,5 @@ EXAMPLES = """examples:
   python -m golore_lab finetune --preset paper --task movie-reviews --method full --out runs/paper
   torchrun --standalone --nproc-per-node 2 -m golore_lab finetune --method galore --out runs/ddp
   torchrun --standalone --nproc-per-node 2 -m golore_lab finetune --method galore --fsdp --out runs/fsdp
+  python -m golore_lab finetune --method golore@100 --layerwise --checkpoint-activations --out runs/lw
 """
