@@ -337,3 +337,23 @@ def test_closed_forms_quoted_in_the_docs():
     quoted = "(" + ", ".join(f"{v:.3f}" for v in s) + ")"
     assert quoted in _text(THEORY)
     assert int(np.sum(s > problem.sigma)) == 4 and "four values above σ" in _text(THEORY)
+
+
+def test_memory_table_is_the_benchmark_files():
+    """Every row of the memory table: the measured peak, the estimate, their ratio and each term, as in the
+    bench/results/memory_cpu_*.json files; refused rows were never run."""
+    mib = 2 ** 20
+    rows = [row for name in ("memory_cpu_60m.json", "memory_cpu_1b.json")
+            for row in json.loads(_text(ROOT / "bench/results" / name))["rows"]]
+    table = _table(BENCHMARKS, "## Peak memory of a step")
+    assert [line[0] for line in table] == [f"{r['size']} {r['config']}" for r in rows]
+    for line, row in zip(table, rows):
+        terms = [row["analytic"][k] / mib for k in ("weights", "gradients", "state", "bases", "activations",
+                                                     "workspace", "runtime")]
+        assert _matches(line[2], row["analytic_total"] / mib), line
+        assert all(_matches(printed, value) for printed, value in zip(line[4:11], terms)), line
+        if "refused" in row:
+            assert line[1] == "refused" and "measured" not in row
+        else:
+            assert _matches(line[1], row["measured"] / mib) and _matches(line[3], row["ratio"]), line
+            assert row["losses"][-1] < row["losses"][0]

@@ -75,6 +75,8 @@ class TrainConfig:
     stop_at: int | None = None         # stop after this step (schedule still uses `steps`); resume later
     bf16: bool = False
     fsdp: bool = False                 # shard the model with FSDP2 under torchrun (path "optimizer" only)
+    layerwise: bool = False            # each parameter's step in the backward pass (golore_lab.optim.layerwise)
+    checkpoint_activations: bool = False   # recompute each block in the backward instead of keeping its tensors
     device: str = "auto"
     progress: bool = True
 
@@ -151,6 +153,13 @@ class TrainConfig:
         if self.path == "wrapper" and self.fsdp:
             raise ValueError("Invalid path: 'wrapper' with fsdp (FSDP2 shards the task's own matrices, which the "
                              "subspace optimizers train directly; use path 'optimizer' with fsdp, or drop fsdp)")
+        if self.layerwise and self.path == "wrapper":
+            raise ValueError("Invalid layerwise: True with path 'wrapper' (its factors are trained by a plain torch "
+                             "optimizer; layer-wise steps are the subspace optimizer's: use path 'optimizer')")
+        if self.layerwise and self.grad_clip > 0:
+            raise ValueError(f"Invalid grad_clip: {self.grad_clip} with layerwise (the global norm needs every "
+                             "gradient before the first update, and in-backward each parameter is updated as soon "
+                             "as its gradient exists: use --grad-clip 0)")
         if self.path == "wrapper" and self.optimizer == "sgd" and self.weight_decay:
             raise ValueError(f"Invalid weight_decay: {self.weight_decay} with path 'wrapper' and optimizer 'sgd' "
                              "(torch.optim.SGD's coupled decay would shrink the factors, not the merged weights; "

@@ -253,6 +253,8 @@ def recipe(preset: str = "cpu", task: str = "movie-reviews", optimizer: str = "a
     preset_epochs = train.pop("epochs", None)
     epochs = preset_epochs if epochs is None else epochs
     train.update({k: v for k, v in train_overrides.items() if v is not None})
+    if train.get("layerwise") and train_overrides.get("grad_clip") is None:
+        train["grad_clip"] = 0.0   # layer-wise steps cannot clip by the global norm
     if not isinstance(train["batch_size"], int) or train["batch_size"] < 1:
         raise ValueError(f"Invalid batch_size: {train['batch_size']} (must be >= 1)")
     n_train = len(subsample(load_splits(task, split_seed=task_cfg.split_seed).train, task_cfg.train_examples, 0))
@@ -448,4 +450,5 @@ EXAMPLES = """examples:
   python -m golore_lab finetune --model roberta-base --task glue/mrpc --method golore@20 --out runs/mrpc
   python -m golore_lab finetune --model ./my-model --train-file train.csv --validation-file dev.csv --out runs/f
   python -m golore_lab finetune --recipe paper-glue --out runs/paper-glue       (the authors' RoBERTa/MRPC command)
+  python -m golore_lab finetune --method golore@100 --layerwise --checkpoint-activations --out runs/lw
 """

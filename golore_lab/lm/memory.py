@@ -26,7 +26,9 @@ process (``tests/test_memory.py``): for the LLaMA presets it was 0.82-0.98 of th
 were set and 0.58-0.65 on the final code (the tests hold 0.5-1.3: an over-estimate is the safe side); for the
 MiniLM classifier 0.6-0.9 (held within 0.5-1.3):
 large blocks come back from the allocator with less slack than :data:`ALLOCATOR` assumes, so the estimate errs
-on the safe side there. The check keeps a quarter of the available memory in reserve (:data:`HEADROOM`) for the spread.
+on the safe side there. With activation checkpointing at the LLaMA widths of ``bench/memory.py`` (60M, 1B; vocabulary 32k,
+one sequence of 256 tokens) the estimate -- layer-wise and wrapper paths included -- was 0.95-1.12 of the
+measured peak (``docs/benchmarks.md``). The check keeps a quarter of the available memory in reserve (:data:`HEADROOM`) for the spread.
 """
 from __future__ import annotations
 
@@ -50,6 +52,10 @@ FLOAT = 4
 #: freed and the gradients being allocated do not share pages: on the small presets peak RSS grew by 1.7-2.1
 #: bytes per activation byte (1.3 with the threshold pinned at 64 KiB by MALLOC_MMAP_THRESHOLD_).
 ALLOCATOR = 2.0
+#: The same with activation checkpointing (``--checkpoint-activations``), at the LLaMA widths of
+#: ``bench/memory.py``: what stays alive at the peak is a few large tensors (the head's (T, V) ones, 31-33 MiB,
+#: at glibc's mmap ceiling), which come from and go back to the kernel whole; measured 1.0 there.
+ALLOCATOR_CHECKPOINTED = 1.0
 #: What a process's first forward and backward add besides tensors (kernel workspaces, thread pools, the autograd
 #: engine): 85-115 MiB measured on the small presets.
 RUNTIME = 96 * MiB
@@ -61,60 +67,83 @@ class StepMemory:
 
     weights: int
     gradients: int
-    optimizer: int
+    optimizer: int     # the rule's state (moments)
     activations: int   # resident bytes: ALLOCATOR x the activation tensors
     runtime: int = RUNTIME
+    bases: int = 0      # the subspace matrices' bases P (optimizer path; the wrapper's are among its weights)
+    workspace: int = 0  # the optimizer step's temporaries
 
     @classmethod
-    def of(cls, fixed: tuple[int, int, int], activation_tensors: int) -> "StepMemory":
-        """From :func:`model_bytes` and a task's activation tensor bytes."""
-        return cls(*fixed, activations=int(ALLOCATOR * activation_tensors))
+    def of(cls, fixed: tuple[int, ...], activation_tensors: int, allocator: float = None) -> "StepMemory":
+        """From a path's fixed bytes ((weights, gradients, state[, bases[, workspace]]), :func:`model_bytes`) and a
+        task's activation tensor bytes, made resident by ``allocator`` (default :data:`ALLOCATOR`)."""
+        weights, gradients, state, bases, workspace = (*fixed, 0, 0)[:5]
+        factor = ALLOCATOR if allocator is None else allocator
+        return cls(weights, gradients, state, int(factor * activation_tensors), bases=bases, workspace=workspace)
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+        return sum(self.terms().values())
+
+    def terms(self) -> dict[str, int]:
+        """The terms by name (what ``bench/memory.py`` tabulates)."""
+        return {"weights": self.weights, "gradients": self.gradients, "state": self.optimizer, "bases": self.bases,
+                "activations": self.activations, "workspace": self.workspace, "runtime": self.runtime}
 
     def describe(self) -> str:
         return (f"~{self.total / GiB:.2f} GiB (weights {self.weights / GiB:.2f} + gradients {self.gradients / GiB:.2f}"
-                f" + optimizer state {self.optimizer / GiB:.2f} + activations {self.activations / GiB:.2f} + "
-                f"runtime {self.runtime / GiB:.2f})")
+                f" + optimizer state {(self.optimizer + self.bases + self.workspace) / GiB:.2f} + activations "
+                f"{self.activations / GiB:.2f} + runtime {self.runtime / GiB:.2f})")
 
 
 def model_bytes(model: nn.Module, groups: list[dict], *, optimizer: str, momentum: float,
-                subspace: bool) -> tuple[int, int, int]:
-    """(weights, gradients, optimizer state) in bytes for ``model`` trained over ``groups``.
+                subspace: bool, layerwise: str | None = None) -> tuple[int, int, int, int]:
+    """(weights, gradients, optimizer state, bases) in bytes for ``model`` trained over ``groups``.
 
     ``subspace``: group 0 holds subspace matrices with a ``rank`` key (the optimizer path of GaLore / GoLore);
     otherwise every parameter keeps full-size state (full training, and the wrapper path, whose groups hold the
-    low-rank factors themselves).
+    low-rank factors themselves). ``layerwise`` (:mod:`golore_lab.optim.layerwise`): ``"single"`` -- one
+    micro-batch, each gradient freed by its own hook: the largest gradient; ``"subspace"`` -- several, GoLore's
+    matrices accumulating r-sized sums: the full-space gradients, those sums and the largest gradient (the one
+    being projected); ``"gradient"`` -- several, with SVD refreshes (which accumulate every gradient at a refresh
+    step): every gradient, as without layer-wise.
     """
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     trainable = [p for group in groups for p in group["params"]]
-    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    sizes = [p.numel() * p.element_size() for p in trainable]
     moments = 2 if optimizer == "adamw" else (1 if momentum else 0)
-    state = 0
+    state = bases = accumulators = full_gradients = 0
     for i, group in enumerate(groups):
         for p in group["params"]:
             if subspace and i == 0 and p.ndim == 2:
                 r = min(int(group["rank"]), *p.shape)
-                state += (moments * r * max(p.shape) + r * min(p.shape)) * p.element_size()
+                state += moments * r * max(p.shape) * p.element_size()
+                bases += r * min(p.shape) * p.element_size()
+                accumulators += r * max(p.shape) * p.element_size()
             else:
                 state += moments * p.numel() * p.element_size()
-    return weights, gradients, state
+                full_gradients += p.numel() * p.element_size()
+    gradients = {None: sum(sizes), "gradient": sum(sizes), "single": max(sizes, default=0),
+                 "subspace": full_gradients + accumulators + max(sizes, default=0)}[layerwise]
+    return weights, gradients, state, bases
 
 
 def llama_activation_bytes(dim: int, n_layers: int, hidden_dim: int, vocab_size: int, batch: int, seq_len: int,
-                           eval_batch: int = 0) -> int:
+                           eval_batch: int = 0, checkpoint: bool = False) -> int:
     """Bytes autograd keeps for one micro-batch of the LLaMA of :mod:`golore_lab.lm.model`, N = batch · seq_len.
 
     Per layer (d = dim, h = hidden_dim), in numbers per token: the attention norm's input and output (2d), the
     rotated q and k, v, the attention output and its head-merged copy (5d; the CPU and flash kernels keep no T x T
     matrix), the MLP norm's input and output (2d), and the SwiGLU's gate, up, silu(gate) and product (4h). Then
     the final norm (2d) and, at the head, the log-softmax output, its incoming gradient and the logits' gradient
-    (3V). An evaluation batch (no autograd) holds its logits and their log-softmax (2V per token); the larger of
-    the two is returned.
+    (3V). ``checkpoint`` (activation checkpointing): each layer keeps its input (d) and one layer at a time is
+    recomputed in the backward (9d + 4h), after the head's tensors are freed: n_layers d + max(2d + 3V, 9d + 4h).
+    An evaluation batch (no autograd) holds its logits and their log-softmax (2V per token); the larger of the
+    two is returned.
     """
-    train = batch * seq_len * (n_layers * (9 * dim + 4 * hidden_dim) + 2 * dim + 3 * vocab_size)
+    head, block = 2 * dim + 3 * vocab_size, 9 * dim + 4 * hidden_dim
+    per_token = n_layers * dim + max(head, block) if checkpoint else n_layers * block + head
+    train = batch * seq_len * per_token
     evaluation = eval_batch * seq_len * 2 * vocab_size
     return FLOAT * max(train, evaluation)
 

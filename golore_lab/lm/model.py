@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 PRESETS = {
@@ -36,6 +37,8 @@ PRESETS = {
     "cpu": (128, 4, 4, 344, 128),   # figures on a 2-core CPU: ~0.8 M non-embedding parameters
     "late": (64, 2, 2, 172, 32),    # long small-batch CPU runs that reach the noise-dominated phase: ~0.1 M
     "60m": (512, 8, 8, 1376, 256),  # the paper's LLaMA-60M (with its 32k T5 vocabulary: ~58 M parameters)
+    "350m": (1024, 24, 16, 2736, 256),   # GaLore's llama_350m widths (32k vocabulary: ~368 M parameters)
+    "1b": (2048, 24, 32, 5461, 256),     # GaLore's llama_1b widths (32k vocabulary: ~1.34 B parameters)
 }
 
 
@@ -144,7 +147,14 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder-only LLaMA; ``forward(idx (B, T) long) -> logits (B, T, V)``."""
+    """Decoder-only LLaMA; ``forward(idx (B, T) long) -> logits (B, T, V)``.
+
+    ``checkpoint_activations = True``: while autograd records, each block keeps only its input and is recomputed
+    in the backward (``torch.utils.checkpoint``, non-reentrant); same values, n_layers × (B, T, d) saved instead
+    of every block's tensors.
+    """
+
+    checkpoint_activations = False
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -174,7 +184,10 @@ class Llama(nn.Module):
         x = self.embed(idx)  # (B, T, d)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for block in self.layers:
-            x = block(x, cos, sin)
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
 

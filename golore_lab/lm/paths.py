@@ -8,6 +8,10 @@
   refresh protocol runs around the forward (GoLore's random bases before it, SVD ones after backward), clipping
   is of the factors' gradients P^T G, and checkpoints hold the merged weights under ``"model"`` (a plain state
   dict of the task's architecture) and the wrapper's own state under ``"wrapper"``;
+* :class:`LayerwisePath` (``layerwise``): the optimizer path with each parameter's step taken in the backward
+  (:mod:`golore_lab.optim.layerwise`): the gradients are freed as they are used, GoLore's are accumulated in the
+  subspace across micro-batches; full training takes ``SubspaceAdamW`` / ``SubspaceSGD`` without a rank (torch's
+  AdamW / SGD rule); no global clipping (refused by the configuration); one process;
 * :class:`FSDPPath` (``fsdp``): the model sharded with FSDP2 (:func:`golore_lab.distributed.shard_model`) before
   the optimizer's groups are built; every rank evaluates (the forward all-gathers), checkpoints are
   ``torch.distributed.checkpoint`` folders, and the final model is the plain one with the full weights.
@@ -158,15 +162,22 @@ class TrainPath:
     def __init__(self, task, cfg: TrainConfig, device: torch.device, world: int, rank: int):
         self.cfg, self.world, self.rank = cfg, world, rank
         self.model = task.build_model(cfg.seed).to(device)
+        if cfg.checkpoint_activations:
+            checkpoint_activations(self.model)
         self.groups = task.param_groups(self._shard(self.model), **cfg.subspace)
 
     def _shard(self, model: nn.Module) -> nn.Module:
         return model
 
-    def fixed_bytes(self) -> tuple[int, int, int]:
-        """(weights, gradients, optimizer state) bytes, for the micro-batch choice (:mod:`golore_lab.lm.memory`)."""
-        return memory.model_bytes(self.model, self.groups, optimizer=self.cfg.optimizer, momentum=self.cfg.momentum,
-                                  subspace=not self.cfg.spec.full)
+    def fixed_bytes(self, micro_batches: int = 1) -> tuple[int, int, int, int]:
+        """(weights, gradients, optimizer state, bases, workspace) bytes with ``micro_batches`` accumulated per
+        step, for the micro-batch choice (:mod:`golore_lab.lm.memory`). Workspace: torch's AdamW on the CPU
+        (one tensor at a time) forms sqrt(v) and its quotient, two temporaries of the largest parameter's size."""
+        fixed = memory.model_bytes(self.model, self.groups, optimizer=self.cfg.optimizer, momentum=self.cfg.momentum,
+                                   subspace=not self.cfg.spec.full)
+        plain = self.cfg.spec.full and self.cfg.optimizer == "adamw"
+        largest = max((p.numel() * p.element_size() for g in self.groups for p in g["params"]), default=0)
+        return (*fixed, 2 * largest if plain else 0)
 
     def build_optimizer(self) -> None:
         self.opt = make_optimizer(self.groups, self.cfg)
@@ -178,8 +189,8 @@ class TrainPath:
         """Skip DDP's all-reduce on every micro-batch but the last of a step."""
         return self.net.no_sync() if self.net is not self.model and not last else contextlib.nullcontext()
 
-    def before_forward(self) -> None:
-        """Called once per step before the first micro-batch."""
+    def before_forward(self, n_micro: int) -> None:
+        """Called once per step before the first of its ``n_micro`` micro-batches."""
 
     def after_backward(self) -> None:
         """Called once per step after the last micro-batch's backward, before clipping."""
@@ -219,16 +230,20 @@ class WrapperPath(TrainPath):
         super().__init__(task, cfg, device, world, rank)
         self.model, self.groups = wrap_model(self.model, self.groups, cfg)
 
-    def fixed_bytes(self) -> tuple[int, int, int]:
-        return memory.model_bytes(self.model, self.groups, optimizer=self.cfg.optimizer, momentum=self.cfg.momentum,
-                                  subspace=False)
+    def fixed_bytes(self, micro_batches: int = 1) -> tuple[int, ...]:
+        weights, gradients, state, bases = memory.model_bytes(self.model, self.groups, optimizer=self.cfg.optimizer,
+                                                              momentum=self.cfg.momentum, subspace=False)
+        if self.cfg.spec.switch_step(self.cfg.steps) != 0:   # SVD refreshes: the forward of a refresh step forms
+            matrices = sum(layer.weight.numel() * layer.weight.element_size() for layer in self.model.layers.values())
+            gradients += 2 * matrices                          # W + scale P B and captures G, both (m, n)
+        return weights, gradients, state, bases
 
     def build_optimizer(self) -> None:
         super().build_optimizer()
         self.model.attach(self.opt)
         self.refresher = self.model
 
-    def before_forward(self) -> None:
+    def before_forward(self, n_micro: int) -> None:
         if self.model.refresh_due() and not self.model.refresh_needs_gradient():
             self.model.refresh(self.opt)  # random bases (GoLore): before the forward, nothing full-size formed or sent
 
@@ -248,6 +263,54 @@ class WrapperPath(TrainPath):
 
     def final_model(self, task, device: torch.device) -> nn.Module:
         return unwrapped_copy(self.model)
+
+
+class LayerwisePath(TrainPath):
+    """The optimizer path, each parameter stepped in the backward (:func:`golore_lab.optim.layerwise`)."""
+
+    def __init__(self, task, cfg: TrainConfig, device: torch.device, world: int, rank: int):
+        if world > 1:
+            raise ValueError(f"Invalid layerwise: True with {world} processes (DDP all-reduces the gradients after "
+                             "the hooks that would step on them have run; train layer-wise in one process)")
+        super().__init__(task, cfg, device, world, rank)
+
+    def fixed_bytes(self, micro_batches: int = 1) -> tuple[int, int, int, int]:
+        spec = self.cfg.spec
+        random_only = spec.switch_step(self.cfg.steps) == 0   # golore@100: no SVD refresh ever
+        how = "single" if micro_batches == 1 and not spec.large_batch else "subspace" if random_only else "gradient"
+        return memory.model_bytes(self.model, self.groups, optimizer=self.cfg.optimizer, momentum=self.cfg.momentum,
+                                  subspace=not spec.full, layerwise=how)
+
+    def build_optimizer(self) -> None:
+        from golore_lab.optim import SubspaceAdamW, SubspaceSGD, layerwise
+
+        if self.cfg.spec.full:  # torch's rule in the full space, through the optimizer that has the hooks
+            cfg, groups = self.cfg, [{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay")}
+                                     for g in self.groups]
+            self.opt = (SubspaceAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+                        if cfg.optimizer == "adamw" else
+                        SubspaceSGD(groups, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
+                                    weight_decay=cfg.weight_decay, nesterov=cfg.nesterov))
+        else:
+            self.opt = make_optimizer(self.groups, self.cfg)
+        self.refresher, self.net = self.opt, self.model
+        self.steps = layerwise(self.opt)
+
+    def before_forward(self, n_micro: int) -> None:
+        self.steps.expect(n_micro)
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """Turn on activation checkpointing: the LLaMA's own switch (``checkpoint_activations``), or the
+    ``gradient_checkpointing_enable`` of a transformers model inside ``model`` (non-reentrant)."""
+    if hasattr(model, "checkpoint_activations"):
+        model.checkpoint_activations = True
+        return
+    inner = [m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")]
+    if not inner:
+        raise ValueError(f"Invalid checkpoint_activations: True for a {type(model).__name__}, which has no "
+                         "activation checkpointing (no checkpoint_activations attribute or transformers model)")
+    inner[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class FSDPPath(TrainPath):
@@ -274,7 +337,10 @@ class FSDPPath(TrainPath):
 def make_path(task, cfg: TrainConfig, device: torch.device, world: int, rank: int) -> TrainPath:
     """The :class:`TrainPath` of ``cfg`` (its model built from ``cfg.seed``; the optimizer comes later, from
     :meth:`TrainPath.build_optimizer`)."""
-    kind = FSDPPath if cfg.fsdp else WrapperPath if cfg.path == "wrapper" else OptimizerPath
+    if cfg.layerwise and cfg.fsdp:
+        raise ValueError("Invalid layerwise: True with fsdp (not implemented: train layer-wise in one process)")
+    kind = (FSDPPath if cfg.fsdp else WrapperPath if cfg.path == "wrapper" else LayerwisePath if cfg.layerwise
+            else OptimizerPath)
     return kind(task, cfg, device, world, rank)
 
 

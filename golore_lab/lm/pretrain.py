@@ -34,6 +34,15 @@ Runs unchanged under ``torchrun --standalone --nproc-per-node N`` (DDP; ``--batc
 optimizers (under DDP only the low-rank factors are all-reduced between refreshes); ``checkpoint.pt``'s
 ``"model"`` then holds the merged weights, loadable into the plain LLaMA.
 
+``--layerwise`` takes each parameter's step in the backward pass and frees its gradient
+(:mod:`golore_lab.optim.layerwise`; one process; clipping off by default, the global clip being impossible
+in-backward), ``--checkpoint-activations`` recomputes each block in the backward: with both, GoLore trains the
+LLaMA-1B widths (``--model 1b``, GaLore's llama_1b: d 2048, MLP 5461, 24 layers, 32 heads) on a 24 GiB CPU
+machine, a few steps::
+
+    python -m golore_lab pretrain --model 1b --method golore@100 --layerwise --checkpoint-activations \
+        --steps 3 --warmup-steps 0 --batch-size 1 --eval-windows 1 --out runs/1b
+
 ``--model 60m`` with its batch of 512 needs more memory than a CPU machine has for one micro-batch of 512: the
 program then accumulates smaller micro-batches (same batch; it says so), or refuses naming the size it needs
 (:mod:`golore_lab.lm.memory`). Exit status: 0 done; 1 the run stopped (divergence -- a non-finite loss or
@@ -91,9 +100,17 @@ def recipe(model: str = "cpu", **overrides) -> TrainConfig:
                      log_every=50),
         "60m": dict(steps=10_000, batch_size=512, warmup_steps=1000, rank=128, update_proj_gap=200, eval_every=500,
                     log_every=10),
+        # GaLore's LLaMA-350M and LLaMA-1B recipes (its ranks 256 and 512); on a CPU only a few steps, e.g.
+        # --steps 3 --warmup-steps 0 --batch-size 1 --layerwise --checkpoint-activations
+        "350m": dict(steps=60_000, batch_size=512, warmup_steps=6000, rank=256, update_proj_gap=200, eval_every=1000,
+                     log_every=10),
+        "1b": dict(steps=100_000, batch_size=512, warmup_steps=10_000, rank=512, update_proj_gap=200,
+                   eval_every=1000, log_every=10),
     }
     if model not in base:
         raise ValueError(f"Unknown model preset: {model!r} (choose from {sorted(base)})")
+    if overrides.get("layerwise") and "grad_clip" not in overrides:
+        overrides = {**overrides, "grad_clip": 0.0}   # layer-wise steps cannot clip by the global norm
     optimizer = overrides.get("optimizer", "adamw")
     if optimizer not in DEFAULT_LR:
         raise ValueError(f"Invalid optimizer: {optimizer!r} (choose from {', '.join(DEFAULT_LR)})")
@@ -156,10 +173,10 @@ class LMTask:
                "eval_batch": self.eval_batch, "corpus": self.corpus_files}
         return {**out, "data": self.source} if self.source else out
 
-    def activation_bytes(self, micro_batch: int) -> int:
+    def activation_bytes(self, micro_batch: int, checkpoint: bool = False) -> int:
         c = self.model_cfg
         return llama_activation_bytes(c.dim, c.n_layers, c.hidden_dim, c.vocab_size, micro_batch, self.seq_len,
-                                      eval_batch=min(self.eval_batch, self.eval_windows))
+                                      eval_batch=min(self.eval_batch, self.eval_windows), checkpoint=checkpoint)
 
     def param_groups(self, model: nn.Module, **subspace) -> list[dict]:
         return llama_param_groups(model, **subspace)
@@ -209,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m golore_lab pretrain", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="cpu", choices=["tiny", "cpu", "late", "60m"],
+    parser.add_argument("--model", default="cpu", choices=["tiny", "cpu", "late", "60m", "350m", "1b"],
                         help="model preset and recipe")
     parser.add_argument("--recipe", default=None, choices=sorted(PRETRAIN_RECIPES),
                         help="the authors' pre-training command (golore_lab.lm.recipes); explicit options override "

@@ -60,6 +60,7 @@ Example (see :mod:`golore_lab.lm.pretrain` for a full task)::
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ class Task(Protocol):
 
     def activation_bytes(self, micro_batch: int) -> int:
         """Peak bytes of activations of a training micro-batch of this many examples, or of an evaluation
-        batch if that is larger (:mod:`golore_lab.lm.memory`)."""
+        batch if that is larger (:mod:`golore_lab.lm.memory`). A task may take ``checkpoint=True`` too: the
+        bytes with activation checkpointing."""
 
 
 @dataclass
@@ -209,15 +211,25 @@ def _micro_batch(task: Task, cfg: TrainConfig, path, device, per_rank: int, give
     available = memory.available_bytes(device)
     if available is not None and device.type == "cpu":
         available //= memory.local_world_size()  # the ranks on this machine share its memory
-    fixed = path.fixed_bytes()
+    def need(m: int) -> memory.StepMemory:
+        allocator = memory.ALLOCATOR_CHECKPOINTED if cfg.checkpoint_activations else memory.ALLOCATOR
+        return memory.StepMemory.of(path.fixed_bytes(per_rank // m), _activation_bytes(task, m, cfg), allocator)
+
     try:
-        micro, note = memory.choose_micro_batch(
-            per_rank, lambda m: memory.StepMemory.of(fixed, task.activation_bytes(m)), available, given)
+        micro, note = memory.choose_micro_batch(per_rank, need, available, given)
     except MemoryError as err:
         raise RunError(f"not enough memory: {err}") from None
     if note and rank == 0:
         _say(note)
     return micro
+
+
+def _activation_bytes(task: Task, micro_batch: int, cfg: TrainConfig) -> int:
+    """The task's activation bytes, checkpointed when the run checkpoints and the task can count that (a task
+    whose ``activation_bytes`` takes no ``checkpoint`` keyword is counted without: an over-estimate)."""
+    if cfg.checkpoint_activations and "checkpoint" in inspect.signature(task.activation_bytes).parameters:
+        return task.activation_bytes(micro_batch, checkpoint=True)
+    return task.activation_bytes(micro_batch)
 
 
 def _train(task: Task, cfg: TrainConfig, rank: int, world: int, out_dir: Path | None, resuming: bool,

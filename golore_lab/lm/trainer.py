@@ -153,7 +153,7 @@ class Trainer:
         for group, value in zip(path.opt.param_groups, self.lr_now):
             group["lr"] = value
         n_micro = micro_steps(path.refresher, self.accumulate, cfg)
-        path.before_forward()
+        path.before_forward(n_micro)
         loss_sum = torch.zeros((), device=self.device)
         for i in range(n_micro):
             start = self.position + (i * self.world + self.rank) * self.micro
@@ -161,7 +161,10 @@ class Trainer:
             with path.no_sync(last=i == n_micro - 1):
                 with self.autocast():
                     loss = self.task.loss(path.net, batch)
-                (loss / n_micro).backward()
+                try:
+                    (loss / n_micro).backward()
+                except FloatingPointError as err:  # layer-wise: a step in the backward refused a gradient
+                    raise self.stopped(f"{err} at step {self.step + 1}") from None
             loss_sum += loss.detach().float()
             self.tokens += self.task.count_tokens(batch) * self.world
         step_loss = float(loss_sum) / n_micro

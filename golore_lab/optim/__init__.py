@@ -38,6 +38,7 @@ The package, as ``torch.optim`` lays out an optimizer (a small class, functional
 :mod:`.auto`        GoLore@auto's part of the step and its checkpoint layout
 :mod:`.checkpoint`  ``state_dict`` / ``load_state_dict`` through torch's state-dict hooks
 :mod:`.finite`      the non-finite gradient checks
+:mod:`.layerwise`   layer-wise (in-backward) steps: :func:`~.layerwise.layerwise`, accumulation in the subspace
 ==================  ====================================================================================
 
 Sharded parameters go through :mod:`golore_lab.distributed`'s operation objects (:func:`~golore_lab.distributed.ops`).
@@ -54,12 +55,13 @@ from .checkpoint import OPTIONAL_KEYS  # noqa: F401
 from .checkpoint import saved_callable as _saved_callable  # noqa: F401
 from .checkpoint import subclasses as _subclasses  # noqa: F401
 from .finite import nonfinite_flags
+from .layerwise import Layerwise, layerwise
 from .functional import local_state as _local_state  # noqa: F401
 from .records import Basis, Refresh, Target  # noqa: F401
 from .sgd import SGDRule, SubspaceSGD
 
 __all__ = ["SubspaceOptimizer", "SubspaceAdamW", "SubspaceSGD", "Refresh", "microbatches", "AdamWRule", "SGDRule",
-           "SUBSPACE_DEFAULTS", "nonfinite_flags"]
+           "SUBSPACE_DEFAULTS", "nonfinite_flags", "layerwise", "Layerwise"]
 
 
 def microbatches(optimizer: SubspaceOptimizer, base: int, refresh: int) -> int:

@@ -168,14 +168,31 @@ class SubspaceOptimizer(AutoSteps, Checkpoints, FiniteChecks, Optimizer):
         Plan (:meth:`_targets`, :meth:`_buckets`), refresh the bases that are due (:meth:`_refresh`) and project
         (:meth:`_project`), changing nothing; check all projected gradients at once; run the refresh hooks; then
         the rule and the update (:func:`golore_lab.optim.functional.update`) and GoLore@auto's bookkeeping.
+
+        Layer-wise (:mod:`golore_lab.optim.layerwise`): the parameters were updated during the backward; ``step()``
+        closes the step (the parameters that received fewer gradients than announced take theirs now).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets = self._buckets(self._targets())
+        layerwise = self.__dict__.get("_layerwise")
+        if layerwise is not None:
+            layerwise.close()
+            return loss
+        self._take(self._targets())
+        return loss
+
+    def _take(self, targets: list[Target]) -> None:
+        """Phase 1 (plan, refresh, project) and phase 2 (:meth:`_finish`) for ``targets``."""
+        buckets = self._buckets(targets)
         planned = [self._refresh(bucket) for bucket in buckets]
         projected = [self._project(bucket, found) for bucket, found in zip(buckets, planned)]
+        self._finish(buckets, planned, projected)
+
+    def _finish(self, buckets: list[Bucket], planned: list[list[Basis | None]], projected: list[list[Tensor]]) -> None:
+        """Check all projected gradients at once, run the refresh hooks, then the rule, the update and
+        GoLore@auto's bookkeeping. Nothing changes before the check."""
         steps = sorted((item for b, found, grads in zip(buckets, planned, projected)
                         for item in zip(b.targets, grads, found)), key=lambda item: item[0].position)
         self._check_finite([grad for _, grad, _ in steps], [t.name for t, _, _ in steps],
@@ -189,7 +206,6 @@ class SubspaceOptimizer(AutoSteps, Checkpoints, FiniteChecks, Optimizer):
             for target, grad, basis in zip(bucket.targets, grads, found):
                 if basis is not None:
                     self._auto_update(target.state, basis.auto, grad, target.count)
-        return loss
 
     def _targets(self) -> list[Target]:
         """Plan: every parameter with a gradient, in parameter order, with its local, regularized gradient."""
@@ -197,23 +213,28 @@ class SubspaceOptimizer(AutoSteps, Checkpoints, FiniteChecks, Optimizer):
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 position += 1
-                if p.grad is None:
-                    continue
-                name = param_name(group, gi, pi)
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"Parameter {name} has a sparse gradient, which subspace optimizers do not "
-                                       "support")
-                ops = distributed.ops(p, name)
-                weight, grad = distributed.local(p), distributed.local(p.grad)  # local rows when sharded
-                if group["maximize"]:
-                    grad = -grad
-                if weight.is_complex():  # full space only (a rank group refuses complex): as torch.optim, on
-                    weight, grad = torch.view_as_real(weight), torch.view_as_real(grad)  # (..., 2) real views
-                side = None if group["rank"] is None else ops.side(tuple(p.shape), group["proj_type"])
-                state = self.state[p]
-                targets.append(Target(group, name, position, p, weight, self.rule.regularize(group, weight, grad),
-                                      state, state.get("step", 0), side, ops))
+                if p.grad is not None:
+                    targets.append(self._target(gi, pi, position, p.grad))
         return targets
+
+    def _target(self, gi: int, pi: int, position: int, grad: Tensor, regularize: bool = True) -> Target:
+        """Parameter ``pi`` of group ``gi`` (at ``position``) with the gradient ``grad``: local, negated for
+        ``maximize``, as real views for a complex parameter, and regularized by the rule (unless not
+        ``regularize``: a layer-wise micro-batch that is not the step's last)."""
+        group = self.param_groups[gi]
+        p, name = group["params"][pi], param_name(group, gi, pi)
+        if grad.is_sparse:
+            raise RuntimeError(f"Parameter {name} has a sparse gradient, which subspace optimizers do not support")
+        ops = distributed.ops(p, name)
+        weight, grad = distributed.local(p), distributed.local(grad)  # local rows when sharded
+        if group["maximize"]:
+            grad = -grad
+        if weight.is_complex():  # full space only (a rank group refuses complex): as torch.optim, on
+            weight, grad = torch.view_as_real(weight), torch.view_as_real(grad)  # (..., 2) real views
+        side = None if group["rank"] is None else ops.side(tuple(p.shape), group["proj_type"])
+        state = self.state[p]
+        grad = self.rule.regularize(group, weight, grad) if regularize else grad
+        return Target(group, name, position, p, weight, grad, state, state.get("step", 0), side, ops)
 
     def _buckets(self, targets: list[Target]) -> list[Bucket]:
         """Route: single parameters, the full-space buckets of a fused rule (one per group, device and dtype),

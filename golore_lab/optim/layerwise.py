@@ -1,0 +1,218 @@
+"""Layer-wise (in-backward) steps: each parameter is updated, and its gradient freed, as soon as the backward
+has produced it (torch's "optimizer step in the backward pass": ``Tensor.register_post_accumulate_grad_hook``),
+by the ONE optimizer the model was built with, whose learning rate one scheduler keeps setting.
+
+Usage -- the loop of an ordinary step, with the number of micro-batches announced before the first backward::
+
+    steps = layerwise(opt)                         # hooks on every parameter of opt's groups
+    for t in range(T):
+        k = microbatches(opt, base=1, refresh=4)   # L.B. GaLore: 4x the batch at a refresh, as without layer-wise
+        steps.expect(k)
+        for i in range(k):
+            (loss_fn(model, batch(t, i)) / k).backward()   # the k-th backward updates each parameter it reaches
+        opt.step()                                 # closes the step (see below); zero_grad() is a no-op now
+        scheduler.step()
+
+What a parameter keeps between its k micro-batches of one step (G_i: micro-batch i's gradient, P the basis):
+
+* a GoLore matrix (a random basis, which does not depend on the gradient: at a refresh it is drawn at the first
+  micro-batch, :func:`golore_lab.projection.derive_seed`) and any subspace matrix between refreshes: the r-sized
+  sum Σ_i PᵀG_i (or Σ_i G_i Q), each G_i freed as soon as it is projected -- never the m × n gradient;
+* a GaLore matrix at a refresh step (its SVD needs the gradient): G = Σ_i G_i, accumulated in ``p.grad`` by
+  autograd as in an ordinary step, projected and freed at the k-th micro-batch. So are a GoLore matrix at a
+  refresh when a refresh hook is registered (the hook is shown the (m, n) gradient), a GoLore@auto matrix that
+  has not switched (its statistic reads the gradient each step) and every full-space parameter (embeddings,
+  norms: there the accumulator *is* the gradient).
+
+Projection is linear, so Σ_i PᵀG_i = Pᵀ Σ_i G_i and the step is the ordinary accumulated one up to the order of
+floating-point sums; the rule's regularization (SGD's coupled ``weight_decay``: G + wd·W) is added once, at the
+last micro-batch. With k = 1 a layer-wise step is the ordinary one bit for bit (the same operations per parameter;
+a parameter's value is not read by the backward after its gradient is formed, checkpointed blocks included:
+their recomputation precedes their gradients).
+
+``opt.step()`` closes the step: a parameter that received fewer than k gradients (unused in a micro-batch) takes
+its step then, from what it accumulated, and so does any gradient set by hand. A gradient that arrives after a
+parameter's step, before ``step()``, is refused (``RuntimeError``: the loop did more backward passes than it
+announced).
+
+Non-finite gradients: what in-backward can promise. A parameter whose (projected) gradient is not finite is not
+changed, nor is its state, and ``FloatingPointError`` names it -- raised from inside ``backward()``, which stops
+there. The parameters whose gradients came earlier in that backward (the layers nearer the output) have already
+taken their step, and those of the earlier micro-batches are lost: reload the last checkpoint (the training loop
+stops the run and keeps it). ``finite_check = "deferred"`` defers the check as in an ordinary step.
+
+Gradient clipping by the global norm needs every gradient before any update and is impossible in-backward
+(the training loop refuses it); what remains possible is clipping each parameter's gradient by its own norm in
+a hook registered before :func:`layerwise`, or a norm known before the backward (a fixed scale of the loss).
+
+Checkpoints are the optimizer's ``state_dict()`` as without layer-wise (nothing here is state across steps); it
+is refused while a step is open (after a backward, before ``step()``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import switching
+from . import bases
+from .base import Bucket, SubspaceOptimizer
+from .records import Basis
+
+
+@dataclass
+class _Pending:
+    """One parameter within an open step: ``mode`` ``"subspace"`` (``acc``, the r-sized sum of projected
+    micro-batch gradients, with ``basis``) or ``"full"`` (the gradient accumulates in ``p.grad``); ``count`` the
+    micro-batches seen."""
+
+    mode: str
+    basis: Basis | None = None
+    acc: Tensor | None = None
+    count: int = 0
+
+
+class Layerwise:
+    """The in-backward steps of one :class:`~golore_lab.optim.SubspaceOptimizer` (see the module docstring).
+
+    Made by :func:`layerwise`; ``remove()`` detaches the hooks and gives ``step()`` back its ordinary meaning.
+    """
+
+    def __init__(self, optimizer: SubspaceOptimizer):
+        if not isinstance(optimizer, SubspaceOptimizer):
+            raise TypeError(f"layerwise() takes a SubspaceAdamW or SubspaceSGD, not {type(optimizer).__name__}")
+        if optimizer.__dict__.get("_layerwise") is not None:
+            raise ValueError("This optimizer already takes layer-wise steps")
+        self.opt, self.micro_batches = optimizer, 1
+        self.pending: dict[Tensor, _Pending] = {}
+        self.done: set[Tensor] = set()
+        self.index: dict[Tensor, tuple[int, int, int]] = {}
+        position = -1
+        for gi, group in enumerate(optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                position += 1
+                self.index[p] = (gi, pi, position)
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.index if p.requires_grad]
+        self.handles.append(optimizer.register_state_dict_pre_hook(self._refuse_open))
+        optimizer.__dict__["_layerwise"] = self
+
+    # ------------------------------------------------------------------ the loop's calls
+    def expect(self, micro_batches: int) -> None:
+        """Announce the number of backward passes of the next step (1 by default, and until changed)."""
+        if not (isinstance(micro_batches, int) and not isinstance(micro_batches, bool) and micro_batches >= 1):
+            raise ValueError(f"Invalid micro_batches: {micro_batches!r} (must be an integer >= 1)")
+        if self.pending or self.done:
+            raise RuntimeError("expect() while a layer-wise step is open: call optimizer.step() to close it first")
+        self.micro_batches = micro_batches
+
+    @property
+    def open(self) -> bool:
+        """Whether a step is open: some gradient arrived since the last ``step()``."""
+        return bool(self.pending or self.done)
+
+    def remove(self) -> None:
+        """Detach the hooks; the optimizer's ``step()`` is the ordinary one again."""
+        if self.open:
+            raise RuntimeError("remove() while a layer-wise step is open: call optimizer.step() to close it first")
+        for handle in self.handles:
+            handle.remove()
+        self.opt.__dict__.pop("_layerwise", None)
+
+    @torch.no_grad()
+    def close(self) -> None:
+        """``optimizer.step()``: the parameters with fewer gradients than announced, and any gradient set by hand,
+        take their step now; then the next step may begin."""
+        try:
+            for p, pending in list(self.pending.items()):
+                if pending.mode == "subspace":
+                    self._apply_subspace(p, pending, self._regularization(p, pending))
+            self.opt._take(self.opt._targets())   # "full" partials and hand-set gradients: the ordinary step
+        finally:
+            self.pending.clear()
+            self.done.clear()
+
+    # ------------------------------------------------------------------ the hook
+    @torch.no_grad()
+    def _hook(self, p: Tensor) -> None:
+        if p in self.done:
+            raise RuntimeError(f"Layer-wise step: parameter {self._name(p)} received a gradient after its step "
+                               f"(expect({self.micro_batches}) announced {self.micro_batches} backward pass(es)); "
+                               "call optimizer.step() to close a step before the next one")
+        try:
+            pending = self.pending.get(p)
+            if pending is None:
+                pending = self.pending[p] = self._plan(p)
+            pending.count += 1
+            last = pending.count == self.micro_batches
+            if pending.mode == "subspace":
+                self._accumulate(p, pending, last)
+                if last:
+                    self._apply_subspace(p, pending)
+            elif last:
+                self.opt._take([self._target(p, p.grad)])
+                p.grad = None
+            if last:
+                del self.pending[p]
+                self.done.add(p)
+        except BaseException:
+            self.pending.clear()   # the step is abandoned (see the module docstring); the next may begin
+            self.done.clear()
+            raise
+
+    def _target(self, p: Tensor, grad: Tensor, regularize: bool = True):
+        gi, pi, position = self.index[p]
+        return self.opt._target(gi, pi, position, grad, regularize)
+
+    def _name(self, p: Tensor) -> str:
+        gi, pi, _ = self.index[p]
+        return self.opt._param_name(self.opt.param_groups[gi], gi, pi)
+
+    def _plan(self, p: Tensor) -> _Pending:
+        """At a parameter's first micro-batch: accumulate in the subspace when its basis for this step is known
+        without the gradient (and k > 1), else in ``p.grad``."""
+        target = self._target(p, p.grad, regularize=False)
+        group, state = target.group, target.state
+        if self.micro_batches == 1 or target.side is None or target.shard is not None:
+            return _Pending("full")
+        if group["switch_step"] == "auto" and not switching.switched(state):
+            return _Pending("full")   # the statistic reads each step's gradient
+        if not target.due:
+            return _Pending("subspace", Basis(target.basis))
+        kind = bases.refresh_kind(group, target.count, switching.switched(state))
+        if kind != "random" or self.opt._refresh_hooks:
+            return _Pending("full")   # an SVD (or a user's projector, or a hook) needs the (m, n) gradient
+        basis, = self.opt._refresh(Bucket("single", [target]))   # drawn from (seed, position, step) alone
+        return _Pending("subspace", basis)
+
+    def _accumulate(self, p: Tensor, pending: _Pending, last: bool) -> None:
+        """acc += Pᵀ G_i (r, n) or G_i Q (m, r); the rule's regularization joins at the last micro-batch."""
+        target = self._target(p, p.grad, regularize=last)
+        projected, _ = target.ops.project(target.grad, pending.basis.basis, target.side)
+        pending.acc = projected if pending.acc is None else pending.acc.add_(projected)
+        p.grad = None
+
+    def _regularization(self, p: Tensor, pending: _Pending) -> Tensor | None:
+        """The projected regularization term of a step closed early (SGD's wd·W, projected; None when zero)."""
+        target = self._target(p, torch.zeros_like(p))
+        if target.grad.count_nonzero() == 0:
+            return None
+        return target.ops.project(target.grad, pending.basis.basis, target.side)[0]
+
+    def _apply_subspace(self, p: Tensor, pending: _Pending, extra: Tensor | None = None) -> None:
+        """The rule and the update from the accumulated R: the ordinary step's phase 2 for one parameter."""
+        acc = pending.acc if extra is None else pending.acc + extra
+        target = dataclasses.replace(self._target(p, acc, regularize=False), grad=acc)
+        self.opt._finish([Bucket("single", [target])], [[pending.basis]], [[acc]])
+
+    def _refuse_open(self, optimizer: Any) -> None:
+        if self.open:
+            raise RuntimeError("state_dict() while a layer-wise step is open (after a backward, before "
+                               "optimizer.step()): close the step first")
+
+
+def layerwise(optimizer: SubspaceOptimizer) -> Layerwise:
+    """Make ``optimizer`` take each parameter's step in the backward pass (see :mod:`golore_lab.optim.layerwise`)."""
+    return Layerwise(optimizer)
