@@ -6,6 +6,7 @@ Every file the package writes -- figures, cached results, metrics, checkpoints, 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -64,3 +65,16 @@ def truncate(path: Path, size: int) -> None:
             os.fsync(handle.fileno())
     except OSError:
         pass
+
+
+def replace_dir(new: Path, old: Path) -> None:
+    """Put the finished folder ``new`` at ``old``: a rename where ``old`` is free, else the old folder moved aside
+    first (a sibling ``.NAME.PID.old``), the new one renamed in, the old one deleted, so ``old`` is never a
+    partial folder."""
+    if old.exists():
+        trash = old.with_name(f".{old.name}.{os.getpid()}.old")
+        os.replace(old, trash)
+        os.replace(new, old)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(new, old)

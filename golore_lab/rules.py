@@ -56,9 +56,9 @@ def sgd_direction(
     .. math::
         b ← μ b + (1 − τ) R \\;(b ← R \\text{ on the first step}),\\qquad N = b \\text{ or } R + μ b \\text{ (Nesterov)}
 
-    Returns ``(N, buffer)``; the buffer is ``None`` when ``momentum == 0``. The paper's MSGD
-    M ← (1−β₁) M + β₁ R is ``momentum = dampening = 1 − β₁`` (β₁ = 1 is plain SGD); the one difference is the
-    first step, where torch (and this rule) starts the buffer at R while the paper starts from M = 0.
+    Returns ``(N, buffer)``; the buffer is ``None`` when ``momentum == 0``. The MSGD of the
+    authors' code, M ← (1−β₁) M + β₁ R, is ``momentum = dampening = 1 − β₁`` (β₁ = 1 is plain SGD); the one difference is the
+    first step, where torch (and this rule) starts the buffer at R while that code starts from M = 0.
     """
     if momentum == 0:
         return grad, None

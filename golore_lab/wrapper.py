@@ -20,7 +20,7 @@ r × n numbers per wrapped matrix cross the network instead of m × n. At a refr
 3. picks the new basis from G -- SVD (GaLore), random (GoLore), or the switch at ``switch_step`` -- with the
    optimizer path's generator ``refresh_generator(seed, position, t)``;
 4. carries the torch optimizer's state of B to the new basis in place, with the optimizer path's own
-   :func:`golore_lab.rules.refresh_state` (``state_on_refresh``: the paper's momentum projection for ``exp_avg`` /
+   :func:`golore_lab.rules.refresh_state` (``state_on_refresh``: the authors' momentum projection for ``exp_avg`` /
    ``momentum_buffer``, ``exp_avg_sq`` as :func:`golore_lab.rules.carry_second_moment`; ``"reset"`` also restarts
    Adam's bias correction);
 5. zeros B and sets B.grad = P_newᵀ G, so that the coming ``optimizer.step()`` is the optimizer path's step.

@@ -65,6 +65,7 @@ from typing import Iterator
 import numpy as np
 
 from golore_lab.lm.data import EOT, VAL_EVERY, Corpus, CorruptCacheError, train_tokenizer
+from golore_lab.fileio import replace_dir
 from golore_lab.lm.fetch import cache_root, sha256_file
 
 FORMAT_VERSION = 1
@@ -444,13 +445,7 @@ def _build(out: Path, source: Source, val_source: Source | None, spec: str, tok:
             "files": {f: sha256_file(tmp / f) for f in files},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if out.exists():
-            trash = out.with_name(f".{out.name}.{os.getpid()}.old")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         for writer in locals().get("writers", {}).values():
             if not writer.handle.closed:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from golore_lab.fileio import replace_dir
 from golore_lab.lm.fetch import FetchError, cache_root, fetch, sha256_file
 
 #: The source archives of the corpus (keys of :data:`golore_lab.lm.fetch.ARCHIVES`).
@@ -118,13 +119,7 @@ def build_corpus(documents: dict[str, str], out_dir: Path, vocab_size: int = DEF
         "files": {f: sha256_file(tmp / f) for f in ("tokenizer.json", "train.npy", "val.npy")},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    if out_dir.exists():
-        trash = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
-        os.replace(out_dir, trash)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return manifest
 
 

@@ -97,7 +97,7 @@ class SubspaceAdamW(SubspaceOptimizer):
     (r × n), bias correction counted across refreshes, decoupled weight decay ``W ← (1 − lr·wd) W`` applied to
     the whole matrix in the full space. At a refresh (``state_on_refresh``):
 
-    * ``"project"`` (default): the paper's momentum projection ``m ← O m`` with O = P_newᵀ P_old, and the second
+    * ``"project"`` (default): the authors' momentum projection ``m ← O m`` with O = P_newᵀ P_old, and the second
       moment ``v ← (O∘O) v`` -- non-negative, unchanged for an unchanged basis; justified in
       :func:`golore_lab.rules.carry_second_moment`;
     * ``"keep"``: the moments are reused as they are (the original GaLore, ``galore_torch.GaLoreAdamW``);

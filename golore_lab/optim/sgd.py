@@ -50,11 +50,11 @@ class SGDRule:
 class SubspaceSGD(SubspaceOptimizer):
     """Momentum SGD in a low-rank subspace: GaLore, GoLore, GoLore@x% (see :class:`SubspaceAdamW` for keys).
 
-    The rule is ``torch.optim.SGD``'s, with the same ``momentum``, ``dampening`` and ``nesterov``; the paper's
-    MSGD ``M ← (1−β₁) M + β₁ R`` is ``momentum = dampening = 1 − β₁`` (see :func:`golore_lab.rules.sgd_direction`
+    The rule is ``torch.optim.SGD``'s, with the same ``momentum``, ``dampening`` and ``nesterov``; the MSGD of
+    the authors' code, ``M ← (1−β₁) M + β₁ R``, is ``momentum = dampening = 1 − β₁`` (see :func:`golore_lab.rules.sgd_direction`
     for the first step). ``weight_decay`` is torch's coupled L2 term, added to the gradient before projection:
-    the method then optimizes f(W) + wd/2 ‖W‖² exactly as the paper's algorithm would. At a refresh the
-    ``momentum_buffer`` is projected (``"project"``, the paper's MP), kept, or dropped (``"reset"``).
+    the method then optimizes f(W) + wd/2 ‖W‖². At a refresh the ``momentum_buffer`` is projected
+    (``"project"``, the momentum projection of the authors' code), kept, or dropped (``"reset"``).
     """
 
     rule = SGDRule
