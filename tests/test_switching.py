@@ -14,6 +14,7 @@ the spread of ‖Π_jᵀh‖² over Π_j). Monte-Carlo tolerances are 4 standard
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import os
@@ -199,20 +200,15 @@ def test_decide_needs_two_pairs():
 # a stationary gradient g + E (lr 0), the first test of each parameter. κ = ‖Pᵀg‖²/‖g‖²; SNR = ‖g‖²/E‖E‖²; the
 # part of g outside P of rank one (where the probe's capture varies most) or full rank with equal singular
 # values (where it does not vary).
-M, N, R, GAP = 64, 64, 16, 100
+# the scene and the public-API run are bench/auto_level.py's (the script that measures the table of
+# docs/when_to_switch.md §3), loaded here so that the test and the table use the same code
+_spec = importlib.util.spec_from_file_location("bench_auto_level", ROOT / "bench" / "auto_level.py")
+_level = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_level)
+M, N, R, GAP = _level.M, _level.N, _level.R, _level.GAP
+_scene, _first_tests = _level.scene, _level.first_tests
 SNRS = (2.0, 20.0, 250.0)
 STRUCTURES = ("rank-one", "full-rank")
-
-
-def _scene(kappa: float, structure: str, snr: float, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """(P (M, R), g (M, N)) with ‖g‖² = snr · M · N (noise entries of variance 1) and κ(P) = kappa."""
-    gen = torch.Generator().manual_seed(seed)
-    U, V = proj.random_stiefel(M, M, gen, torch.float64), proj.random_stiefel(N, N, gen, torch.float64)
-    norm2 = snr * M * N
-    inside = math.sqrt(kappa * norm2) * U[:, :1] @ V[:, :1].T
-    k = M - R if structure == "full-rank" else 1
-    outside = math.sqrt((1 - kappa) * norm2 / k) * U[:, R:R + k] @ V[:, 1:1 + k].T
-    return U[:, :R].contiguous(), inside + outside
 
 
 def _simulated_t(kappa: float, structure: str, snr: float, trials: int, seed: int) -> Tensor:
@@ -236,23 +232,6 @@ def _simulated_t(kappa: float, structure: str, snr: float, trials: int, seed: in
         Va, Vb = (seen + torch.randn(trials, q, N, generator=gen) for _ in range(2))
         x[:, j], y[:, j] = (Ra * Rb).sum((1, 2)), (Va * Vb).sum((1, 2))
     return switching.t_statistic(switching.pair_differences(x, y, R, M, q))
-
-
-def _first_tests(kappa: float, structure: str, snr: float, count: int, seed: int = 0) -> list:
-    """The first ``Refresh.test`` of ``count`` parameters of one public optimizer (each its own noise and probes):
-    a user projector returning P, switch_step="auto", lr 0, gradients g + E."""
-    P, g = _scene(kappa, structure, snr)
-    params = [torch.nn.Parameter(torch.zeros(M, N, dtype=torch.float64)) for _ in range(count)]
-    opt = SubspaceSGD(params, lr=0.0, rank=R, update_proj_gap=GAP, proj_type="left", switch_step="auto",
-                      projection=lambda grad, rank, side, generator: P.clone(), seed=seed)
-    tests = {}
-    opt.register_refresh_hook(lambda _, e: tests.setdefault(e.position, e.test) if e.step == GAP else None)
-    gen = torch.Generator().manual_seed(seed + 1)
-    for _ in range(GAP + 1):
-        for p, noise in zip(params, torch.randn(count, M, N, generator=gen, dtype=torch.float64)):
-            p.grad = g + noise
-        opt.step()
-    return [tests[i] for i in range(count)]
 
 
 def _bound(trials: int) -> float:
