@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,21 @@ def test_interrupted_checkpoint_swap_is_recovered(tmp_path):
     assert not partial.exists() and (tmp_path / CHECKPOINT_DIR / STATE).read_bytes() == b"old"
 
 
+def _run_once_more_on_a_crash(command: list[str], out: Path, env: dict) -> subprocess.CompletedProcess:
+    """Run ``command``; once more, in a fresh folder, if a process of it died by SIGSEGV.
+
+    A rank of this two-process gloo run segfaulted once in about 13 runs of the full suite here (inside torch,
+    not reproduced in 12 runs of the command alone; cause unknown). A crash is not a result of the code under
+    test, so one retry is allowed; any other failure, and the comparison of the results, count at once.
+    """
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    # a process of ours killed by the signal, or torchrun's summary naming it for a rank
+    if done.returncode == -signal.SIGSEGV or (done.returncode != 0 and "(SIGSEGV)" in done.stderr):
+        shutil.rmtree(out, ignore_errors=True)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return done
+
+
 def test_finetune_cli_with_fsdp_matches_one_process(tmp_path):
     """``torchrun -m golore_lab finetune --fsdp`` (the MiniLM classifier sharded block by block, 2 ranks) scores the
     test split as one process does. Two ranks sum the gradient in another order: float32 round-off (~1e-7
@@ -144,8 +160,7 @@ def test_finetune_cli_with_fsdp_matches_one_process(tmp_path):
     results = {}
     two = [launcher, "--standalone", "--nproc-per-node", "2", "-m", "golore_lab", *args, "--fsdp"]
     for name, command in [("one", [sys.executable, "-m", "golore_lab", *args]), ("two", two)]:
-        done = subprocess.run(command + ["--out", str(tmp_path / name)], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=ROOT)
+        done = _run_once_more_on_a_crash(command + ["--out", str(tmp_path / name)], tmp_path / name, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         results[name] = json.loads((tmp_path / name / "test_metrics.json").read_text())
     assert (tmp_path / "two" / CHECKPOINT_DIR / ".metadata").exists() and not (tmp_path / "two" / CHECKPOINT).exists()
