@@ -64,7 +64,7 @@ from typing import Iterator
 
 import numpy as np
 
-from golore_lab.lm.data import EOT, VAL_EVERY, Corpus, CorruptCacheError, train_tokenizer
+from golore_lab.lm.data import EOT, VAL_EVERY, Corpus, CorruptCacheError, read_manifest, train_tokenizer
 from golore_lab.fileio import replace_dir
 from golore_lab.lm.fetch import cache_root, sha256_file
 
@@ -493,21 +493,11 @@ def load_token_corpus(path: str | Path, verify: bool = True, mmap: bool = True) 
     that is missing or whose sha256 differs.
     """
     path = Path(path)
-    manifest_path = path / "manifest.json"
+    manifest = read_manifest(path, verify, fields=("vocab_size", "eot_id"))
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
         vocab, eot = int(manifest["vocab_size"]), int(manifest["eot_id"])
-    except FileNotFoundError:
-        raise CorruptCacheError(f"{manifest_path} is missing") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise CorruptCacheError(f"{manifest_path} is unreadable: {err}") from None
-    for name, checksum in files.items():
-        file = path / name
-        if not file.exists():
-            raise CorruptCacheError(f"{file} is missing")
-        if verify and sha256_file(file) != checksum:
-            raise CorruptCacheError(f"{file} is corrupt: sha256 differs from {manifest_path}")
+    except (ValueError, TypeError) as err:
+        raise CorruptCacheError(f"{path / 'manifest.json'} is unreadable: {err}") from None
     mode = "r" if mmap else None
     return Corpus(train=np.load(path / "train.npy", mmap_mode=mode), val=np.load(path / "val.npy", mmap_mode=mode),
                   vocab_size=vocab, eot_id=eot, path=path, manifest=manifest)

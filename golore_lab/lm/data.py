@@ -145,26 +145,38 @@ def corpus_dir(root: Path | None = None, vocab_size: int = DEFAULT_VOCAB) -> Pat
     return Path(root or cache_root()) / f"corpus-v{FORMAT_VERSION}-{vocab_size}"
 
 
-def load_corpus(path: Path) -> Corpus:
-    """Load a prepared corpus folder, verifying every file against ``manifest.json``.
+def read_manifest(path: Path, verify: bool = True, hint: str = "", fields: tuple[str, ...] = ()) -> dict:
+    """``path/manifest.json``, each file it lists checked to exist (and, with ``verify``, to have its sha256).
 
-    Raises :class:`CorruptCacheError` naming the file that is missing or whose sha256 differs.
+    Raises :class:`CorruptCacheError` naming the manifest (missing, with ``hint`` appended; unreadable, or without
+    one of ``fields``) or the file that is missing or whose sha256 differs.
     """
-    path = Path(path)
     manifest_path = path / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
+        for key in fields:
+            manifest[key]
     except FileNotFoundError:
-        raise CorruptCacheError(f"{manifest_path} is missing (run `python -m golore_lab prepare`)") from None
+        raise CorruptCacheError(f"{manifest_path} is missing{hint}") from None
     except (ValueError, KeyError, TypeError) as err:
         raise CorruptCacheError(f"{manifest_path} is unreadable: {err}") from None
     for name, checksum in files.items():
         file = path / name
         if not file.exists():
             raise CorruptCacheError(f"{file} is missing")
-        if sha256_file(file) != checksum:
+        if verify and sha256_file(file) != checksum:
             raise CorruptCacheError(f"{file} is corrupt: sha256 differs from {manifest_path}")
+    return manifest
+
+
+def load_corpus(path: Path) -> Corpus:
+    """Load a prepared corpus folder, verifying every file against ``manifest.json``.
+
+    Raises :class:`CorruptCacheError` naming the file that is missing or whose sha256 differs.
+    """
+    path = Path(path)
+    manifest = read_manifest(path, hint=" (run `python -m golore_lab prepare`)")
     return Corpus(train=np.load(path / "train.npy"), val=np.load(path / "val.npy"),
                   vocab_size=int(manifest["vocab_size"]), eot_id=int(manifest["eot_id"]), path=path,
                   manifest=manifest)
