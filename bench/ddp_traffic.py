@@ -10,11 +10,15 @@ machine slows each alike:
 
 * ``full``: ``torch.optim.AdamW`` on the plain model;
 * ``optimizer``: ``SubspaceAdamW`` over ``llama_param_groups`` (the GaLore / GoLore optimizer path);
-* ``wrapper``: ``SubspaceModel`` + ``torch.optim.AdamW``.
+* ``wrapper``: ``SubspaceModel`` + ``torch.optim.AdamW``;
+* ``layerwise``: the optimizer path with in-backward steps (``layerwise(opt, ddp=ddp)``), whose DDP communication
+  hook all-reduces each subspace matrix's projected gradient (r × n or m × r) instead of its gradient, except
+  where a refresh needs the gradient itself (GaLore's SVD).
 
 Bytes are counted by a DDP communication hook (the size of every gradient bucket it all-reduces, and the part
 of it that belongs to the attention / MLP matrices or their factors) plus, for the wrapper, what
-``refresh()`` all-reduces explicitly. Step time is forward + backward + all-reduce + optimizer step, after a
+``refresh()`` all-reduces explicitly; for ``layerwise``, by the layer-wise hook itself (``reduced_bytes``), the
+matrices' part being that total less the full-space parameters' bytes. Step time is forward + backward + all-reduce + optimizer step, after a
 barrier, on rank 0; medians over the measured steps, split into refresh steps (``t % gap == 0``) and the rest.
 "Amortized over tau" is ((tau − 1)·between + refresh) / tau, for the measured gap and for tau = 200.
 
@@ -40,10 +44,11 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from golore_lab import SubspaceAdamW  # noqa: E402
+from golore_lab.optim import layerwise  # noqa: E402
 from golore_lab.lm.model import LlamaConfig, build_model, is_subspace_weight, llama_param_groups  # noqa: E402
 from golore_lab.wrapper import SubspaceModel  # noqa: E402
 
-PATHS = ("full", "optimizer", "wrapper")
+PATHS = ("full", "optimizer", "wrapper", "layerwise")
 
 
 class Counter:
@@ -72,22 +77,30 @@ def build(path: str, cfg: LlamaConfig, rank: int, gap: int, projection: str, lr:
         model.attach(opt)
         matrices = {id(p) for p in model.factor_parameters()}
     else:
+        subspace = path in ("optimizer", "layerwise")
         groups = llama_param_groups(model, rank=rank, update_proj_gap=gap, projection=projection) \
-            if path == "optimizer" else \
-            llama_param_groups(model)
-        opt = SubspaceAdamW(groups, lr=lr) if path == "optimizer" else torch.optim.AdamW(model.parameters(), lr=lr,
-                                                                                         weight_decay=0.0)
+            if subspace else llama_param_groups(model)
+        opt = SubspaceAdamW(groups, lr=lr) if subspace else torch.optim.AdamW(model.parameters(), lr=lr,
+                                                                              weight_decay=0.0)
         matrices = {id(p) for n, p in model.named_parameters() if is_subspace_weight(n, p)}
     ddp = nn.parallel.DistributedDataParallel(model)
     counter = Counter(matrices)
-    ddp.register_comm_hook(counter, counting_allreduce)
-    return {"model": model, "ddp": ddp, "opt": opt, "counter": counter, "rows": []}
+    steps = None
+    if path == "layerwise":
+        steps = layerwise(opt, ddp=ddp)   # its own communication hook counts what it all-reduces
+        counter.others = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in matrices)
+    else:
+        ddp.register_comm_hook(counter, counting_allreduce)
+    return {"model": model, "ddp": ddp, "opt": opt, "counter": counter, "steps": steps, "rows": []}
 
 
 def step(run: dict, path: str, tokens: torch.Tensor) -> dict:
     ddp, opt, counter = run["ddp"], run["opt"], run["counter"]
-    refresh = run["model"].refresh_due() if path == "wrapper" else (path == "optimizer" and opt.refresh_due())
+    refresh = (run["model"].refresh_due() if path == "wrapper" else
+               path in ("optimizer", "layerwise") and opt.refresh_due())
     counter.reset()
+    if run["steps"] is not None:
+        run["steps"].reduced_bytes = 0
     dist.barrier()
     t0 = time.perf_counter()
     early = 0
@@ -99,6 +112,10 @@ def step(run: dict, path: str, tokens: torch.Tensor) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
+    if run["steps"] is not None:
+        total = run["steps"].reduced_bytes
+        return {"refresh": bool(refresh), "seconds": seconds, "bytes": total, "matrix_bytes": total - counter.others,
+                "explicit_bytes": 0}
     return {"refresh": bool(refresh), "seconds": seconds, "bytes": counter.total + explicit,
             "matrix_bytes": counter.matrix + explicit, "explicit_bytes": explicit}
 
@@ -178,6 +195,10 @@ def report(results: dict, cfg: LlamaConfig, args, world: int) -> None:
     print(f"wrapper / optimizer, all bytes: between {wrap['bytes']['between'] / opt['bytes']['between']:.4f}, "
           f"amortized tau=200 {wrap['bytes']['amortized_200'] / opt['bytes']['amortized_200']:.4f}, "
           f"at a refresh {wrap['bytes']['refresh'] / opt['bytes']['refresh']:.4f}")
+    lw = results["layerwise"]
+    print(f"layerwise / optimizer, matrices' bytes between refreshes: "
+          f"{lw['matrix_bytes']['between'] / opt['matrix_bytes']['between']:.4f} (r/min(m, n) = {target:.4f}); "
+          f"at a refresh {lw['matrix_bytes']['refresh'] / opt['matrix_bytes']['refresh']:.4f}")
     for name, other in (("optimizer", opt), ("full", full)):
         print(f"wrapper / {name} step time: between {wrap['seconds']['between'] / other['seconds']['between']:.3f}, "
               f"amortized gap {wrap['seconds']['amortized_gap'] / other['seconds']['amortized_gap']:.3f}, "

@@ -58,7 +58,7 @@ def metrics_close(run: list[dict], one: list[dict], split: list[dict]) -> bool:
     assert [row["step"] for row in run] == [row["step"] for row in one] == [row["step"] for row in split]
     eps = torch.finfo(torch.float32).eps
     return all(abs(x[k] - y[k]) <= 10 * max(abs(z[k] - y[k]), eps * abs(y[k]))
-               for x, y, z in zip(run, one, split) for k in METRICS if k in y)
+               for x, y, z in zip(run, one, split) for k in METRICS if y.get(k) is not None)
 
 
 @pytest.mark.parametrize("run", w.RUNS, ids=["-".join(r) for r in w.RUNS])
@@ -75,7 +75,8 @@ def test_fsdp_matches_one_process(runs, run):
     assert max_diff(rank0["weights"], one["weights"]) <= tolerance, (max_diff(rank0["weights"], one["weights"]),
                                                                        tolerance)
     assert metrics_close(rank0["history"], one["history"], split["history"])
-    assert all(row["grad_norm"] > w.GRAD_CLIP for row in one["history"][1:])  # the clipping binds at every step
+    if len(run) == 2:   # the clipping binds at every step (layer-wise runs do not clip)
+        assert all(row["grad_norm"] > w.GRAD_CLIP for row in one["history"][1:])
 
     folder = runs["two"] / name  # the DCP folder, with the small state inside; nothing else, no temporaries
     assert {p.name for p in folder.iterdir()} == {CHECKPOINT_DIR, "metrics.jsonl", "metrics.csv", ".lock"}

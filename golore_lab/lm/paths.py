@@ -11,7 +11,9 @@
 * :class:`LayerwisePath` (``layerwise``): the optimizer path with each parameter's step taken in the backward
   (:mod:`golore_lab.optim.layerwise`): the gradients are freed as they are used, GoLore's are accumulated in the
   subspace across micro-batches; full training takes ``SubspaceAdamW`` / ``SubspaceSGD`` without a rank (torch's
-  AdamW / SGD rule); no global clipping (refused by the configuration); one process;
+  AdamW / SGD rule); no global clipping (refused by the configuration); under DDP the layer-wise optimizer
+  reduces the gradients itself, through DDP's communication hook (GoLore's projected, r/m of the bytes);
+  with ``fsdp`` (:class:`FSDPLayerwisePath`), the steps run in FSDP2's hooks on the reduce-scattered shards;
 * :class:`FSDPPath` (``fsdp``): the model sharded with FSDP2 (:func:`golore_lab.distributed.shard_model`) before
   the optimizer's groups are built; every rank evaluates (the forward all-gathers), checkpoints are
   ``torch.distributed.checkpoint`` folders, and the final model is the plain one with the full weights.
@@ -268,12 +270,6 @@ class WrapperPath(TrainPath):
 class LayerwisePath(TrainPath):
     """The optimizer path, each parameter stepped in the backward (:func:`golore_lab.optim.layerwise`)."""
 
-    def __init__(self, task, cfg: TrainConfig, device: torch.device, world: int, rank: int):
-        if world > 1:
-            raise ValueError(f"Invalid layerwise: True with {world} processes (DDP all-reduces the gradients after "
-                             "the hooks that would step on them have run; train layer-wise in one process)")
-        super().__init__(task, cfg, device, world, rank)
-
     def fixed_bytes(self, micro_batches: int = 1) -> tuple[int, int, int, int]:
         spec = self.cfg.spec
         random_only = spec.switch_step(self.cfg.steps) == 0   # golore@100: no SVD refresh ever
@@ -293,8 +289,10 @@ class LayerwisePath(TrainPath):
                                     weight_decay=cfg.weight_decay, nesterov=cfg.nesterov))
         else:
             self.opt = make_optimizer(self.groups, self.cfg)
-        self.refresher, self.net = self.opt, self.model
-        self.steps = layerwise(self.opt)
+        self.refresher = self.opt
+        ddp = self.world > 1 and not self.every_rank_evaluates   # DDP; FSDP2 calls the hooks on its shards itself
+        self.net = nn.parallel.DistributedDataParallel(self.model) if ddp else self.model
+        self.steps = layerwise(self.opt, ddp=self.net if ddp else None)
 
     def before_forward(self, n_micro: int) -> None:
         self.steps.expect(n_micro)
@@ -334,13 +332,16 @@ class FSDPPath(TrainPath):
         return full_copy(task, self.model, self.cfg.seed, device)   # every rank: one all-gather
 
 
+class FSDPLayerwisePath(FSDPPath, LayerwisePath):
+    """FSDP2 with each parameter's step taken when FSDP2 has reduce-scattered its gradient (FSDP2 runs a sharded
+    parameter's post-accumulate-grad hooks then); sharded checkpoints."""
+
+
 def make_path(task, cfg: TrainConfig, device: torch.device, world: int, rank: int) -> TrainPath:
     """The :class:`TrainPath` of ``cfg`` (its model built from ``cfg.seed``; the optimizer comes later, from
     :meth:`TrainPath.build_optimizer`)."""
-    if cfg.layerwise and cfg.fsdp:
-        raise ValueError("Invalid layerwise: True with fsdp (not implemented: train layer-wise in one process)")
-    kind = (FSDPPath if cfg.fsdp else WrapperPath if cfg.path == "wrapper" else LayerwisePath if cfg.layerwise
-            else OptimizerPath)
+    kind = ((FSDPLayerwisePath if cfg.layerwise else FSDPPath) if cfg.fsdp else WrapperPath if cfg.path == "wrapper"
+            else LayerwisePath if cfg.layerwise else OptimizerPath)
     return kind(task, cfg, device, world, rank)
 
 

@@ -45,6 +45,30 @@ Gradient clipping by the global norm needs every gradient before any update and 
 (the training loop refuses it); what remains possible is clipping each parameter's gradient by its own norm in
 a hook registered before :func:`layerwise`, or a norm known before the backward (a fixed scale of the loss).
 
+Under DDP -- ``layerwise(opt, ddp=net)``, ``net`` the ``DistributedDataParallel`` module: DDP's reducer
+runs after a parameter's post-accumulate-grad hook, so the hooks cannot step on a reduced gradient; the
+optimizer takes over the reduction instead, through DDP's communication hook (``register_comm_hook``). Run
+the first k − 1 micro-batches under ``net.no_sync()``, as usual. For each bucket DDP hands over, the hook
+all-reduces one flat tensor asynchronously: a subspace matrix's projected sum Σ_i PᵀG_i (the micro-batches under
+``no_sync`` were projected and freed as they came), every other gradient in full (GaLore at a refresh, GoLore@auto
+before its switch, full-space parameters). The parameters of a bucket take their step from the mean when the next
+bucket is handed over, or at ``step()`` for the last one. So a GoLore matrix sends r/m of its bytes (r/n on the
+right side) at every step and GaLore its full gradient only at refreshes. The bases are the same on every rank
+(GoLore's from (seed, position, step); GaLore's from the SVD of the same mean), so are the decisions and the
+weights, bit for bit. The gradient memory is DDP's own: its buckets hold every parameter's gradient, allocated
+when DDP is built, so under DDP layer-wise saves traffic, not gradient memory. Refused: a DDP parameter the
+optimizer does not hold, ``find_unused_parameters=True`` (a parameter unused on one rank would leave the ranks
+apart), and a step whose parameters were not all reduced k times (``RuntimeError`` at ``step()``). A non-finite
+gradient is non-finite in the mean on every rank, so every rank raises the same ``FloatingPointError``.
+``reduced_bytes`` counts what the hook has all-reduced (reset it as you like).
+
+Under FSDP2 (``fully_shard``) no argument is needed: FSDP2 itself runs each sharded parameter's post-accumulate-
+grad hooks once it has reduce-scattered the gradient, so the step is taken on the local rows with the sharded
+mathematics of :mod:`golore_lab.distributed` (its collectives -- the per-step finite check, a left-side
+projection's all-reduce, the Gram matrix at an SVD refresh -- issued from the hooks in the same order on every
+rank). The gradient shard (1/world of the gradient) accumulates in ``p.grad`` across micro-batches, for every
+method.
+
 Checkpoints are the optimizer's ``state_dict()`` as without layer-wise (nothing here is state across steps); it
 is refused while a step is open (after a backward, before ``step()``).
 """
@@ -81,7 +105,7 @@ class Layerwise:
     Made by :func:`layerwise`; ``remove()`` detaches the hooks and gives ``step()`` back its ordinary meaning.
     """
 
-    def __init__(self, optimizer: SubspaceOptimizer):
+    def __init__(self, optimizer: SubspaceOptimizer, ddp: Any = None):
         if not isinstance(optimizer, SubspaceOptimizer):
             raise TypeError(f"layerwise() takes a SubspaceAdamW or SubspaceSGD, not {type(optimizer).__name__}")
         if optimizer.__dict__.get("_layerwise") is not None:
@@ -95,9 +119,29 @@ class Layerwise:
             for pi, p in enumerate(group["params"]):
                 position += 1
                 self.index[p] = (gi, pi, position)
+        self.ddp, self.inflight, self.reduced_bytes = None, [], 0
+        if ddp is not None:
+            self._attach(ddp)
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.index if p.requires_grad]
         self.handles.append(optimizer.register_state_dict_pre_hook(self._refuse_open))
         optimizer.__dict__["_layerwise"] = self
+
+    def _attach(self, ddp: Any) -> None:
+        """Take over ``ddp``'s gradient reduction (its communication hook); see "Under DDP" above."""
+        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            raise TypeError(f"layerwise(ddp=...) takes a DistributedDataParallel module, not {type(ddp).__name__}")
+        trained = [(name, p) for name, p in ddp.module.named_parameters() if p.requires_grad]
+        foreign = [name for name, p in trained if p not in self.index]
+        if foreign:
+            raise ValueError(f"Invalid ddp: its parameter(s) {foreign[:3]} are not in the optimizer (under layer-wise "
+                             "DDP the optimizer takes every reduced gradient: freeze them with requires_grad=False "
+                             "or add them to a group)")
+        if ddp.find_unused_parameters:
+            raise ValueError("Invalid ddp: find_unused_parameters=True (a layer-wise step reduces every parameter "
+                             "at every step; a parameter unused on one rank would leave the ranks apart)")
+        self.ddp, self.group = ddp, ddp.process_group
+        self.world = torch.distributed.get_world_size(self.group)
+        ddp.register_comm_hook(self, _reduce_bucket)
 
     # ------------------------------------------------------------------ the loop's calls
     def expect(self, micro_batches: int) -> None:
@@ -126,13 +170,27 @@ class Layerwise:
         """``optimizer.step()``: the parameters with fewer gradients than announced, and any gradient set by hand,
         take their step now; then the next step may begin."""
         try:
+            self._drain()
+            if self.ddp is not None and self.pending:
+                names = [self._name(p) for p in self.pending][:3]
+                raise RuntimeError(f"Layer-wise step under DDP: parameter(s) {names} received fewer gradients than "
+                                   f"expect({self.micro_batches}) announced (every rank must run every backward "
+                                   "pass it announced, the last one outside no_sync())")
+            for p in self.done:
+                p.grad = None   # under DDP, its reducer wrote the bucket back into p.grad; nothing else reads it
             for p, pending in list(self.pending.items()):
                 if pending.mode == "subspace":
                     self._apply_subspace(p, pending, self._regularization(p, pending))
             self.opt._take(self.opt._targets())   # "full" partials and hand-set gradients: the ordinary step
         finally:
-            self.pending.clear()
-            self.done.clear()
+            self._abandon()
+
+    def _abandon(self) -> None:
+        for work, _, _ in self.inflight:
+            work.wait()   # every rank issued it: wait, so that the ranks' collectives stay in step
+        self.inflight.clear()
+        self.pending.clear()
+        self.done.clear()
 
     # ------------------------------------------------------------------ the hook
     @torch.no_grad()
@@ -147,6 +205,14 @@ class Layerwise:
                 pending = self.pending[p] = self._plan(p)
             pending.count += 1
             last = pending.count == self.micro_batches
+            if pending.count > self.micro_batches:
+                raise RuntimeError(f"Layer-wise step: parameter {self._name(p)} received a gradient after its "
+                                   f"step (expect({self.micro_batches}) announced {self.micro_batches} backward "
+                                   "pass(es)); call optimizer.step() to close a step before the next one")
+            if self.ddp is not None:
+                if not last and pending.mode == "subspace":
+                    self._accumulate(p, pending, last=False)   # no_sync(): projected here, reduced at the last
+                return                                         # the last: DDP's reducer hands it to _reduce_bucket
             if pending.mode == "subspace":
                 self._accumulate(p, pending, last)
                 if last:
@@ -158,8 +224,7 @@ class Layerwise:
                 del self.pending[p]
                 self.done.add(p)
         except BaseException:
-            self.pending.clear()   # the step is abandoned (see the module docstring); the next may begin
-            self.done.clear()
+            self._abandon()   # the step is abandoned (see the module docstring); the next may begin
             raise
 
     def _target(self, p: Tensor, grad: Tensor, regularize: bool = True):
@@ -175,7 +240,7 @@ class Layerwise:
         without the gradient (and k > 1), else in ``p.grad``."""
         target = self._target(p, p.grad, regularize=False)
         group, state = target.group, target.state
-        if self.micro_batches == 1 or target.side is None or target.shard is not None:
+        if (self.micro_batches == 1 and self.ddp is None) or target.side is None or target.shard is not None:
             return _Pending("full")
         if group["switch_step"] == "auto" and not switching.switched(state):
             return _Pending("full")   # the statistic reads each step's gradient
@@ -207,12 +272,66 @@ class Layerwise:
         target = dataclasses.replace(self._target(p, acc, regularize=False), grad=acc)
         self.opt._finish([Bucket("single", [target])], [[pending.basis]], [[acc]])
 
+    # ------------------------------------------------------------------ under DDP
+    def _bucket(self, bucket: Any) -> Any:
+        """DDP's communication hook (:func:`_reduce_bucket`): the updates of the buckets reduced so far, then
+        this bucket's gradients -- each subspace one as its r-sized projected sum -- all-reduced as one flat
+        tensor, asynchronously; its updates follow at the next bucket or at ``step()``."""
+        self._drain()
+        entries, pieces = [], []
+        for p, grad in zip(bucket.parameters(), bucket.gradients()):
+            pending = self.pending.get(p)
+            if pending is None or pending.count != self.micro_batches:
+                raise RuntimeError(f"Layer-wise step under DDP: parameter {self._name(p)} is reduced after "
+                                   f"{0 if pending is None else pending.count} of the {self.micro_batches} backward "
+                                   "passes announced by expect() (run the others under no_sync())")
+            target = self._target(p, grad)   # regularized once, at the last micro-batch; the mean keeps it once
+            if pending.mode == "subspace":
+                piece, _ = target.ops.project(target.grad, pending.basis.basis, target.side)
+                piece = piece if pending.acc is None else piece.add_(pending.acc)
+            else:
+                piece = target.grad
+            entries.append((p, pending, piece.shape))
+            pieces.append(piece.reshape(-1))
+        flat = torch.cat(pieces)
+        work = torch.distributed.all_reduce(flat, group=self.group, async_op=True)
+        self.inflight.append((work, flat, entries))
+        self.reduced_bytes += flat.numel() * flat.element_size()
+        done = torch.futures.Future()
+        done.set_result(bucket.buffer())   # DDP writes it back into p.grad; the step has no use for it
+        return done
+
+    @torch.no_grad()
+    def _drain(self) -> None:
+        """Wait for the all-reduces issued so far, in order, and take their parameters' steps from the means."""
+        while self.inflight:
+            work, flat, entries = self.inflight[0]
+            work.wait()
+            self.inflight.pop(0)
+            mean, offset = flat.div_(self.world), 0
+            for p, pending, shape in entries:
+                grad = mean[offset:offset + shape.numel()].view(shape)
+                offset += shape.numel()
+                if pending.mode == "subspace":
+                    pending.acc = grad
+                    self._apply_subspace(p, pending)
+                else:
+                    self.opt._take([dataclasses.replace(self._target(p, p, regularize=False), grad=grad)])
+                del self.pending[p]
+                self.done.add(p)
+
     def _refuse_open(self, optimizer: Any) -> None:
         if self.open:
             raise RuntimeError("state_dict() while a layer-wise step is open (after a backward, before "
                                "optimizer.step()): close the step first")
 
 
-def layerwise(optimizer: SubspaceOptimizer) -> Layerwise:
-    """Make ``optimizer`` take each parameter's step in the backward pass (see :mod:`golore_lab.optim.layerwise`)."""
-    return Layerwise(optimizer)
+def _reduce_bucket(state, bucket):   # no annotations: DDP checks them, and they are strings here
+    """The DDP communication hook of a layer-wise optimizer (registered by ``layerwise(opt, ddp=...)``)."""
+    return state._bucket(bucket)
+
+
+def layerwise(optimizer: SubspaceOptimizer, ddp: Any = None) -> Layerwise:
+    """Make ``optimizer`` take each parameter's step in the backward pass (see :mod:`golore_lab.optim.layerwise`);
+    with ``ddp`` (the ``DistributedDataParallel`` module over the model), through its communication hook."""
+    return Layerwise(optimizer, ddp)
