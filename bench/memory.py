@@ -14,8 +14,9 @@ fixed batch of random tokens (so the loss must fall).
 
 Measured: on the CPU the high-water mark of resident memory (``VmHWM``) minus the resident memory before the
 model was built (the interpreter and libraries); on CUDA ``torch.cuda.max_memory_allocated``. Analytic: the
-program's own estimate (``golore_lab.lm.memory``: weights, gradients, state, bases, activations, runtime;
-on CUDA without the runtime term, which is not allocated by torch's allocator).
+program's own estimate (``golore_lab.lm.memory``: weights, gradients, state, bases, activations, runtime, heap;
+on CUDA without the runtime and heap terms, which are not torch allocator's). ``--reanalyse`` recomputes the
+analytic columns of saved results with the current estimate, keeping what was measured.
 
 Before a configuration runs, its analytic peak is checked against the memory available now
 (``memory.available_bytes`` and ``HEADROOM``, as the training program checks): one that does not fit is
@@ -106,8 +107,8 @@ def analytic(size: str, name: str, device: torch.device) -> memory.StepMemory:
         path = make_path(task, cfg, torch.device("meta"), 1, 0)
     fixed, tensors = path.fixed_bytes(1), task.activation_bytes(1, checkpoint=True)
     step = memory.StepMemory.of(fixed, tensors, memory.ALLOCATOR_CHECKPOINTED)
-    # torch's caching allocator on CUDA: tensor bytes, no runtime term
-    return step if device.type == "cpu" else dataclasses.replace(step, activations=tensors, runtime=0)
+    # torch's caching allocator on CUDA: tensor bytes, no runtime or heap term
+    return step if device.type == "cpu" else dataclasses.replace(step, activations=tensors, runtime=0, heap=0)
 
 
 def status(key: str) -> int:
@@ -145,6 +146,9 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="the analytic breakdowns only; nothing is run")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", nargs="+", type=Path, metavar="JSON", help="plot these --out files to --out")
+    parser.add_argument("--reanalyse", nargs="+", type=Path, metavar="JSON",
+                        help="recompute the analytic breakdown of these --out files with the current estimate (the "
+                             "measured peaks kept) and rewrite them")
     parser.add_argument("--one", nargs=2, metavar=("SIZE", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -153,6 +157,10 @@ def main() -> None:
         return
     if args.one:
         print(json.dumps(one(*args.one, args.steps, device)))
+        return
+    if args.reanalyse:
+        for path in args.reanalyse:
+            reanalyse(path)
         return
     rows = []
     for size in args.sizes:
@@ -164,8 +172,7 @@ def main() -> None:
             if args.dry_run:
                 row["dry_run"] = True
             elif available is not None and estimate.total > memory.HEADROOM * available:
-                row["refused"] = (f"needs {estimate.describe()}, {available / memory.GiB:.2f} GiB available "
-                                  f"({memory.HEADROOM:.0%} may be planned)")
+                row["refused"] = refusal(estimate, available)
             else:
                 out = subprocess.run([sys.executable, __file__, "--one", size, name, "--steps", str(args.steps),
                                       "--device", args.device], capture_output=True, text=True, check=True)
@@ -176,6 +183,27 @@ def main() -> None:
             if args.out:
                 args.out.write_text(json.dumps({"device": args.device, "torch": torch.__version__, "steps": args.steps,
                                                 "rows": rows}, indent=1) + "\n")
+
+
+def refusal(estimate: memory.StepMemory, available: int) -> str:
+    return (f"needs {estimate.describe()}, {available / memory.GiB:.2f} GiB available ({memory.HEADROOM:.0%} may be "
+            "planned)")
+
+
+def reanalyse(path: Path) -> None:
+    """Rewrite the ``--out`` file ``path`` with each row's analytic breakdown from the current estimate (after a
+    recalibration of :mod:`golore_lab.lm.memory`); the measured peaks, losses and refusals stay as measured."""
+    saved = json.loads(path.read_text())
+    device = torch.device(saved["device"])
+    for row in saved["rows"]:
+        estimate = analytic(row["size"], row["config"], device)
+        row.update(analytic=estimate.terms(), analytic_total=estimate.total)
+        if "measured" in row:
+            row["ratio"] = row["measured"] / estimate.total
+        if "refused" in row:
+            row["refused"] = refusal(estimate, row["available"])
+        report(row)
+    path.write_text(json.dumps(saved, indent=1) + "\n")
 
 
 def plot(results: list[Path], out: Path) -> None:
@@ -197,7 +225,7 @@ def plot(results: list[Path], out: Path) -> None:
         if "measured" in row:
             ax.bar(i + 0.2, row["measured"] / memory.GiB, 0.4, color="black", label="measured" if i == 0 else None)
         else:
-            ax.text(i + 0.2, bottom / 2, "refused:\ndoes not fit", rotation=90, ha="center", va="center", fontsize=8)
+            ax.text(i + 0.25, bottom / 2, "refused by the\nmemory check", rotation=90, ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(rows)), [f"{r['size']}\n{r['config']}" for r in rows], rotation=60, ha="right",
                   fontsize=8)
     ax.set_ylabel("peak memory of a step (GiB)")

@@ -135,11 +135,18 @@ def _run_once_more_on_a_crash(command: list[str], out: Path, env: dict) -> subpr
 
     A rank of this two-process gloo run segfaulted once in about 13 runs of the full suite here (inside torch,
     not reproduced in 12 runs of the command alone; cause unknown). A crash is not a result of the code under
-    test, so one retry is allowed; any other failure, and the comparison of the results, count at once.
+    test, so one retry is allowed; any other failure, and the comparison of the results, count at once. The
+    crashed run's Python stacks (``PYTHONFAULTHANDLER``) are reported as a warning, for whoever looks for the
+    cause.
     """
+    import warnings
+
+    env = {**env, "PYTHONFAULTHANDLER": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     # a process of ours killed by the signal, or torchrun's summary naming it for a rank
     if done.returncode == -signal.SIGSEGV or (done.returncode != 0 and "(SIGSEGV)" in done.stderr):
+        trace = done.stderr[done.stderr.find("Fatal Python error"):][:4000]
+        warnings.warn(f"a rank died by SIGSEGV; retried once. Its stacks:\n{trace}")
         shutil.rmtree(out, ignore_errors=True)
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     return done
