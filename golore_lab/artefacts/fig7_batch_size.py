@@ -366,6 +366,17 @@ def _ci(r, digits: int) -> str:
     return f"{r['mean']:+.{digits}f} [{r['low']:+.{digits}f}, {r['high']:+.{digits}f}]"
 
 
+def _pm(values: pd.Series, digits: int) -> str:
+    """mean ± std (ddof 1); the mean alone for one value."""
+    if len(values) < 2:
+        return f"{values.mean():.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' * (n != 1)}"
+
+
 def _lr_cell(r) -> str:
     return f"{r.lr:g}" + ("" if r.inside else " (edge)")
 
@@ -384,8 +395,7 @@ def table(frame: pd.DataFrame) -> str:
     for (b, m), d in finals.groupby(["batch", "method"], sort=False):
         t = tune.loc[(b, m)]
         cells = [str(int(b)), str(int(steps[b])), method_label(m), ", ".join(f"{x:g}" for x in t.grid),
-                 _lr_cell(t), f"{d.val_loss.mean():.4f} ± {d.val_loss.std(ddof=1):.4f}",
-                 f"{d.val_ppl.mean():.2f} ± {d.val_ppl.std(ddof=1):.2f}"]
+                 _lr_cell(t), _pm(d.val_loss, 4), _pm(d.val_ppl, 2)]
         for metric, digits in (("val_loss", 4), ("val_ppl", 2)):
             cells.append(_ci(diffs[metric].loc[(b, m)], digits) if (b, m) in diffs[metric].index else "")
         cells.append(f"{kappa.loc[b, 'mean']:.3f}" if b in kappa.index else "")
@@ -396,7 +406,7 @@ def table(frame: pd.DataFrame) -> str:
         klines.append(f"| {int(b)} | {r.start:.3f} | {r.middle:.3f} | {r.end:.3f} | {r['mean']:.3f} | "
                       f"{r.r_over_dim:g} |")
     return ("\n".join(lines) + f"\n\nSame tokens per run ({int((steps * steps.index).iloc[0])} sequences): final "
-            f"validation loss and perplexity, mean ± std over {seeds} seeds at each (batch, method)'s tuned learning "
+            f"validation loss and perplexity, mean ± std over {_seeds(seeds)} at each (batch, method)'s tuned learning "
             "rate (tuned on a separate seed; \"(edge)\": the best lr is at an edge of the grid run); differences "
             "paired by seed. κ: the fraction of the true gradient captured by the top-r SVD of one batch, mean over "
             "the layers and over the start, middle and end of a full-AdamW run at that batch:\n\n"
@@ -408,7 +418,7 @@ def _describe_gap(rows: pd.DataFrame) -> str:
     parts = []
     for r in rows.itertuples():
         where = ("> 0" if r.low > 0 else "< 0" if r.high < 0 else "CI contains 0") if not math.isnan(r.low) else \
-            ("> 0" if r.mean > 0 else "< 0")
+            ("> 0" if r.mean > 0 else "< 0") + " (1 seed, no CI)"
         parts.append(f"B={r.batch}: {where}")
     return ", ".join(parts)
 
@@ -429,7 +439,7 @@ def plot(frame: pd.DataFrame) -> plt.Figure:
                        fontsize=6, color=style["color"])
     seeds = int(finals.groupby(["batch", "method"]).seed.nunique().min())
     a.set_ylabel("final validation loss")
-    a.set_title(f"Same tokens, tuned lr per batch (labels), mean ± std over {seeds} seeds", fontsize=10)
+    a.set_title(f"Final val. loss at the tuned lr (labels), mean ± std over {_seeds(seeds)}", fontsize=10)
     a.legend(fontsize=8)
 
     diffs = paired(frame)
