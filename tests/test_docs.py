@@ -396,4 +396,7 @@ def test_batch_size_section_is_the_runs():
     assert tuned[(8, "full")] == tuned[(8, "golore@20")] == 3e-3 and tuned[(8, "galore")] == 1e-2
     assert all(tuned[(b, m)] == 1e-2 for b in (32, 128) for m in fig7.METHODS)
     seconds = frame.groupby(["part", "batch", "method", "seed", "lr"]).run_seconds.first().sum()
+    runs = {part: d.groupby(["batch", "method", "seed", "lr"]).ngroups for part, d in frame.groupby("part")}
+    assert f"{runs['tune'] + runs['final']} single-thread training runs, {runs['tune']} for tuning and " \
+        f"{runs['final']} final, and {runs['kappa']} κ runs" in section
     assert f"{round(seconds / 60)} minutes of training" in section and fig7.tuning(frame).inside.all()
