@@ -37,7 +37,8 @@ def test_same_tokens_same_fractions_at_every_batch():
             (b, r["steps"], r["warmup_steps"], r["update_proj_gap"])
         assert cfg.switch_step == 0.8 * r["steps"] and cfg.switch_step % cfg.update_proj_gap == 0  # at a refresh
     # the evaluations are at the same token positions: 0, 128, ..., 1280 sequences
-    positions = {b: [k * r["eval_every"] * b for k in range(r["steps"] // r["eval_every"] + 1)] for b, r in rows.items()}
+    positions = {b: [k * r["eval_every"] * b for k in range(r["steps"] // r["eval_every"] + 1)]
+                 for b, r in rows.items()}
     assert positions[8] == positions[32] == positions[128] == list(range(0, 1281, 128))
 
 
@@ -54,8 +55,9 @@ def test_batch_8_is_figure_3s_recipe():
     """At batch 8 every run of the default preset is Figure 3's AdamW run of that method and seed (only the lr
     is tuned); the final seeds are Figure 3's."""
     assert DEFAULT.seeds == fig3.PRESETS["default"].seeds and DEFAULT.tune_seed not in DEFAULT.seeds
-    assert DEFAULT.eval_windows == fig3.PRESETS["default"].eval_windows and DEFAULT.model == fig3.PRESETS["default"].model
-    runs = [c for c in fig3.train_configs(fig3.PRESETS["default"]) if c.optimizer == "adamw" and c.method in fig7.METHODS]
+    f3 = fig3.PRESETS["default"]
+    assert DEFAULT.eval_windows == f3.eval_windows and DEFAULT.model == f3.model and f3.seq_len is DEFAULT.seq_len
+    runs = [c for c in fig3.train_configs(f3) if c.optimizer == "adamw" and c.method in fig7.METHODS]
     assert len(runs) == 9
     for c in runs:
         assert fig7.train_config(DEFAULT, 8, c.method, c.lr, c.seed) == c

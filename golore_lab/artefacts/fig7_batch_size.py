@@ -108,7 +108,8 @@ def schedule(config: Config, batch: int) -> dict[str, int]:
     evals``; each must be a whole number (else ``ValueError``), so every batch has the same fractions exactly."""
     steps = _whole(config.sequences / batch, f"steps (sequences {config.sequences} / batch {batch})")
     out = {"steps": steps,
-           "warmup_steps": _whole(config.warmup_fraction * steps, f"warmup_steps ({config.warmup_fraction:g} × {steps})"),
+           "warmup_steps": _whole(config.warmup_fraction * steps,
+                                  f"warmup_steps ({config.warmup_fraction:g} × {steps})"),
            "update_proj_gap": _whole(steps / config.refreshes, f"update_proj_gap ({steps} / {config.refreshes})"),
            "eval_every": _whole(steps / config.evals, f"eval_every ({steps} / {config.evals})")}
     return out
@@ -407,10 +408,10 @@ def table(frame: pd.DataFrame) -> str:
         klines.append(f"| {int(b)} | {r.start:.3f} | {r.middle:.3f} | {r.end:.3f} | {r['mean']:.3f} | "
                       f"{r.r_over_dim:g} |")
     return ("\n".join(lines) + f"\n\nSame tokens per run ({int((steps * steps.index).iloc[0])} sequences): final "
-            f"validation loss and perplexity, mean ± std over {_seeds(seeds)} at each (batch, method)'s tuned learning "
-            "rate (tuned on a separate seed; \"(edge)\": the best lr is at an edge of the grid run); differences "
-            "paired by seed. κ: the fraction of the true gradient captured by the top-r SVD of one batch, mean over "
-            "the layers and over the start, middle and end of a full-AdamW run at that batch:\n\n"
+            f"validation loss and perplexity, mean ± std over {_seeds(seeds)} at each (batch, method)'s tuned "
+            "learning rate (tuned on a separate seed; \"(edge)\": the best lr is at an edge of the grid run); "
+            "differences paired by seed. κ: the fraction of the true gradient captured by the top-r SVD of one "
+            "batch, mean over the layers and over the start, middle and end of a full-AdamW run at that batch:\n\n"
             + "\n".join(klines) + "\n")
 
 
