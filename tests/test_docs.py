@@ -375,3 +375,44 @@ def test_saved_memory_estimates_are_the_current_estimate():
         for row in saved["rows"]:
             estimate = bench.analytic(row["size"], row["config"], torch.device(saved["device"]))
             assert row["analytic"] == estimate.terms(), (name, row["config"])
+def test_batch_size_section_is_the_runs():
+    """The batch-size section of results.md: its table is the artefact's table of the committed runs, and the
+    paired differences, κ and per-seed signs quoted in its prose are those runs'."""
+    from golore_lab import artefacts
+    from golore_lab.artefacts import fig7_batch_size as fig7
+
+    frame = artefacts.load_cached(fig7, fig7.PRESETS["default"], ROOT / "figures" / "data" / "runs")
+    table = fig7.table(frame)
+    assert _text(ROOT / "figures" / "fig7_batch_size.md").strip() == table.strip()
+    text = _text(RESULTS)
+    section = text[text.index("## Batch size at a fixed token budget"):]
+    section = section[:section.index("\n## ", 1)]
+    for line in table.splitlines():
+        if line.startswith("|"):
+            assert line in section, line
+    section = " ".join(section.split())  # the prose, its line breaks undone
+    minus = lambda x: f"{x:+.3f}".replace("-", "−")  # noqa: E731
+    diffs = fig7.paired(frame).set_index(["batch", "method"])
+    for b in (8, 32, 128):
+        r = diffs.loc[(b, "full")]
+        assert f"{minus(r['mean'])} [{minus(r['low'])}, {minus(r['high'])}] at batch {b}" in section
+    assert (diffs.xs("full", level="method").low > 0).tolist() == [True, False, True]  # "contains 0" at 32 only
+    finals = fig7.final_losses(frame).pivot_table(index=["batch", "seed"], columns="method", values="val_loss")
+    behind = int((finals["full"] > finals["galore"]).sum())
+    assert f"({behind} of {len(finals)} pairs)" in section and behind == len(finals) == 9
+    kappa = fig7.kappa_by_batch(frame).set_index("batch")
+    k8, k32, k128 = kappa["mean"]
+    assert f"{k8:.3f}, {k32:.3f} and {k128:.3f} of the true gradient at batches 8, 32 and 128" in section
+    assert k8 < k32 < k128 and (kappa.r_over_dim == 0.25).all()
+    assert ", ".join(f"{v:.3f}" for v in kappa["start"]) in section
+    golore = diffs.xs("golore@20", level="method")
+    assert (golore.loc[[32, 128], "mean"].abs() < 0.01).all() and (golore.loc[[32, 128], "low"] < 0).all() \
+        and (golore.loc[[32, 128], "high"] > 0).all()
+    tuned = fig7.tuned_lrs(frame)
+    assert tuned[(8, "full")] == tuned[(8, "golore@20")] == 3e-3 and tuned[(8, "galore")] == 1e-2
+    assert all(tuned[(b, m)] == 1e-2 for b in (32, 128) for m in fig7.METHODS)
+    seconds = frame.groupby(["part", "batch", "method", "seed", "lr"]).run_seconds.first().sum()
+    runs = {part: d.groupby(["batch", "method", "seed", "lr"]).ngroups for part, d in frame.groupby("part")}
+    assert f"{runs['tune'] + runs['final']} single-thread training runs, {runs['tune']} for tuning and " \
+        f"{runs['final']} final, and {runs['kappa']} κ runs" in section
+    assert f"{round(seconds / 60)} minutes of training" in section and fig7.tuning(frame).inside.all()

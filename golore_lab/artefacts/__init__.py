@@ -30,7 +30,7 @@ ARTEFACTS = (
     "fig2_captured", "fig2_isotropic", "fig2_snr_sweep", "fig2_llama_captured",
     "fig3_pretrain", "table2_finetune", "fig4_finetune",
     "fig5_stiefel_mean", "fig5_perturbation_bound", "fig5_rates_stochastic", "fig5_rate_deterministic",
-    "fig6_when_to_switch",
+    "fig6_when_to_switch", "fig7_batch_size",
 )
 PRESET_NAMES = ("fast", "default", "full")
 #: the repository's figures folder (its ``data/runs`` holds the committed caches)

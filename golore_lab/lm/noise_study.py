@@ -25,11 +25,14 @@ from .train import lr_factor
 
 def run_study(model: str = "cpu", steps: int = 160, every: int = 20, batch_size: int = 8, large_factor: int = 8,
               reference_windows: int = 256, chunk: int = 32, rank: int | None = None, seed: int = 0,
-              corpus=None, log=print) -> pd.DataFrame:
-    """Train and measure; returns one row per (step, layer) with the columns of ``layer_capture`` + ``val_loss``."""
+              corpus=None, log=print, **overrides) -> pd.DataFrame:
+    """Train and measure; returns one row per (step, layer) with the columns of ``layer_capture`` + ``val_loss``.
+
+    ``overrides``: other fields of the training recipe (``lr``, ``warmup_steps``, ...), passed to
+    :func:`~golore_lab.lm.pretrain.recipe` (e.g. a warm-up scaled to a shorter run of larger batches)."""
     from .data import ensure_corpus
 
-    cfg = recipe(model, steps=steps, batch_size=batch_size)
+    cfg = recipe(model, steps=steps, batch_size=batch_size, **overrides)
     rank = rank or cfg.rank
     corpus = corpus or ensure_corpus(log=log)
     task = LMTask(corpus, LlamaConfig.preset(model))
