@@ -18,8 +18,9 @@ machine slows each alike:
 Bytes are counted by a DDP communication hook (the size of every gradient bucket it all-reduces, and the part
 of it that belongs to the attention / MLP matrices or their factors) plus, for the wrapper, what
 ``refresh()`` all-reduces explicitly; for ``layerwise``, by the layer-wise hook itself (``reduced_bytes``), the
-matrices' part being that total less the full-space parameters' bytes. Step time is forward + backward + all-reduce + optimizer step, after a
-barrier, on rank 0; medians over the measured steps, split into refresh steps (``t % gap == 0``) and the rest.
+matrices' part being that total less the full-space parameters' bytes. Step time is forward + backward +
+all-reduce + optimizer step, after a barrier, on rank 0; medians over the measured steps, split into refresh
+steps (``t % gap == 0``) and the rest.
 "Amortized over tau" is ((tau − 1)·between + refresh) / tau, for the measured gap and for tau = 200.
 
 ``--projection svd`` (default) measures GaLore: the wrapper refreshes after backward from the all-reduced full
@@ -56,6 +57,7 @@ class Counter:
 
     def __init__(self, matrices: set[int]):
         self.matrices, self.total, self.matrix = matrices, 0, 0
+        self.others = 0   # layerwise: the full-space parameters' bytes, reduced in full at every step
 
     def reset(self) -> None:
         self.total = self.matrix = 0

@@ -225,7 +225,8 @@ def plot(results: list[Path], out: Path) -> None:
         if "measured" in row:
             ax.bar(i + 0.2, row["measured"] / memory.GiB, 0.4, color="black", label="measured" if i == 0 else None)
         else:
-            ax.text(i + 0.25, bottom / 2, "refused by the\nmemory check", rotation=90, ha="center", va="center", fontsize=8)
+            ax.text(i + 0.25, bottom / 2, "refused by the\nmemory check", rotation=90, ha="center", va="center",
+                    fontsize=8)
     ax.set_xticks(range(len(rows)), [f"{r['size']}\n{r['config']}" for r in rows], rotation=60, ha="right",
                   fontsize=8)
     ax.set_ylabel("peak memory of a step (GiB)")

@@ -5,8 +5,9 @@ ordinary step of one process on the same global batch.
 ``layerwise_dist_worker.py OUT``: for each (rule, projection) of :data:`CASES` and each engine of :data:`ENGINES`,
 rank r trains the small LLaMA of tests/test_layerwise.py for :data:`STEPS` steps of :data:`K` micro-batches (its
 micro-batches (r, i) of every step), and saves its final weights, the bytes the layer-wise DDP hook all-reduced at
-each step, and -- rank 0 only -- each engine's one-process references: the ordinary ``step()`` over all 2·K micro-batches,
-and the same with the micro-batches summed in the other order (the perturbation the tolerance comes from).
+each step, and -- rank 0 only -- each engine's one-process references: the ordinary ``step()`` over all 2·K
+micro-batches, and the same with the micro-batches summed in the other order (the perturbation the tolerance
+comes from).
 """
 from __future__ import annotations
 

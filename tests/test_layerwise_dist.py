@@ -29,8 +29,9 @@ def out(tmp_path_factory):
     launcher = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([launcher, "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "layerwise_dist_worker.py"),
-                           str(folder)], env=env, timeout=600, capture_output=True, text=True)
+    worker = str(ROOT / "tests" / "layerwise_dist_worker.py")
+    done = subprocess.run([launcher, "--standalone", "--nproc-per-node", "2", worker, str(folder)], env=env,
+                          timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder
 

@@ -196,19 +196,15 @@ class Layerwise:
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
         if p in self.done:
-            raise RuntimeError(f"Layer-wise step: parameter {self._name(p)} received a gradient after its step "
-                               f"(expect({self.micro_batches}) announced {self.micro_batches} backward pass(es)); "
-                               "call optimizer.step() to close a step before the next one")
+            raise self._after_step(p)
         try:
             pending = self.pending.get(p)
             if pending is None:
                 pending = self.pending[p] = self._plan(p)
             pending.count += 1
             last = pending.count == self.micro_batches
-            if pending.count > self.micro_batches:
-                raise RuntimeError(f"Layer-wise step: parameter {self._name(p)} received a gradient after its "
-                                   f"step (expect({self.micro_batches}) announced {self.micro_batches} backward "
-                                   "pass(es)); call optimizer.step() to close a step before the next one")
+            if pending.count > self.micro_batches:   # under DDP: after its last micro-batch, before its step
+                raise self._after_step(p)
             if self.ddp is not None:
                 if not last and pending.mode == "subspace":
                     self._accumulate(p, pending, last=False)   # no_sync(): projected here, reduced at the last
@@ -226,6 +222,11 @@ class Layerwise:
         except BaseException:
             self._abandon()   # the step is abandoned (see the module docstring); the next may begin
             raise
+
+    def _after_step(self, p: Tensor) -> RuntimeError:
+        return RuntimeError(f"Layer-wise step: parameter {self._name(p)} received a gradient after its step "
+                            f"(expect({self.micro_batches}) announced {self.micro_batches} backward pass(es)); "
+                            "call optimizer.step() to close a step before the next one")
 
     def _target(self, p: Tensor, grad: Tensor, regularize: bool = True):
         gi, pi, position = self.index[p]
@@ -254,10 +255,14 @@ class Layerwise:
 
     def _accumulate(self, p: Tensor, pending: _Pending, last: bool) -> None:
         """acc += Pᵀ G_i (r, n) or G_i Q (m, r); the rule's regularization joins at the last micro-batch."""
-        target = self._target(p, p.grad, regularize=last)
-        projected, _ = target.ops.project(target.grad, pending.basis.basis, target.side)
-        pending.acc = projected if pending.acc is None else pending.acc.add_(projected)
+        pending.acc = self._projected_sum(p, pending, p.grad, regularize=last)
         p.grad = None
+
+    def _projected_sum(self, p: Tensor, pending: _Pending, grad: Tensor, regularize: bool) -> Tensor:
+        """acc + the projection of ``grad`` (regularized by the rule if ``regularize``): a new tensor."""
+        target = self._target(p, grad, regularize=regularize)
+        projected, _ = target.ops.project(target.grad, pending.basis.basis, target.side)
+        return projected if pending.acc is None else projected.add_(pending.acc)
 
     def _regularization(self, p: Tensor, pending: _Pending) -> Tensor | None:
         """The projected regularization term of a step closed early (SGD's wd·W, projected; None when zero)."""
@@ -285,12 +290,9 @@ class Layerwise:
                 raise RuntimeError(f"Layer-wise step under DDP: parameter {self._name(p)} is reduced after "
                                    f"{0 if pending is None else pending.count} of the {self.micro_batches} backward "
                                    "passes announced by expect() (run the others under no_sync())")
-            target = self._target(p, grad)   # regularized once, at the last micro-batch; the mean keeps it once
-            if pending.mode == "subspace":
-                piece, _ = target.ops.project(target.grad, pending.basis.basis, target.side)
-                piece = piece if pending.acc is None else piece.add_(pending.acc)
-            else:
-                piece = target.grad
+            # regularized once, at the last micro-batch (the mean over the ranks keeps it once)
+            piece = (self._projected_sum(p, pending, grad, regularize=True) if pending.mode == "subspace"
+                     else self._target(p, grad).grad)
             entries.append((p, pending, piece.shape))
             pieces.append(piece.reshape(-1))
         flat = torch.cat(pieces)
