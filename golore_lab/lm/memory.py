@@ -67,7 +67,7 @@ RUNTIME = 96 * MiB
 #: update-sized blocks (a few MiB to 40 MiB, one per matrix, below glibc's mmap ceiling) that the heap holds and
 #: reuses unevenly. Calibrated on the checkpointed steps of ``bench/memory.py`` (LLaMA 60M, 350M and 1B widths,
 #: every path): there the peak exceeded the other terms by up to 0.41 of the gradient bytes at 60M and by
-#: 0.18-0.29 at 350M and 1B; with it the estimate is within 10% in 17 of 18 configurations. On CUDA, torch's
+#: 0.18-0.29 at 350M and 1B; with it the estimate is within 10% in 16 of 17 configurations. On CUDA, torch's
 #: caching allocator has no such term (``bench/memory.py`` drops it with the runtime term).
 HEAP = 0.25
 
