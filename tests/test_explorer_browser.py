@@ -164,11 +164,13 @@ def _figure(cell) -> str:
 
 
 def test_moving_a_slider_redraws_the_figure(browser, lab, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
+    redrawing = (StaleElementReferenceException,)   # the output widget swaps its <img> between two reads: poll again
     deadline = Deadline(BUDGET)
     start = time.perf_counter()
     browser.set_page_load_timeout(deadline.left())
@@ -178,7 +180,8 @@ def test_moving_a_slider_redraws_the_figure(browser, lab, tmp_path):
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", cell)
         cell.find_element(By.CSS_SELECTOR, ".jp-InputPrompt").click()  # select the cell (command mode)
         ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
-        first = WebDriverWait(browser, deadline.left(), poll_frequency=0.5).until(lambda d: _figure(cell))
+        first = WebDriverWait(browser, deadline.left(), poll_frequency=0.5,
+                              ignored_exceptions=redrawing).until(lambda d: _figure(cell))
         loaded = time.perf_counter() - start
         slider = next(s for s in cell.find_elements(By.CSS_SELECTOR, ".widget-slider")
                       if "noise level" in s.find_element(By.CSS_SELECTOR, ".widget-label").text)
@@ -187,8 +190,8 @@ def test_moving_a_slider_redraws_the_figure(browser, lab, tmp_path):
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", handle)
         moved = time.perf_counter()
         ActionChains(browser).click_and_hold(handle).move_by_offset(-80, 0).release().perform()
-        WebDriverWait(browser, min(deadline.left(), 90), poll_frequency=0.25).until(  # a re-run takes seconds
-            lambda d: _figure(cell) not in ("", first))
+        WebDriverWait(browser, min(deadline.left(), 90), poll_frequency=0.25,   # a re-run takes seconds
+                      ignored_exceptions=redrawing).until(lambda d: _figure(cell) not in ("", first))
         redrawn = time.perf_counter() - moved
         new_readout = slider.find_element(By.CSS_SELECTOR, ".widget-readout").text
     except Exception:
